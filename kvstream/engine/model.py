@@ -1,0 +1,63 @@
+"""Loading a model and reading the geometry the caches need from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvstream.config import CompressionConfig
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+
+
+def model_geometry(model: Any) -> ModelGeometry:
+    """Layers, KV heads and head size of a decoder, from its (text) config."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelGeometry(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+    )
+
+
+def rotary_module(model: Any) -> torch.nn.Module | None:
+    """The model's own rotary embedding module (``model.model.rotary_emb`` for Llama-like models)."""
+    base = getattr(model, "model", model)
+    module = getattr(base, "rotary_emb", None)
+    if module is not None:
+        return module
+    for name, sub in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return sub
+    return None
+
+
+def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for an alias (``smollm2-135m``), a local folder, a GGUF file or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvstream.data.models import resolve_model
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def make_cache(model: Any, config: CompressionConfig | None = None) -> Any:
+    """The cache strategy ``config.cache`` names (entry-point group ``kvstream.caches``), built for ``model``."""
+    from kvstream import registry
+
+    config = config or CompressionConfig()
+    return registry.get("caches", config.cache).from_model(model, config)

@@ -1,0 +1,67 @@
+"""The quantizer interface and the packed tensor every quantizer returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (``None`` counts as nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor as stored: packed codes plus the per-block metadata needed to restore it.
+
+    ``bits == 16`` means kept as is: ``codes`` is then the original tensor. ``extra`` holds any
+    further tensors a quantizer needs (a codebook, for instance); they are counted in `nbytes`.
+    """
+
+    codes: torch.Tensor
+    bits: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held: codes, scales, zero-points and extras."""
+        return tensor_bytes(self.codes, self.scale, self.zero, *self.extra.values())
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Turns a tensor into a `QuantizedTensor` and back.
+
+    ``dim`` names the dimension(s) over which one scale (and zero-point) is shared: the token
+    dimension for per-channel keys, the group's channel dimension for per-token values.
+    ``mask`` (broadcastable to ``x``, True = counted) keeps padding and sink tokens out of the
+    range; masked entries are still encoded (clamped into the range).
+    """
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        bits: int,
+        dim: int | tuple[int, ...],
+        symmetric: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> QuantizedTensor: ...
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor: ...
+
+
+def passthrough(x: torch.Tensor) -> QuantizedTensor:
+    """The 16-bit case: the tensor kept as is (shared by every quantizer)."""
+    return QuantizedTensor(codes=x.contiguous(), bits=16, shape=tuple(x.shape), dtype=x.dtype)

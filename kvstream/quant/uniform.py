@@ -1,0 +1,78 @@
+"""Uniform round-to-nearest quantization, symmetric or asymmetric (zero-point), 2 to 8 bits."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstream.quant.base import QuantizedTensor, passthrough
+from kvstream.quant.packing import pack, unpack
+
+_EPS = 1e-8
+
+
+def masked_range(
+    x: torch.Tensor, dim: int | tuple[int, ...], mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` over ``dim`` (kept), ignoring entries where ``mask`` is False.
+
+    A slice with no counted entry gets the range [0, 0].
+    """
+    if mask is None:
+        return x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    mask = mask.expand_as(x)
+    lo = torch.where(mask, x, torch.full_like(x, float("inf"))).amin(dim=dim, keepdim=True)
+    hi = torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(dim=dim, keepdim=True)
+    empty = torch.isinf(lo)
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
+class UniformQuantizer:
+    """Uniform round-to-nearest with fp16 scales (and zero-points) per block; dense bit packing."""
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        bits: int,
+        dim: int | tuple[int, ...],
+        symmetric: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> QuantizedTensor:
+        if bits == 16:
+            return passthrough(x)
+        xf = x.float()
+        lo, hi = masked_range(xf, dim, mask)
+        if symmetric:
+            levels = (1 << (bits - 1)) - 1 if bits > 1 else 1
+            absmax = torch.maximum(lo.abs(), hi.abs())
+            scale = (absmax / levels).clamp_min(_EPS).half()
+            s = scale.float()
+            q = torch.round(xf / s).clamp(-levels, levels) + levels
+            return QuantizedTensor(
+                codes=pack(q.to(torch.uint8), bits),
+                bits=bits,
+                shape=tuple(x.shape),
+                dtype=x.dtype,
+                scale=scale,
+            )
+        levels = (1 << bits) - 1
+        scale = ((hi - lo) / levels).clamp_min(_EPS).half()
+        zero = lo.half()
+        s, z = scale.float(), zero.float()
+        q = torch.round((xf - z) / s).clamp(0, levels)
+        return QuantizedTensor(
+            codes=pack(q.to(torch.uint8), bits),
+            bits=bits,
+            shape=tuple(x.shape),
+            dtype=x.dtype,
+            scale=scale,
+            zero=zero,
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        if q.bits == 16:
+            return q.codes
+        codes = unpack(q.codes, q.bits, q.numel()).view(q.shape).float()
+        if q.zero is None:
+            levels = (1 << (q.bits - 1)) - 1 if q.bits > 1 else 1
+            return ((codes - levels) * q.scale.float()).to(q.dtype)
+        return (codes * q.scale.float() + q.zero.float()).to(q.dtype)

@@ -1,0 +1,199 @@
+"""The streaming quantized cache against transformers' DynamicCache, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvstream import CompressionConfig, chunked_prefill, make_cache, streaming_perplexity
+from kvstream.cache.streaming import StreamingQuantizedCache
+
+FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)
+
+
+def _ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (batch, n), generator=g)
+
+
+def _logits_with(model, cache, ids, chunk):
+    """Logits of every position, prefilling chunk by chunk into ``cache``."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, ids.shape[1], chunk):
+            out.append(model(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True).logits)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("key_rope", ["pre", "post"])
+def test_sixteen_bits_reproduce_dynamic_cache(tiny_model, key_rope):
+    ids = _ids(70)
+    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_rope=key_rope, **FULL)
+    cache = make_cache(tiny_model, cfg)
+    assert isinstance(cache, StreamingQuantizedCache)
+    got = _logits_with(tiny_model, cache, ids, 16)
+    assert len(cache.layers[0].blocks) == 4  # 64 tokens packed, 6 in the tail
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_quantized_logits_close_and_degrade_with_bits(tiny_model):
+    ids = _ids(96)
+    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
+    errors = {}
+    for bits in (8, 4, 2):
+        cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=bits, value_bits_normal=bits)
+        got = _logits_with(tiny_model, make_cache(tiny_model, cfg), ids, 32)
+        errors[bits] = (got - ref).abs().mean().item()
+    assert errors[8] < errors[4] < errors[2]
+    assert errors[8] < 1e-3
+
+
+def test_current_chunk_is_exact(tiny_model):
+    """The first chunk sees no history: its logits equal full precision even at 2 bits."""
+    ids = _ids(32)
+    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
+    cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2)
+    got = _logits_with(tiny_model, make_cache(tiny_model, cfg), ids, 32)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_earlier_blocks_byte_identical_after_appends(tiny_model):
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_bits_normal=3, value_bits_normal=3)
+    cache = make_cache(tiny_model, cfg)
+    ids = _ids(80)
+    chunked_prefill(tiny_model, ids[:, :32], cache, 16)
+    first = cache.layers[1].blocks[0]
+    snapshot = [t.clone() for t in (first.keys.low.codes, first.keys.low.scale, first.values.low.codes)]
+    chunked_prefill(tiny_model, ids[:, 32:], cache, 16)
+    for _ in range(20):  # decode appends flush another block
+        chunked_prefill(tiny_model, ids[:, :1], cache, 16)
+    assert len(cache.layers[1].blocks) == 6
+    assert cache.layers[1].blocks[0] is first
+    for before, after in zip(
+        snapshot, (first.keys.low.codes, first.keys.low.scale, first.values.low.codes), strict=True
+    ):
+        assert torch.equal(before, after)
+
+
+def test_packed_storage_is_dense(tiny_model):
+    """3-bit codes take 3/8 byte each; the report counts every tensor held."""
+    cfg = CompressionConfig(
+        chunk_size=32,
+        value_quant_groups=16,
+        key_bits_normal=3,
+        value_bits_normal=3,
+        attention_sink_size=0,
+        outlier_threshold_abs=0,
+        outlier_threshold_relative=0,
+    )
+    cache = make_cache(tiny_model, cfg)
+    chunked_prefill(tiny_model, _ids(64), cache, 32)
+    report = cache.memory_report()
+    elements = 2 * 2 * 64 * 16 * 2  # layers * kv heads * tokens * head_dim * (k, v)
+    assert report["elements"] == elements
+    assert report["breakdown"]["codes"] == elements * 3 // 8
+    # keys: one fp16 scale + zero per (head, channel, block); values: per (head, token, group)
+    scales = 2 * (2 * 16 * 2 + 2 * 64 * 1) * 2
+    assert report["breakdown"]["scales"] == scales
+    assert report["breakdown"]["zero_points"] == scales
+    assert report["stored_bytes"] == sum(report["breakdown"].values())
+    assert report["fp16_bytes"] == 2 * elements
+    assert report["bits_per_element"] == pytest.approx(8 * report["stored_bytes"] / elements)
+
+
+def test_sinks_stored_at_high_bits(tiny_model):
+    ids = _ids(32)
+    cfg = CompressionConfig(
+        chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2, attention_sink_size=4
+    )
+    cache = make_cache(tiny_model, cfg)
+    chunked_prefill(tiny_model, ids, cache, 32)
+    chunked_prefill(tiny_model, ids[:, :1], cache, 32)
+    block = cache.layers[0].blocks[0]
+    assert block.sinks is not None
+    assert block.sinks.keys.bits == 8 and block.sinks.values.bits == 8
+    assert block.sinks.slots.tolist() == [[0, 1, 2, 3]]
+    # restored sink tokens are far closer to the truth than the 2-bit rest
+    ref = DynamicCache(config=tiny_model.config)
+    with torch.inference_mode():
+        tiny_model(input_ids=ids, cache=ref, use_cache=True)
+    keys, _ = cache.layers[0]._restore_blocks()
+    true_keys = ref.layers[0].keys
+    sink_err = (keys[:, :, :4] - true_keys[:, :, :4]).abs().max()
+    rest_err = (keys[:, :, 4:] - true_keys[:, :, 4:]).abs().max()
+    assert sink_err < rest_err / 10
+
+
+@pytest.mark.parametrize("short_len", [24, 29])
+def test_batch_with_left_padding_matches_single_runs(tiny_model, short_len):
+    cfg = CompressionConfig(
+        chunk_size=16,
+        value_quant_groups=16,
+        key_bits_normal=4,
+        value_bits_normal=4,
+        outlier_threshold_relative=1.5,
+    )
+    long, short = _ids(40, seed=3)[0], _ids(short_len, seed=4)[0]
+    pad = long.shape[0] - short.shape[0]
+    batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    cache = make_cache(tiny_model, cfg)
+    batched = chunked_prefill(tiny_model, batch, cache, 16, attention_mask=mask)
+    assert any(b.keys.high is not None for b in cache.layers[0].blocks)  # outliers exercised
+    single_long = chunked_prefill(tiny_model, long[None], make_cache(tiny_model, cfg), 16)
+    single_short = chunked_prefill(tiny_model, short[None], make_cache(tiny_model, cfg), 16)
+    torch.testing.assert_close(batched[0], single_long[0], atol=1e-5, rtol=1e-5)
+    if pad % 16 == 0:  # same block boundaries: the padded row is stored exactly as alone
+        torch.testing.assert_close(batched[1], single_short[0], atol=1e-5, rtol=1e-5)
+    else:  # blocks cut at other tokens: equal up to quantization noise
+        torch.testing.assert_close(batched[1], single_short[0], atol=0.05, rtol=0.05)
+        assert batched[1].argmax() == single_short[0].argmax()
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_generate_with_left_padding_and_16_bits_matches_dynamic(tiny_model):
+    cfg = CompressionConfig(chunk_size=8, value_quant_groups=16, **FULL)
+    batch = _ids(20, seed=5, batch=2)
+    mask = torch.ones_like(batch)
+    mask[1, :6] = 0
+    kwargs = dict(input_ids=batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        ref = tiny_model.generate(**kwargs, past_key_values=DynamicCache(config=tiny_model.config))
+        cache = make_cache(tiny_model, cfg)
+        got = tiny_model.generate(**kwargs, past_key_values=cache)
+    assert torch.equal(got, ref)
+    assert cache.get_seq_length() == 31
+    assert len(cache.layers[0].blocks) == 3
+    assert cache.valid[1, :6].tolist() == [False] * 6 and bool(cache.valid[1, 6:].all())
+
+
+def test_peak_memory_stays_near_packed_history(tiny_model):
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16)
+    cache = make_cache(tiny_model, cfg)
+    chunked_prefill(tiny_model, _ids(256), cache, 16)
+    report = cache.memory_report()
+    assert report["peak_stored_bytes"] == report["stored_bytes"]  # tail empty, history only grows
+    assert report["ratio_to_fp16"] < 0.45
+    assert report["bits_per_element"] < 7.5
+
+
+def test_streaming_perplexity_matches_full_forward(tiny_model):
+    ids = _ids(100)
+    with torch.inference_mode():
+        loss = tiny_model(input_ids=ids, labels=ids).loss.item()
+    result = streaming_perplexity(tiny_model, ids, DynamicCache(config=tiny_model.config), 32)
+    assert result.tokens == 99
+    assert result.nll == pytest.approx(loss, rel=1e-5)
+
+
+def test_full_precision_decode_storage_keeps_decoded_tokens(tiny_model):
+    cfg = CompressionConfig(chunk_size=8, value_quant_groups=16, decode_storage="full_precision")
+    cache = make_cache(tiny_model, cfg)
+    chunked_prefill(tiny_model, _ids(16), cache, 8)
+    for _ in range(10):
+        chunked_prefill(tiny_model, _ids(1), cache, 8)
+    assert len(cache.layers[0].blocks) == 2
+    assert cache.layers[0].keys.shape[-2] == 10
