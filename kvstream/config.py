@@ -49,7 +49,8 @@ class CompressionConfig:
     """Quantize keys before RoPE (un-rotated, re-rotated on read) or after it."""
     key_symmetric: bool = False
     """Symmetric (scale only) instead of asymmetric (scale and zero-point) ranges for keys."""
-    value_symmetric: bool = False
+    value_symmetric: bool = True
+    """Values are centred near zero: a scale alone (no zero-point) halves their metadata."""
     decode_storage: Literal["buffered", "full_precision"] = "buffered"
     """'buffered': decoded tokens wait in a full-precision tail until ``chunk_size`` of them are packed;
     'full_precision': decoded tokens are never quantized."""

@@ -39,15 +39,15 @@ def _expand(index: torch.Tensor, t: int, u: int) -> torch.Tensor:
 class SplitStore:
     """One block's keys or values: high-precision units and normal units, both packed.
 
-    Each (batch row, head) keeps its own outlier set; rows with fewer outliers pad their index
-    lists with a dummy unit, so a row is stored exactly as it would be in a batch of one.
+    Each (batch row, head) keeps its own outlier set; rows with fewer outliers pad with a dummy
+    unit, so a row is stored exactly as it would be in a batch of one. ``position`` maps every
+    unit to its slot in ``high ++ low``, so restoring is one concatenation and one gather.
     """
 
     high: QuantizedTensor | None
     low: QuantizedTensor | None
-    high_index: torch.Tensor | None
-    low_index: torch.Tensor | None
-    units: int
+    position: torch.Tensor | None
+    """[B, H, N] int16: slot of each unit in the concatenation of the high and low parts."""
 
     @classmethod
     def build(
@@ -66,8 +66,7 @@ class SplitStore:
         counts = outliers.sum(-1)
         n_high, n_low = int(counts.max()), units - int(counts.min())
         if n_high == 0 or bits_high == bits_low:
-            low = quantizer.quantize(x, bits_low, reduce_dim, symmetric, mask)
-            return cls(high=None, low=low, high_index=None, low_index=None, units=units)
+            return cls(high=None, low=quantizer.quantize(x, bits_low, reduce_dim, symmetric, mask), position=None)
         padded = _with_dummy(x)
         t, u = x.shape[2], x.shape[4]
         high_index = _unit_index(outliers, True, n_high)
@@ -76,29 +75,36 @@ class SplitStore:
         low = None
         if n_low:
             low = quantizer.quantize(padded.gather(3, _expand(low_index, t, u)), bits_low, reduce_dim, symmetric, mask)
-        return cls(
-            high=high,
-            low=low,
-            high_index=high_index.to(torch.int16),
-            low_index=low_index.to(torch.int16) if low is not None else None,
-            units=units,
-        )
+        slots = torch.cat([high_index, low_index], dim=-1)
+        position = torch.zeros(*slots.shape[:2], units + 1, dtype=torch.long, device=x.device)
+        position.scatter_(-1, slots, torch.arange(slots.shape[-1], device=x.device).expand_as(slots))
+        return cls(high=high, low=low, position=position[..., :units].to(torch.int16))
+
+    @property
+    def n_high(self) -> int:
+        return 0 if self.high is None else self.high.shape[3]
+
+    def high_units(self) -> torch.Tensor:
+        """[B, H, N] bool: the units stored at the high bit width."""
+        if self.position is None:
+            return torch.zeros(0, dtype=torch.bool)
+        return self.position < self.n_high
 
     def restore(self, quantizer: Quantizer) -> torch.Tensor:
         """The dequantized block, [B, H, T, N, U]."""
         if self.high is None:
             return quantizer.dequantize(self.low)
-        high = quantizer.dequantize(self.high)
-        b, h, t, _, u = high.shape
-        out = high.new_empty(b, h, t, self.units + 1, u)
-        out.scatter_(3, _expand(self.high_index, t, u), high)
+        parts = [quantizer.dequantize(self.high)]
         if self.low is not None:
-            out.scatter_(3, _expand(self.low_index, t, u), quantizer.dequantize(self.low))
-        return out[:, :, :, : self.units]
+            parts.append(quantizer.dequantize(self.low))
+        both = torch.cat(parts, dim=3)
+        b, h, t, _, u = both.shape
+        index = self.position.long()[:, :, None, :, None].expand(b, h, t, self.position.shape[-1], u)
+        return both.gather(3, index)
 
     def nbytes(self) -> int:
         packed = sum(q.nbytes() for q in (self.high, self.low) if q is not None)
-        return packed + tensor_bytes(self.high_index, self.low_index)
+        return packed + tensor_bytes(self.position)
 
 
 @dataclass

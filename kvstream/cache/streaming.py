@@ -195,7 +195,7 @@ class StreamingLayer(CacheLayerMixin):
                 for q in (store.high, store.low):
                     if q is not None:
                         ledger.add_quantized(q)
-                ledger.add("indices", store.high_index, store.low_index)
+                ledger.add("indices", store.position)
             if block.sinks is not None:
                 ledger.add_quantized(block.sinks.keys, "sinks")
                 ledger.add_quantized(block.sinks.values, "sinks")
