@@ -92,6 +92,8 @@ class Registry:
         """Every strategy of the group, loaded (broken ones carry their error)."""
         out = []
         for name in self.names():
+            if name in self._conflicts:
+                continue  # listed once per distribution below
             info = self._discover()[name]
             self._load(info)
             out.append(info)

@@ -94,10 +94,10 @@ def test_packed_storage_is_dense(tiny_model):
     elements = 2 * 2 * 64 * 16 * 2  # layers * kv heads * tokens * head_dim * (k, v)
     assert report["elements"] == elements
     assert report["breakdown"]["codes"] == elements * 3 // 8
-    # keys: one fp16 scale + zero per (head, channel, block); values: per (head, token, group)
-    scales = 2 * (2 * 16 * 2 + 2 * 64 * 1) * 2
-    assert report["breakdown"]["scales"] == scales
-    assert report["breakdown"]["zero_points"] == scales
+    # keys: one fp16 scale + zero per (head, channel, block); values (symmetric): one scale per (head, token, group)
+    key_scales, value_scales = 2 * 16 * 2, 2 * 64 * 1
+    assert report["breakdown"]["scales"] == 2 * (key_scales + value_scales) * 2
+    assert report["breakdown"]["zero_points"] == 2 * key_scales * 2
     assert report["stored_bytes"] == sum(report["breakdown"].values())
     assert report["fp16_bytes"] == 2 * elements
     assert report["bits_per_element"] == pytest.approx(8 * report["stored_bytes"] / elements)
