@@ -1,0 +1,57 @@
+"""End to end on the real SmolLM2-135M-Instruct (marked slow: loads the bundled model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvstream import CompressionConfig, chunked_prefill, greedy_generate, make_cache, streaming_perplexity
+from kvstream.data.texts import load_corpus
+
+pytestmark = pytest.mark.slow
+
+FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)
+
+
+@pytest.fixture(scope="module")
+def essay_ids(smollm2):
+    _, tokenizer = smollm2
+    return tokenizer(load_corpus("paul_graham"), return_tensors="pt").input_ids[:, :1024]
+
+
+def test_sixteen_bits_reproduce_dynamic_cache_on_real_model(smollm2, essay_ids):
+    model, _ = smollm2
+    ids = essay_ids[:, :300]
+    ref = chunked_prefill(model, ids, DynamicCache(config=model.config), 128)
+    got = chunked_prefill(model, ids, make_cache(model, CompressionConfig(chunk_size=128, **FULL)), 128)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)
+
+
+def test_four_bit_perplexity_close_to_full_precision(smollm2, essay_ids):
+    model, _ = smollm2
+    base = streaming_perplexity(model, essay_ids, DynamicCache(config=model.config), 256)
+    cache = make_cache(model, CompressionConfig())
+    quant = streaming_perplexity(model, essay_ids, cache, 256)
+    assert quant.perplexity / base.perplexity - 1 < 0.01
+    report = cache.memory_report()
+    assert report["bits_per_element"] < 4.6
+    assert report["ratio_to_fp16"] < 0.3
+    assert len(cache.outlier_snapshot()) == model.config.num_hidden_layers
+
+
+def test_generate_with_streaming_cache_answers_like_full_precision(smollm2):
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    eos = {tokenizer.eos_token_id}
+    fp = greedy_generate(model, ids, DynamicCache(config=model.config), 8, 16, eos_token_ids=eos)
+    q = greedy_generate(model, ids, make_cache(model, CompressionConfig(chunk_size=16)), 8, 16, eos_token_ids=eos)
+    assert "Paris" in tokenizer.decode(fp[0])
+    assert "Paris" in tokenizer.decode(q[0])
+    with torch.inference_mode():
+        out = model.generate(
+            ids, cache=make_cache(model, CompressionConfig(chunk_size=16)), max_new_tokens=6, do_sample=False
+        )
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
