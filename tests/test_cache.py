@@ -197,3 +197,14 @@ def test_full_precision_decode_storage_keeps_decoded_tokens(tiny_model):
         chunked_prefill(tiny_model, _ids(1), cache, 8)
     assert len(cache.layers[0].blocks) == 2
     assert cache.layers[0].keys.shape[-2] == 10
+
+
+def test_sinks_kept_when_normal_and_high_bits_are_equal(tiny_model):
+    """Sinks are excluded from the block ranges, so even at 8/8 bits they need their own copy."""
+    ids = _ids(64)
+    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
+    cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=8, value_bits_normal=8)
+    cache = make_cache(tiny_model, cfg)
+    got = _logits_with(tiny_model, cache, ids, 32)
+    assert cache.layers[0].blocks[0].sinks is not None
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-2)

@@ -151,7 +151,8 @@ class StreamingLayer(CacheLayerMixin):
             mask=None,
         )
         sink_store = None
-        if cfg.key_bits_normal != cfg.key_bits_sink_outlier or cfg.value_bits_normal != cfg.value_bits_sink_outlier:
+        # sinks are kept out of the block's key ranges, so they need their own copy unless nothing is quantized
+        if not all(bits == 16 for bits in (cfg.key_bits_normal, cfg.key_bits_sink_outlier, cfg.value_bits_normal)):
             sink_store = SinkStore.build(
                 keys,
                 values,

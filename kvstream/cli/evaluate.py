@@ -1,0 +1,129 @@
+"""``kvstream eval``: one task, quantized against the full-precision cache on the same samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from kvstream.cli.common import (
+    BitsOpt,
+    ConfigOpt,
+    ModelOpt,
+    ProgressBars,
+    build_config,
+    check_config_for_model,
+    check_strategies,
+    check_task,
+    complete_tasks,
+    err,
+    handle_errors,
+    load_bundle,
+    note,
+    out,
+    show_config,
+    task_options,
+    with_config_fields,
+)
+from kvstream.cli.render import OutputFormat, emit, summary_table
+from kvstream.data.models import DEFAULT_MODEL
+
+EPILOG = (
+    "[bold]Examples[/bold]\n"
+    "  [cyan]kvstream eval --task passkey --bits 4/8 --length 2048 --samples 5[/cyan]\n"
+    "  [cyan]kvstream eval --task perplexity --length 4096 -c kvquant-like[/cyan]\n"
+    "  [cyan]kvstream eval --task niah_multikey --bits 2/8 -F json > run.json[/cyan]\n"
+    "  [cyan]kvstream download longbench && kvstream eval --task narrativeqa[/cyan]\n"
+    "\n"
+    "The summary gives each metric quantized and in full precision, the paired delta and its 95% "
+    "bootstrap CI. Every run is stored in --results (tidy rows and a manifest) for `kvstream report`."
+)
+
+TaskOpt = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        "-t",
+        help="Task name: passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery, perplexity, "
+        "or a LongBench task (narrativeqa, ...); `kvstream plugins -g tasks` lists them.",
+        autocompletion=complete_tasks,
+        show_default=False,
+    ),
+]
+SamplesOpt = Annotated[int | None, typer.Option("--samples", "-n", help="At most this many samples.")]
+LengthOpt = Annotated[
+    int | None, typer.Option("--length", "-l", help="Context length in tokens (synthetic tasks, perplexity).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sample generator.")]
+CorpusOpt = Annotated[str | None, typer.Option("--corpus", help="Haystack / perplexity text: a corpus name or file.")]
+DepthOpt = Annotated[
+    list[float] | None,
+    typer.Option("--depth", metavar="D", help="Needle depth in [0, 1]; repeat for several.", show_default=False),
+]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where downloaded data sets live.")]
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")]
+ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folder (one sub-folder per run).")]
+
+
+@handle_errors
+@with_config_fields
+def eval_command(
+    task: TaskOpt,
+    model: ModelOpt = DEFAULT_MODEL,
+    samples: SamplesOpt = None,
+    length: LengthOpt = None,
+    seed: SeedOpt = 0,
+    corpus: CorpusOpt = None,
+    depth: DepthOpt = None,
+    data_dir: DataDirOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    results: ResultsOpt = Path("results"),
+    config: ConfigOpt = None,
+    bits: BitsOpt = None,
+    *,
+    field_values: dict[str, str] | None = None,
+) -> None:
+    """Evaluate a task with the quantized cache and with full precision, and store the tidy results."""
+    effective = build_config(config, bits, field_values)
+    options = task_options(samples, length, seed, corpus, depth, data_dir)
+    check_task(task)
+    check_strategies(effective)
+    from kvstream.eval.runner import EvalSpec, run_eval, run_exists
+
+    spec = EvalSpec(task=task, model=model, config=effective, options=options, results_dir=results)
+    info = out() if fmt is OutputFormat.table else err()
+    show_config(effective, config, console=info)
+    if run_exists(results, spec.run_id()):
+        note(Text(f"run {spec.run_id()} is already stored: this run replaces it", style="dim"), console=info)
+    bundle = load_bundle(model)
+    check_config_for_model(effective, bundle[0])
+    with ProgressBars() as bars:
+        result = run_eval(spec, bundle=bundle, progress=bars.callback(f"{task}: "))
+
+    console = out()
+    if fmt is OutputFormat.table:
+        console.print(summary_table(result.summary, title=f"{task} on {model}"))
+        console.print(
+            Text.assemble(("run ", "bold"), (result.run_id, "cyan"), " stored in ", (str(result.path), "underline")),
+            soft_wrap=True,
+        )
+    else:
+        summary = result.summary.copy()
+        if "run_id" not in summary.columns:
+            summary.insert(0, "run_id", result.run_id)
+        emit(
+            console,
+            summary,
+            fmt,
+            extra={
+                "run_id": result.run_id,
+                "task": task,
+                "model": model,
+                "path": str(result.path),
+                "config_hash": effective.config_hash(),
+                "config": effective.to_dict(),
+            },
+            key="summary",
+        )
