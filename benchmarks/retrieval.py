@@ -26,13 +26,13 @@ from kvstream.tasks.base import TaskOptions
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """(task, length, samples) in the order they are run: the most informative first."""
-    jobs = []
-    for length in args.lengths:
+    """(task, length, samples) in the order they are run: 4k first (every task), then the other lengths."""
+    jobs = [(task, 4096, args.samples) for task in ("passkey", "niah_single")]
+    jobs += [(task, 4096, args.samples) for task in ("niah_multikey", "niah_multivalue", "niah_multiquery")]
+    for length in (n for n in args.lengths if n != 4096):
         samples = args.samples if length <= 4096 else args.long_samples
         jobs += [("passkey", length, samples), ("niah_single", length, samples)]
-    jobs += [(task, 4096, args.samples) for task in ("niah_multikey", "niah_multivalue", "niah_multiquery")]
-    return sorted(jobs, key=lambda job: job[1])
+    return jobs
 
 
 def main() -> None:

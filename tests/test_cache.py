@@ -34,7 +34,7 @@ def test_sixteen_bits_reproduce_dynamic_cache(tiny_model, key_rope):
     cache = make_cache(tiny_model, cfg)
     assert isinstance(cache, StreamingQuantizedCache)
     got = _logits_with(tiny_model, cache, ids, 16)
-    assert len(cache.layers[0].blocks) == 4  # 64 tokens packed, 6 in the tail
+    assert cache.layers[0].n_blocks == 4  # 64 tokens packed, 6 in the tail
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
@@ -64,17 +64,21 @@ def test_earlier_blocks_byte_identical_after_appends(tiny_model):
     cache = make_cache(tiny_model, cfg)
     ids = _ids(80)
     chunked_prefill(tiny_model, ids[:, :32], cache, 16)
-    first = cache.layers[1].blocks[0]
-    snapshot = [t.clone() for t in (first.keys.low.codes, first.keys.low.scale, first.values.low.codes)]
+    layer = cache.layers[1]
+    first = layer.groups[0]
+    stored = [first.keys.low.codes, first.keys.low.scale, first.values.low.codes, first.values.low.scale]
+    snapshot = [t.clone() for t in stored]
+    restored_before = layer._restore_blocks()[0].clone()
     chunked_prefill(tiny_model, ids[:, 32:], cache, 16)
     for _ in range(20):  # decode appends flush another block
         chunked_prefill(tiny_model, ids[:, :1], cache, 16)
-    assert len(cache.layers[1].blocks) == 6
-    assert cache.layers[1].blocks[0] is first
-    for before, after in zip(
-        snapshot, (first.keys.low.codes, first.keys.low.scale, first.values.low.codes), strict=True
-    ):
-        assert torch.equal(before, after)
+    assert layer.n_blocks == 6
+    group = layer.groups[0]
+    now = [group.keys.low.codes, group.keys.low.scale, group.values.low.codes, group.values.low.scale]
+    for before, after in zip(snapshot, now, strict=True):
+        # merged groups copy earlier bytes unchanged and append the new ones after them
+        assert torch.equal(after[: before.shape[0]], before)
+    assert torch.equal(layer._restore_blocks()[0][:, :, :32], restored_before)
 
 
 def test_packed_storage_is_dense(tiny_model):
@@ -111,10 +115,10 @@ def test_sinks_stored_at_high_bits(tiny_model):
     cache = make_cache(tiny_model, cfg)
     chunked_prefill(tiny_model, ids, cache, 32)
     chunked_prefill(tiny_model, ids[:, :1], cache, 32)
-    block = cache.layers[0].blocks[0]
-    assert block.sinks is not None
-    assert block.sinks.keys.bits == 8 and block.sinks.values.bits == 8
-    assert block.sinks.slots.tolist() == [[0, 1, 2, 3]]
+    index, sinks = cache.layers[0].groups[0].sinks[0]
+    assert index == 0
+    assert sinks.keys.bits == 8 and sinks.values.bits == 8
+    assert sinks.slots.tolist() == [[0, 1, 2, 3]]
     # restored sink tokens are far closer to the truth than the 2-bit rest
     ref = DynamicCache(config=tiny_model.config)
     with torch.inference_mode():
@@ -142,7 +146,7 @@ def test_batch_with_left_padding_matches_single_runs(tiny_model, short_len):
     mask[1, :pad] = 0
     cache = make_cache(tiny_model, cfg)
     batched = chunked_prefill(tiny_model, batch, cache, 16, attention_mask=mask)
-    assert any(b.keys.high is not None for b in cache.layers[0].blocks)  # outliers exercised
+    assert any(g.keys.high is not None for g in cache.layers[0].groups)  # outliers exercised
     single_long = chunked_prefill(tiny_model, long[None], make_cache(tiny_model, cfg), 16)
     single_short = chunked_prefill(tiny_model, short[None], make_cache(tiny_model, cfg), 16)
     torch.testing.assert_close(batched[0], single_long[0], atol=1e-5, rtol=1e-5)
@@ -166,7 +170,7 @@ def test_generate_with_left_padding_and_16_bits_matches_dynamic(tiny_model):
         got = tiny_model.generate(**kwargs, past_key_values=cache)
     assert torch.equal(got, ref)
     assert cache.get_seq_length() == 31
-    assert len(cache.layers[0].blocks) == 3
+    assert cache.layers[0].n_blocks == 3
     assert cache.valid[1, :6].tolist() == [False] * 6 and bool(cache.valid[1, 6:].all())
 
 
@@ -195,7 +199,7 @@ def test_full_precision_decode_storage_keeps_decoded_tokens(tiny_model):
     chunked_prefill(tiny_model, _ids(16), cache, 8)
     for _ in range(10):
         chunked_prefill(tiny_model, _ids(1), cache, 8)
-    assert len(cache.layers[0].blocks) == 2
+    assert cache.layers[0].n_blocks == 2
     assert cache.layers[0].keys.shape[-2] == 10
 
 
@@ -206,5 +210,5 @@ def test_sinks_kept_when_normal_and_high_bits_are_equal(tiny_model):
     cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=8, value_bits_normal=8)
     cache = make_cache(tiny_model, cfg)
     got = _logits_with(tiny_model, cache, ids, 32)
-    assert cache.layers[0].blocks[0].sinks is not None
+    assert cache.layers[0].groups[0].sinks
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-2)

@@ -130,7 +130,7 @@ def test_throwaway_quantizer_is_discovered_and_drives_the_streaming_cache(site, 
     logits = chunked_prefill(tiny_model, _ids(40), cache, 16)
     assert torch.isfinite(logits).all()
     assert quantizer_cls.calls > 0
-    assert len(cache.layers[0].blocks) == 2
+    assert cache.layers[0].n_blocks == 2
     assert "uniform" in registry.registry("quantizers").names()  # the built-ins are still there
 
 

@@ -89,9 +89,9 @@ def test_planted_outlier_channel_detected_and_stored_high(tiny_model):
     outliers = cache.stats.key_outliers(0)
     assert outliers[0, 1].nonzero().flatten().tolist() == [5]
     assert not outliers[0, 0].any()
-    block = layer.blocks[-1]
+    block = layer.groups[-1]
     assert block.keys.high.bits == 8 and block.keys.low.bits == 2
-    high = block.keys.high_units()
+    high = block.keys.high_units()[-1]
     assert high[0, 1].nonzero().flatten().tolist() == [5]
     assert not high[0, 0].any()  # head 0 has none: its high slot holds the dummy unit
     restored, _ = layer._restore_blocks()

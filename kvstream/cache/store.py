@@ -1,11 +1,12 @@
-"""Packed storage of one block of keys or values, with outlier units at high precision.
+"""Packed storage of blocks of keys or values, with outlier units at high precision.
 
-A block is ``[batch, heads, tokens, units, unit_size]``: for per-channel keys a unit is one
-channel (size 1) and the scale is shared over tokens; for per-token values a unit is a group of
-channels and the scale is shared over the group. The outlier units
-flagged per (batch, head) are stored at the high bit width, the rest at the normal one;
-indices are kept as ``int16``.
-Sink tokens live in their own high-precision `SinkStore`, scattered back over the block on read.
+Blocks are ``[blocks, batch, heads, tokens, units, unit_size]``: for per-channel keys a unit is
+one channel (size 1) and the scale is shared over a block's tokens; for per-token values a unit is
+a group of channels and the scale is shared over the group. The outlier units flagged per
+(batch, head) are stored at the high bit width, the rest at the normal one. Consecutive blocks
+with the same layout are concatenated byte for byte (`SplitStore.concat`), so reading a long
+history costs a few large operations rather than many small ones; nothing is re-quantized.
+Sink tokens live in their own high-precision `SinkStore`, scattered back over a block on read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstream.quant.base import QuantizedTensor, Quantizer, tensor_bytes
+from kvstream.quant.base import QuantizedTensor, Quantizer, concat_blocks, tensor_bytes
 
 
 def _unit_index(mask: torch.Tensor, first: bool, width: int) -> torch.Tensor:
@@ -27,12 +28,14 @@ def _unit_index(mask: torch.Tensor, first: bool, width: int) -> torch.Tensor:
 
 
 def _with_dummy(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ([B, H, T, N, U]) with one zero unit appended at index N, the target of padded indices."""
-    return torch.cat([x, x.new_zeros(*x.shape[:3], 1, x.shape[4])], dim=3)
+    """``x`` ([S, B, H, T, N, U]) with one zero unit appended at index N, the target of padded indices."""
+    return torch.cat([x, x.new_zeros(*x.shape[:4], 1, x.shape[5])], dim=4)
 
 
 def _expand(index: torch.Tensor, t: int, u: int) -> torch.Tensor:
-    return index.long()[:, :, None, :, None].expand(index.shape[0], index.shape[1], t, index.shape[2], u)
+    """``index`` ([S, B, H, K]) broadcast over tokens and unit size: [S, B, H, T, K, U]."""
+    s, b, h, k = index.shape
+    return index.long()[:, :, :, None, :, None].expand(s, b, h, t, k, u)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class SplitStore:
     high: QuantizedTensor | None
     low: QuantizedTensor | None
     position: torch.Tensor | None
-    """[B, H, N] int16: slot of each unit in the concatenation of the high and low parts."""
+    """[S, B, H, N] int16: slot of each unit in the concatenation of the high and low parts."""
 
     @classmethod
     def build(
@@ -61,46 +64,58 @@ class SplitStore:
         quantizer: Quantizer,
         mask: torch.Tensor | None,
     ) -> SplitStore:
-        """Quantize ``x`` ([B, H, T, N, U]); the units flagged in ``outliers`` ([B, H, N]) go high."""
-        units = x.shape[3]
+        """Quantize one block ``x`` ([1, B, H, T, N, U]); units flagged in ``outliers`` ([B, H, N]) go high."""
+        units = x.shape[4]
         counts = outliers.sum(-1)
         n_high, n_low = int(counts.max()), units - int(counts.min())
         if n_high == 0 or bits_high == bits_low:
             return cls(high=None, low=quantizer.quantize(x, bits_low, reduce_dim, symmetric, mask), position=None)
         padded = _with_dummy(x)
-        t, u = x.shape[2], x.shape[4]
-        high_index = _unit_index(outliers, True, n_high)
-        low_index = _unit_index(outliers, False, n_low)
-        high = quantizer.quantize(padded.gather(3, _expand(high_index, t, u)), bits_high, reduce_dim, symmetric, mask)
+        t, u = x.shape[3], x.shape[5]
+        high_index = _unit_index(outliers, True, n_high).unsqueeze(0)
+        low_index = _unit_index(outliers, False, n_low).unsqueeze(0)
+        high = quantizer.quantize(padded.gather(4, _expand(high_index, t, u)), bits_high, reduce_dim, symmetric, mask)
         low = None
         if n_low:
-            low = quantizer.quantize(padded.gather(3, _expand(low_index, t, u)), bits_low, reduce_dim, symmetric, mask)
+            low = quantizer.quantize(padded.gather(4, _expand(low_index, t, u)), bits_low, reduce_dim, symmetric, mask)
         slots = torch.cat([high_index, low_index], dim=-1)
-        position = torch.zeros(*slots.shape[:2], units + 1, dtype=torch.long, device=x.device)
+        position = torch.zeros(*slots.shape[:-1], units + 1, dtype=torch.long, device=x.device)
         position.scatter_(-1, slots, torch.arange(slots.shape[-1], device=x.device).expand_as(slots))
         return cls(high=high, low=low, position=position[..., :units].to(torch.int16))
 
     @property
     def n_high(self) -> int:
-        return 0 if self.high is None else self.high.shape[3]
+        return 0 if self.high is None else self.high.shape[4]
+
+    def concat(self, other: SplitStore) -> SplitStore | None:
+        """This store followed by ``other`` (same layout) as one store, bytes copied as they are; else None."""
+        if (self.high is None) != (other.high is None) or (self.low is None) != (other.low is None):
+            return None
+        parts = []
+        for mine, theirs in ((self.high, other.high), (self.low, other.low)):
+            joined = None if mine is None else concat_blocks(mine, theirs)
+            if mine is not None and joined is None:
+                return None
+            parts.append(joined)
+        position = None if self.position is None else torch.cat([self.position, other.position])
+        return SplitStore(high=parts[0], low=parts[1], position=position)
 
     def high_units(self) -> torch.Tensor:
-        """[B, H, N] bool: the units stored at the high bit width."""
+        """[S, B, H, N] bool: the units stored at the high bit width."""
         if self.position is None:
             return torch.zeros(0, dtype=torch.bool)
         return self.position < self.n_high
 
     def restore(self, quantizer: Quantizer) -> torch.Tensor:
-        """The dequantized block, [B, H, T, N, U]."""
+        """The dequantized blocks, [S, B, H, T, N, U], in a fresh tensor (sinks are pasted into it)."""
         if self.high is None:
-            return quantizer.dequantize(self.low)
+            out = quantizer.dequantize(self.low)
+            return out.clone() if out.data_ptr() == self.low.codes.data_ptr() else out
         parts = [quantizer.dequantize(self.high)]
         if self.low is not None:
             parts.append(quantizer.dequantize(self.low))
-        both = torch.cat(parts, dim=3)
-        b, h, t, _, u = both.shape
-        index = self.position.long()[:, :, None, :, None].expand(b, h, t, self.position.shape[-1], u)
-        return both.gather(3, index)
+        both = torch.cat(parts, dim=4)
+        return both.gather(4, _expand(self.position, both.shape[3], both.shape[5]))
 
     def nbytes(self) -> int:
         packed = sum(q.nbytes() for q in (self.high, self.low) if q is not None)

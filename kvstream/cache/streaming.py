@@ -29,15 +29,33 @@ from kvstream.stats.base import StatsManager
 
 
 @dataclass
-class Block:
-    """``length`` packed tokens starting at token index ``start`` of the sequence."""
+class BlockGroup:
+    """Consecutive packed blocks of ``block_len`` tokens with one storage layout, from token ``start``."""
 
     start: int
-    length: int
+    block_len: int
+    n_blocks: int
     keys: SplitStore
     values: SplitStore
-    sinks: SinkStore | None
-    nbytes: int
+    sinks: list[tuple[int, SinkStore]]
+    """(block index inside the group, its sink copies)."""
+
+    @property
+    def length(self) -> int:
+        return self.block_len * self.n_blocks
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes() + sum(s.nbytes() for _, s in self.sinks)
+
+    def absorb(self, other: BlockGroup) -> BlockGroup | None:
+        """This group followed by ``other`` as one group when their layouts agree, else None."""
+        if other.block_len != self.block_len:
+            return None
+        keys, values = self.keys.concat(other.keys), self.values.concat(other.values)
+        if keys is None or values is None:
+            return None
+        sinks = self.sinks + [(self.n_blocks + i, store) for i, store in other.sinks]
+        return BlockGroup(self.start, self.block_len, self.n_blocks + other.n_blocks, keys, values, sinks)
 
 
 class StreamingLayer(CacheLayerMixin):
@@ -51,7 +69,7 @@ class StreamingLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
-        self.blocks: list[Block] = []
+        self.groups: list[BlockGroup] = []
         self.length = 0
         self.tail_frozen = False
 
@@ -101,7 +119,7 @@ class StreamingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.blocks = []
+        self.groups = []
         self.length = 0
         self.tail_frozen = False
         self.keys = self.values = None
@@ -113,7 +131,11 @@ class StreamingLayer(CacheLayerMixin):
     # -- packing and reading ---------------------------------------------------------------------
     @property
     def packed_length(self) -> int:
-        return self.blocks[-1].start + self.blocks[-1].length if self.blocks else 0
+        return self.groups[-1].start + self.groups[-1].length if self.groups else 0
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(g.n_blocks for g in self.groups)
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner, cfg = self.owner, self.owner.config
@@ -131,21 +153,21 @@ class StreamingLayer(CacheLayerMixin):
         b, h, t, d = values.shape
         group = cfg.value_quant_groups
         key_store = SplitStore.build(
-            keys.unsqueeze(-1),
+            keys[None, ..., None],
             owner.stats.key_outliers(self.layer_idx),
             cfg.key_bits_sink_outlier,
             cfg.key_bits_normal,
-            reduce_dim=2,
+            reduce_dim=3,
             symmetric=cfg.key_symmetric,
             quantizer=owner.quantizer,
-            mask=counted[:, None, :, None, None],
+            mask=counted[None, :, None, :, None, None],
         )
         value_store = SplitStore.build(
-            values.reshape(b, h, t, d // group, group),
+            values.reshape(1, b, h, t, d // group, group),
             owner.stats.value_outliers(self.layer_idx),
             cfg.value_bits_sink_outlier,
             cfg.value_bits_normal,
-            reduce_dim=4,
+            reduce_dim=5,
             symmetric=cfg.value_symmetric,
             quantizer=owner.quantizer,
             mask=None,
@@ -163,24 +185,29 @@ class StreamingLayer(CacheLayerMixin):
                 cfg.value_symmetric,
                 owner.quantizer,
             )
-        nbytes = key_store.nbytes() + value_store.nbytes() + (sink_store.nbytes() if sink_store else 0)
-        self.blocks.append(Block(start, t, key_store, value_store, sink_store, nbytes))
+        block = BlockGroup(start, t, 1, key_store, value_store, [(0, sink_store)] if sink_store else [])
+        merged = self.groups[-1].absorb(block) if self.groups else None
+        if merged is not None:
+            self.groups[-1] = merged
+        else:
+            self.groups.append(block)
 
     def _restore_blocks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Dequantized (and, for pre-RoPE keys, re-rotated) history of every packed block."""
-        if not self.blocks:
+        if not self.groups:
             return None, None
         quantizer = self.owner.quantizer
         keys, values = [], []
-        for block in self.blocks:
-            k = block.keys.restore(quantizer).squeeze(-1)
-            v = block.values.restore(quantizer).flatten(3)
-            if block.sinks is not None:
-                block.sinks.paste(k, v, quantizer)
-            keys.append(k)
-            values.append(v)
-        k_all = torch.cat(keys, dim=-2).to(self.dtype)
-        v_all = torch.cat(values, dim=-2).to(self.dtype)
+        for group in self.groups:
+            k = group.keys.restore(quantizer).squeeze(-1)  # [S, B, H, T, D]
+            v = group.values.restore(quantizer).flatten(4)
+            for index, sinks in group.sinks:
+                sinks.paste(k[index], v[index], quantizer)
+            s, b, h, t, d = k.shape
+            keys.append(k[0] if s == 1 else k.permute(1, 2, 0, 3, 4).reshape(b, h, s * t, d))
+            values.append(v[0] if s == 1 else v.permute(1, 2, 0, 3, 4).reshape(b, h, s * t, d))
+        k_all = (torch.cat(keys, dim=-2) if len(keys) > 1 else keys[0]).to(self.dtype)
+        v_all = (torch.cat(values, dim=-2) if len(values) > 1 else values[0]).to(self.dtype)
         if self.owner.config.key_rope == "pre":
             cos, sin = self.owner._history_rope(k_all)
             k_all = Rotary.apply(k_all, cos, sin)
@@ -188,19 +215,19 @@ class StreamingLayer(CacheLayerMixin):
 
     # -- accounting ------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.blocks) + tensor_bytes(self.keys, self.values)
+        return sum(g.nbytes() for g in self.groups) + tensor_bytes(self.keys, self.values)
 
     def ledger(self, ledger: MemoryLedger) -> None:
-        for block in self.blocks:
-            for store in (block.keys, block.values):
+        for group in self.groups:
+            for store in (group.keys, group.values):
                 for q in (store.high, store.low):
                     if q is not None:
                         ledger.add_quantized(q)
                 ledger.add("indices", store.position)
-            if block.sinks is not None:
-                ledger.add_quantized(block.sinks.keys, "sinks")
-                ledger.add_quantized(block.sinks.values, "sinks")
-                ledger.add("sinks", block.sinks.slots)
+            for _, sinks in group.sinks:
+                ledger.add_quantized(sinks.keys, "sinks")
+                ledger.add_quantized(sinks.values, "sinks")
+                ledger.add("sinks", sinks.slots)
         ledger.add("full_precision_tail", self.keys, self.values)
 
 

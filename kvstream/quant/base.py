@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvstream.quant.packing import packed_nbytes
+
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     """Bytes held by the given tensors (``None`` counts as nothing)."""
@@ -65,3 +67,31 @@ class Quantizer(Protocol):
 def passthrough(x: torch.Tensor) -> QuantizedTensor:
     """The 16-bit case: the tensor kept as is (shared by every quantizer)."""
     return QuantizedTensor(codes=x.contiguous(), bits=16, shape=tuple(x.shape), dtype=x.dtype)
+
+
+def concat_blocks(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor | None:
+    """Two tensors stacked along their leading (block) dimension, bytes copied unchanged.
+
+    Possible when widths, dtypes and trailing shapes agree, no extras are held and the first
+    tensor's packed codes end on a byte boundary; otherwise None (keep them apart).
+    """
+    if (
+        first.bits != second.bits
+        or first.dtype != second.dtype
+        or first.shape[1:] != second.shape[1:]
+        or first.extra
+        or second.extra
+        or (first.scale is None) != (second.scale is None)
+        or (first.zero is None) != (second.zero is None)
+    ):
+        return None
+    if first.bits != 16 and packed_nbytes(first.numel(), first.bits) * 8 != first.numel() * first.bits:
+        return None
+    return QuantizedTensor(
+        codes=torch.cat([first.codes, second.codes]),
+        bits=first.bits,
+        shape=(first.shape[0] + second.shape[0], *first.shape[1:]),
+        dtype=first.dtype,
+        scale=None if first.scale is None else torch.cat([first.scale, second.scale]),
+        zero=None if first.zero is None else torch.cat([first.zero, second.zero]),
+    )
