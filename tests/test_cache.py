@@ -68,7 +68,7 @@ def test_earlier_blocks_byte_identical_after_appends(tiny_model):
     first = layer.groups[0]
     stored = [first.keys.low.codes, first.keys.low.scale, first.values.low.codes, first.values.low.scale]
     snapshot = [t.clone() for t in stored]
-    restored_before = layer._restore_blocks()[0].clone()
+    restored_before = layer.restore_history()[0].clone()
     chunked_prefill(tiny_model, ids[:, 32:], cache, 16)
     for _ in range(20):  # decode appends flush another block
         chunked_prefill(tiny_model, ids[:, :1], cache, 16)
@@ -78,7 +78,7 @@ def test_earlier_blocks_byte_identical_after_appends(tiny_model):
     for before, after in zip(snapshot, now, strict=True):
         # merged groups copy earlier bytes unchanged and append the new ones after them
         assert torch.equal(after[: before.shape[0]], before)
-    assert torch.equal(layer._restore_blocks()[0][:, :, :32], restored_before)
+    assert torch.equal(layer.restore_history()[0][:, :, :32], restored_before)
 
 
 def test_packed_storage_is_dense(tiny_model):
@@ -123,7 +123,7 @@ def test_sinks_stored_at_high_bits(tiny_model):
     ref = DynamicCache(config=tiny_model.config)
     with torch.inference_mode():
         tiny_model(input_ids=ids, cache=ref, use_cache=True)
-    keys, _ = cache.layers[0]._restore_blocks()
+    keys, _ = cache.layers[0].restore_history()
     true_keys = ref.layers[0].keys
     sink_err = (keys[:, :, :4] - true_keys[:, :, :4]).abs().max()
     rest_err = (keys[:, :, 4:] - true_keys[:, :, 4:]).abs().max()

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import tiny_llama
 from typer.testing import CliRunner
 
 from kvstream.cli.app import app
+from kvstream.testing import tiny_llama
 
 runner = CliRunner()
 

@@ -94,7 +94,7 @@ def test_planted_outlier_channel_detected_and_stored_high(tiny_model):
     high = block.keys.high_units()[-1]
     assert high[0, 1].nonzero().flatten().tolist() == [5]
     assert not high[0, 0].any()  # head 0 has none: its high slot holds the dummy unit
-    restored, _ = layer._restore_blocks()
+    restored, _ = layer.restore_history()
     err = (restored - keys).abs()
     step8 = keys[0, 1, 4:, 5].abs().max() * 2 / 255  # the 8-bit step of the outlier channel
     assert err[0, 1, 4:, 5].max() <= step8

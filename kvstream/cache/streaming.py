@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
 
-from kvstream.cache.memory import MemoryLedger, MemoryReport
+from kvstream.cache.base import PackedCache, PackedLayer
+from kvstream.cache.memory import MemoryLedger
 from kvstream.cache.rope import Rotary
 from kvstream.cache.store import SinkStore, SplitStore
 from kvstream.config import CompressionConfig
-from kvstream.quant.base import Quantizer, tensor_bytes
+from kvstream.quant.base import Quantizer
 from kvstream.stats.base import StatsManager
 
 
@@ -58,77 +57,14 @@ class BlockGroup:
         return BlockGroup(self.start, self.block_len, self.n_blocks + other.n_blocks, keys, values, sinks)
 
 
-class StreamingLayer(CacheLayerMixin):
-    """One decoder layer's packed blocks and full-precision tail."""
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
+class StreamingLayer(PackedLayer):
+    """One decoder layer's packed block groups; the full-precision tail is ``keys``/``values``."""
 
     def __init__(self, owner: StreamingQuantizedCache, layer_idx: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.layer_idx = layer_idx
+        super().__init__(owner, layer_idx)
         self.groups: list[BlockGroup] = []
-        self.length = 0
         self.tail_frozen = False
 
-    # -- transformers layer API ------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        shape = (*key_states.shape[:2], 0, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        call_kwargs = kwargs.get("kwargs") or kwargs
-        n_new = key_states.shape[-2]
-        self.owner._track_positions(self.layer_idx, self.length, n_new, call_kwargs.get("position_ids"))
-        if n_new == 1 and self.owner.config.decode_storage == "full_precision":
-            self.tail_frozen = True
-
-        hist_keys, hist_values = self._restore_blocks()
-        # self.keys / self.values: the full-precision tail, keys as received (post-RoPE)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        out_keys = torch.cat([hist_keys, self.keys], dim=-2) if hist_keys is not None else self.keys
-        out_values = torch.cat([hist_values, self.values], dim=-2) if hist_values is not None else self.values
-        self.length += n_new
-
-        chunk = self.owner.config.chunk_size
-        while not self.tail_frozen and self.keys.shape[-2] >= chunk:
-            self._pack(self.keys[..., :chunk, :], self.values[..., :chunk, :])
-            self.keys = self.keys[..., chunk:, :].clone()
-            self.values = self.values[..., chunk:, :].clone()
-        self.owner._layer_updated(self.layer_idx)
-        return out_keys, out_values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.groups = []
-        self.length = 0
-        self.tail_frozen = False
-        self.keys = self.values = None
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("StreamingQuantizedCache does not support beam search (num_beams > 1)")
-
-    # -- packing and reading ---------------------------------------------------------------------
     @property
     def packed_length(self) -> int:
         return self.groups[-1].start + self.groups[-1].length if self.groups else 0
@@ -136,6 +72,18 @@ class StreamingLayer(CacheLayerMixin):
     @property
     def n_blocks(self) -> int:
         return sum(g.n_blocks for g in self.groups)
+
+    def pack_tail(self, n_new: int) -> None:
+        """Pack every full chunk of the tail (decoded tokens stay if ``decode_storage`` says so)."""
+        if n_new == 1 and self.owner.config.decode_storage == "full_precision":
+            self.tail_frozen = True
+        chunk = self.owner.config.chunk_size
+        while not self.tail_frozen and self.keys.shape[-2] >= chunk:
+            self._pack(*self.take_tail(chunk))
+
+    def clear_packed(self) -> None:
+        self.groups = []
+        self.tail_frozen = False
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner, cfg = self.owner, self.owner.config
@@ -192,10 +140,10 @@ class StreamingLayer(CacheLayerMixin):
         else:
             self.groups.append(block)
 
-    def _restore_blocks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dequantized (and, for pre-RoPE keys, re-rotated) history of every packed block."""
         if not self.groups:
-            return None, None
+            return None
         quantizer = self.owner.quantizer
         keys, values = [], []
         for group in self.groups:
@@ -213,11 +161,10 @@ class StreamingLayer(CacheLayerMixin):
             k_all = Rotary.apply(k_all, cos, sin)
         return k_all, v_all
 
-    # -- accounting ------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        return sum(g.nbytes() for g in self.groups) + tensor_bytes(self.keys, self.values)
+    def packed_nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
 
-    def ledger(self, ledger: MemoryLedger) -> None:
+    def ledger_packed(self, ledger: MemoryLedger) -> None:
         for group in self.groups:
             for store in (group.keys, group.values):
                 for q in (store.high, store.low):
@@ -228,10 +175,9 @@ class StreamingLayer(CacheLayerMixin):
                 ledger.add_quantized(sinks.keys, "sinks")
                 ledger.add_quantized(sinks.values, "sinks")
                 ledger.add("sinks", sinks.slots)
-        ledger.add("full_precision_tail", self.keys, self.values)
 
 
-class StreamingQuantizedCache(Cache):
+class StreamingQuantizedCache(PackedCache):
     """Chunk-by-chunk quantized KV cache (see the module docstring); use `from_model` to build one."""
 
     def __init__(
@@ -244,13 +190,11 @@ class StreamingQuantizedCache(Cache):
     ) -> None:
         if config.key_rope == "pre" and rotary is None:
             raise ValueError("key_rope='pre' needs the model's rotary embedding; use key_rope='post'")
-        self.config = config
         self.rotary = rotary
         self.quantizer = quantizer
         self.stats = stats
-        self.num_layers = num_layers
-        super().__init__(layers=[StreamingLayer(self, i) for i in range(num_layers)])
-        self._reset_tracking()
+        self._rope_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        super().__init__(config, [StreamingLayer(self, i) for i in range(num_layers)])
 
     @classmethod
     def from_model(cls, model: Any, config: CompressionConfig) -> StreamingQuantizedCache:
@@ -265,47 +209,6 @@ class StreamingQuantizedCache(Cache):
         stats = registry.get("stats", config.stats)(config)
         return cls(config, geometry.num_layers, Rotary(rotary) if rotary is not None else None, quantizer, stats)
 
-    # -- shared per-token bookkeeping ------------------------------------------------------------
-    def _reset_tracking(self) -> None:
-        self.positions = torch.zeros(0, 0, dtype=torch.int32)
-        self.valid = torch.zeros(0, 0, dtype=torch.bool)
-        self._padding: torch.Tensor | None = None
-        self._rope_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._current_bytes = [0] * self.num_layers
-        self.peak_stored_bytes = 0
-
-    def _track_positions(self, layer_idx: int, start: int, n_new: int, position_ids: torch.Tensor | None) -> None:
-        """Record the real positions (and padding) of new tokens, once per forward (on the first layer)."""
-        if self.positions.shape[1] >= start + n_new:
-            return
-        batch = self.layers[layer_idx].keys.shape[0]
-        if position_ids is None:
-            position_ids = torch.arange(start, start + n_new).unsqueeze(0)
-        position_ids = position_ids.to("cpu" if self.positions.numel() == 0 else self.positions.device)
-        position_ids = position_ids.expand(batch, n_new).to(torch.int32)
-        if start == 0:
-            self.positions = position_ids[:, :0]
-            self.valid = torch.zeros(batch, 0, dtype=torch.bool)
-        if self._padding is not None and start < self._padding.shape[1]:
-            valid = self._padding[:, start : start + n_new]
-            valid = torch.cat([valid, valid.new_ones(batch, n_new - valid.shape[1])], dim=1)
-        elif start == 0:
-            # generate gives left pads position 0 like the first real token: a 0 followed by a 0 is a pad
-            zero = position_ids == 0
-            valid = ~(zero & torch.cat([zero[:, 1:], zero.new_zeros(batch, 1)], dim=1))
-        else:
-            valid = torch.ones(batch, n_new, dtype=torch.bool)
-        self.positions = torch.cat([self.positions, position_ids], dim=1)
-        self.valid = torch.cat([self.valid, valid], dim=1)
-
-    def register_padding(self, attention_mask: torch.Tensor) -> None:
-        """Tell the cache which of the coming tokens are padding (``attention_mask == 0``).
-
-        `chunked_prefill` calls this, since a chunk may hold only pads; ``generate`` needs no call,
-        as it prefills the whole prompt at once and its pads are recognised from the positions.
-        """
-        self._padding = attention_mask.bool().cpu()
-
     def _history_rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the packed history, computed once per forward and shared by all layers."""
         n = like.shape[-2]
@@ -315,36 +218,14 @@ class StreamingQuantizedCache(Cache):
             self._rope_table = (n, cos, sin)
         return self._rope_table[1], self._rope_table[2]
 
-    def _layer_updated(self, layer_idx: int) -> None:
-        self._current_bytes[layer_idx] = self.layers[layer_idx].nbytes()
+    def layer_updated(self, layer_idx: int) -> None:
         if layer_idx == self.num_layers - 1:
             self._rope_table = None  # a per-forward work table, not part of the cache
-        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
+        super().layer_updated(layer_idx)
 
-    def stored_bytes(self) -> int:
-        return sum(self._current_bytes) + tensor_bytes(self.positions, self.valid)
-
-    # -- public ------------------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
         self.stats.reset()
-        self._reset_tracking()
-
-    def memory_report(self) -> MemoryReport:
-        """Bytes of every tensor held, effective bits per cached element, and the ratio to fp16."""
-        ledger = MemoryLedger()
-        for layer in self.layers:
-            layer.ledger(ledger)
-        ledger.add("positions", self.positions, self.valid)
-        return ledger.report(self._element_count(), self.peak_stored_bytes)
-
-    def _element_count(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, h, _, d = layer.keys.shape
-                total += 2 * b * h * d * layer.length
-        return total
 
     def outlier_snapshot(self) -> dict[int, dict[str, float]]:
         return self.stats.snapshot()

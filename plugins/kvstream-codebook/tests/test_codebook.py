@@ -7,37 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvstream_codebook import CodebookQuantizer, default_table, kmeans_1d, normalise, synthetic_sample
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from kvstream import CompressionConfig, chunked_prefill, make_cache, registry
 from kvstream.quant import UniformQuantizer, packed_nbytes, unpack
-
-
-def build_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny random Llama: 2 layers, 4 query / 2 KV heads of 16 channels."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+from kvstream.testing import random_ids, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> LlamaForCausalLM:
-    return build_tiny_llama()
-
-
-def random_ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 128, (batch, n), generator=g)
+def tiny_model() -> torch.nn.Module:
+    return tiny_llama()
 
 
 @pytest.fixture

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
 
-from kvstream.cache.memory import MemoryLedger, MemoryReport
+from kvstream.cache.base import PackedCache, PackedLayer
+from kvstream.cache.memory import MemoryLedger
 from kvstream.config import CompressionConfig
-from kvstream.quant import QuantizedTensor, UniformQuantizer, tensor_bytes
+from kvstream.quant import QuantizedTensor, UniformQuantizer
 
 ENV_GROUP_SIZE = "KVSTREAM_KIVI_GROUP_SIZE"
 ENV_RESIDUAL = "KVSTREAM_KIVI_RESIDUAL"
@@ -60,76 +59,13 @@ class KiviBlock:
         return self.keys.nbytes() + self.values.nbytes()
 
 
-class KiviLayer(CacheLayerMixin):
-    """One decoder layer: packed blocks of quantized history and the full-precision residual window.
-
-    ``self.keys`` / ``self.values`` are the residual window (the exact, most recent tokens).
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
+class KiviLayer(PackedLayer):
+    """One decoder layer: packed blocks of quantized history; the residual window is ``keys``/``values``."""
 
     def __init__(self, owner: KiviCache, layer_idx: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.layer_idx = layer_idx
+        super().__init__(owner, layer_idx)
         self.blocks: list[KiviBlock] = []
-        self.length = 0
 
-    # -- transformers layer API ------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
-        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        call_kwargs = kwargs.get("kwargs") or kwargs
-        n_new = key_states.shape[-2]
-        self.owner._track_tokens(key_states.shape[0], self.length, n_new, call_kwargs.get("position_ids"))
-
-        hist_keys, hist_values = self._restore()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        out_keys = self.keys if hist_keys is None else torch.cat([hist_keys, self.keys], dim=-2)
-        out_values = self.values if hist_values is None else torch.cat([hist_values, self.values], dim=-2)
-        self.length += n_new
-
-        group, window = self.owner.group_size, self.owner.residual_length
-        overflow = self.keys.shape[-2] - window
-        flush = (overflow // group) * group if overflow > 0 else 0
-        if flush:
-            self._pack(self.keys[..., :flush, :], self.values[..., :flush, :])
-            self.keys = self.keys[..., flush:, :].clone()
-            self.values = self.values[..., flush:, :].clone()
-        self.owner._layer_updated(self.layer_idx)
-        return out_keys, out_values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.blocks = []
-        self.length = 0
-        self.keys = self.values = None
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KiviCache does not support beam search (num_beams > 1)")
-
-    # -- packing and reading ---------------------------------------------------------------------
     @property
     def packed_length(self) -> int:
         return self.blocks[-1].start + self.blocks[-1].length if self.blocks else 0
@@ -137,6 +73,17 @@ class KiviLayer(CacheLayerMixin):
     @property
     def residual_tokens(self) -> int:
         return self.keys.shape[-2] if self.is_initialized else 0
+
+    def pack_tail(self, n_new: int) -> None:
+        """Pack the oldest whole groups of ``G`` tokens that have left the window of ``R``."""
+        group, window = self.owner.group_size, self.owner.residual_length
+        overflow = self.keys.shape[-2] - window
+        flush = (overflow // group) * group if overflow > 0 else 0
+        if flush:
+            self._pack(*self.take_tail(flush))
+
+    def clear_packed(self) -> None:
+        self.blocks = []
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner = self.owner
@@ -151,10 +98,10 @@ class KiviLayer(CacheLayerMixin):
         qvalues = quantizer.quantize(values.reshape(b, h, t, d // vg, vg), cfg.value_bits_normal, dim=4)
         self.blocks.append(KiviBlock(start, t, qkeys, qvalues))
 
-    def _restore(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The dequantized history of every packed block, [batch, heads, packed tokens, head_dim]."""
         if not self.blocks:
-            return None, None
+            return None
         quantizer = self.owner.quantizer
         keys, values = [], []
         for block in self.blocks:
@@ -164,20 +111,16 @@ class KiviLayer(CacheLayerMixin):
             values.append(v.flatten(3))
         return torch.cat(keys, dim=-2).to(self.dtype), torch.cat(values, dim=-2).to(self.dtype)
 
-    # -- accounting ------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        residual = tensor_bytes(self.keys, self.values) if self.is_initialized else 0
-        return sum(block.nbytes() for block in self.blocks) + residual
+    def packed_nbytes(self) -> int:
+        return sum(block.nbytes() for block in self.blocks)
 
-    def ledger(self, ledger: MemoryLedger) -> None:
+    def ledger_packed(self, ledger: MemoryLedger) -> None:
         for block in self.blocks:
             ledger.add_quantized(block.keys)
             ledger.add_quantized(block.values)
-        if self.is_initialized:
-            ledger.add("full_precision_tail", self.keys, self.values)
 
 
-class KiviCache(Cache):
+class KiviCache(PackedCache):
     """KIVI: per-channel keys in groups of G tokens, per-token values, a full-precision window of R tokens."""
 
     group_size: int = 32
@@ -192,8 +135,6 @@ class KiviCache(Cache):
         group_size: int | None = None,
         residual_length: int | None = None,
     ) -> None:
-        self.config = config
-        self.num_layers = num_layers
         self.group_size = _setting("group_size", group_size, ENV_GROUP_SIZE, type(self).group_size, minimum=1)
         self.residual_length = _setting(
             "residual_length", residual_length, ENV_RESIDUAL, type(self).residual_length, minimum=0
@@ -203,8 +144,7 @@ class KiviCache(Cache):
             if bits not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
                 raise ValueError(f"{name}: KiviCache cannot store {bits}-bit codes")
         self.quantizer = UniformQuantizer()
-        super().__init__(layers=[KiviLayer(self, i) for i in range(num_layers)])
-        self._reset_tracking()
+        super().__init__(config, [KiviLayer(self, i) for i in range(num_layers)])
 
     @classmethod
     def from_model(
@@ -222,63 +162,6 @@ class KiviCache(Cache):
         geometry = model_geometry(model)
         config.validate(head_dim=geometry.head_dim)
         return cls(config, geometry.num_layers, group_size=group_size, residual_length=residual_length)
-
-    # -- per-token bookkeeping ---------------------------------------------------------------------
-    def _reset_tracking(self) -> None:
-        self.valid = torch.zeros(0, 0, dtype=torch.bool)
-        self._padding: torch.Tensor | None = None
-        self._current_bytes = [0] * self.num_layers
-        self.peak_stored_bytes = 0
-
-    def register_padding(self, attention_mask: torch.Tensor) -> None:
-        """Which of the coming tokens are padding (``attention_mask == 0``): kept out of the key ranges."""
-        self._padding = attention_mask.bool().cpu()
-
-    def _track_tokens(self, batch: int, start: int, n_new: int, position_ids: torch.Tensor | None) -> None:
-        """Record which new tokens are real (not padding), once per forward."""
-        if self.valid.shape[1] >= start + n_new:
-            return
-        if start == 0:
-            self.valid = torch.zeros(batch, 0, dtype=torch.bool)
-        if self._padding is not None and start < self._padding.shape[1]:
-            valid = self._padding[:, start : start + n_new]
-            valid = torch.cat([valid, valid.new_ones(batch, n_new - valid.shape[1])], dim=1)
-        elif start == 0 and position_ids is not None:
-            # generate gives left pads position 0, like the first real token: a 0 followed by a 0 is a pad
-            zero = position_ids.cpu().expand(batch, n_new) == 0
-            valid = ~(zero & torch.cat([zero[:, 1:], zero.new_zeros(batch, 1)], dim=1))
-        else:
-            valid = torch.ones(batch, n_new, dtype=torch.bool)
-        self.valid = torch.cat([self.valid, valid.expand(batch, n_new)], dim=1)
-
-    def _layer_updated(self, layer_idx: int) -> None:
-        self._current_bytes[layer_idx] = self.layers[layer_idx].nbytes()
-        self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
-
-    def stored_bytes(self) -> int:
-        """Bytes held right now: packed blocks, residual windows and the padding mask."""
-        return sum(self._current_bytes) + tensor_bytes(self.valid)
-
-    # -- public ------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        super().reset()
-        self._reset_tracking()
-
-    def memory_report(self) -> MemoryReport:
-        """Bytes of every tensor held (codes, fp16 scales and zero-points, the window), in kvstream's report."""
-        ledger = MemoryLedger()
-        for layer in self.layers:
-            layer.ledger(ledger)
-        ledger.add("positions", self.valid)
-        return ledger.report(self._element_count(), self.peak_stored_bytes)
-
-    def _element_count(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, h, _, d = layer.keys.shape
-                total += 2 * b * h * d * layer.length
-        return total
 
 
 def _setting(name: str, given: int | None, env: str, default: int, minimum: int) -> int:

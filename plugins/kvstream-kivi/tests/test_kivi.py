@@ -5,37 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from kvstream_kivi import KiviCache
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from kvstream import CompressionConfig, chunked_prefill, make_cache, registry
 from kvstream.engine.prefill import position_ids_for
-
-
-def build_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny random Llama: 2 layers, 4 query / 2 KV heads of 16 channels."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+from kvstream.testing import random_ids, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> LlamaForCausalLM:
-    return build_tiny_llama()
-
-
-def random_ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 128, (batch, n), generator=g)
+def tiny_model() -> torch.nn.Module:
+    return tiny_llama()
 
 
 @pytest.fixture
@@ -186,7 +165,7 @@ def test_memory_report_counts_packed_bytes(tiny_model, make_ids):
     value_meta = 2 * 2 * packed * 2 * 2  # layers * heads * tokens * channel groups * fp16
     assert b["scales"] == b["zero_points"] == key_meta + value_meta
     assert b["full_precision_tail"] == 2 * 2 * window * per_token * 4  # fp32 model
-    assert b["positions"] == 100  # one bool per token: the padding mask
+    assert b["positions"] == 100 * (4 + 1)  # per token: its int32 position and its padding flag
     assert report["stored_bytes"] == sum(b.values())
     assert report["peak_stored_bytes"] >= report["stored_bytes"]
     # at 2 bits with a short window, long contexts end well under fp16
