@@ -36,6 +36,7 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/core.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/retrieval.py --results results/bench --out docs/benchmarks-retrieval.md
 
 report: setup
 	$(BIN)/kvstream report --results results --out reports

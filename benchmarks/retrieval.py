@@ -54,11 +54,13 @@ def main() -> None:
     if not args.report_only:
         bundle = kvstream.load_model(args.model)
         jobs = [("perplexity", args.ppl_tokens, 1)] + plan(args)
-        for task, length, samples in jobs:
+        # every task at the targeted widths (4 and 3 bits) first, then the 2-bit pass
+        passes = [[b for b in bits if b != 2], [b for b in bits if b == 2]]
+        for (task, length, samples), widths in ((job, w) for w in passes for job in jobs):
             options = TaskOptions(
                 samples=samples, length=length, seed=0, corpus="wikipedia" if task == "perplexity" else None
             )
-            for b in bits:
+            for b in widths:
                 config = CompressionConfig(key_bits_normal=b, value_bits_normal=b)
                 spec = EvalSpec(task=task, model=args.model, config=config, options=options, results_dir=args.results)
                 if run_exists(args.results, spec.run_id()):
