@@ -528,3 +528,33 @@ def test_quantize_run_real_model_compare_fp():
     assert "streaming cache" in result.stdout and "full precision" in result.stdout
     assert result.stdout.count("╭") >= 2  # two answer panels
     assert "effective bits per element" in result.stdout
+
+
+def test_eval_longbench_end_to_end_on_a_written_dataset(fake_model, tmp_path):
+    """`kvstream eval --task hotpotqa` on a LongBench-format JSONL the test writes: prompts, scoring, rows."""
+    data = tmp_path / "longbench"
+    data.mkdir()
+    records = [
+        {
+            "input": f"Which city is named in passage {i}?",
+            "context": f"Passage {i}: the meeting took place in Paris. " * 8,
+            "answers": ["Paris"],
+            "length": 80,
+            "dataset": "hotpotqa",
+            "language": "en",
+            "all_classes": None,
+            "_id": f"lb-{i}",
+        }
+        for i in range(3)
+    ]
+    (data / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = tmp_path / "results"
+    args = ["eval", "--task", "hotpotqa", "--data-dir", data, "--length", "400", "--bits", "4/8"]
+    result = invoke(*args, "--results", results, "--format", "json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = pd.concat(pd.read_csv(p) for p in results.glob("*/rows.csv"))
+    per_sample = rows[(rows["metric"] == "qa_f1") & rows["sample"].notna() & (rows["sample"] != "")]
+    assert sorted(per_sample["sample"].unique()) == ["lb-0", "lb-1", "lb-2"]
+    assert set(per_sample["variant"]) == {"quantized", "full_precision"}
+    assert per_sample["value"].between(0, 100).all()
+    assert {"bits_per_element", "peak_cache_bytes"} <= set(rows["metric"])
