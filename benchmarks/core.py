@@ -222,6 +222,11 @@ def main() -> None:
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument(
+        "--sections",
+        default="quality,memory,speed",
+        help="which sections to measure; the others are kept as they stand in --out",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -233,42 +238,84 @@ def main() -> None:
     if all_ids.shape[1] < need:
         sys.exit(f"benchmarks: the text has {all_ids.shape[1]} tokens, {need} needed")
 
-    print("quality", flush=True)
-    quality = measure_quality(model, all_ids[:, : args.tokens], strategies(bits_list), args.chunk)
-    print("memory", flush=True)
-    mem_configs = {"full precision": FP}
-    for bits in bits_list:
-        mem_configs[f"kvstream {bits}/8"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits)
-    mem_configs["quanto 4-bit"] = CompressionConfig(cache="quanto", key_bits_normal=4, value_bits_normal=4)
-    mem_configs["KIVI-style 4-bit"] = CompressionConfig(
-        cache="kivi", key_bits_normal=4, value_bits_normal=4, value_quant_groups=32
-    )
-    memory = measure_memory(model, all_ids[:, : args.long], mem_configs, args.chunk)
-    print("speed", flush=True)
-    speed_configs = {"full precision": FP}
-    for bits in (4, 2):
-        speed_configs[f"kvstream {bits}/8"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits)
-        speed_configs[f"quanto {bits}-bit"] = CompressionConfig(
-            cache="quanto", key_bits_normal=bits, value_bits_normal=bits
+    sections = [name.strip() for name in args.sections.split(",")]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"benchmarks: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    rendered = {}
+    if "quality" in sections:
+        print("quality", flush=True)
+        quality = measure_quality(model, all_ids[:, : args.tokens], strategies(bits_list), args.chunk)
+        rendered["quality"] = render_quality(args, quality)
+    if "memory" in sections:
+        print("memory", flush=True)
+        mem_configs = {"full precision": FP}
+        for bits in bits_list:
+            mem_configs[f"kvstream {bits}/8"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits)
+        mem_configs["quanto 4-bit"] = CompressionConfig(cache="quanto", key_bits_normal=4, value_bits_normal=4)
+        mem_configs["KIVI-style 4-bit"] = CompressionConfig(
+            cache="kivi", key_bits_normal=4, value_bits_normal=4, value_quant_groups=32
         )
-    speed = measure_speed(
-        model, all_ids[:, : args.speed_context], speed_configs, args.chunk, args.decode_tokens, args.reps
-    )
-    write_report(args, quality, memory, speed)
+        memory = measure_memory(model, all_ids[:, : args.long], mem_configs, args.chunk)
+        rendered["memory"] = render_memory(args, memory)
+    if "speed" in sections:
+        print("speed", flush=True)
+        speed_configs = {"full precision": FP}
+        for bits in (4, 2):
+            speed_configs[f"kvstream {bits}/8"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits)
+            speed_configs[f"quanto {bits}-bit"] = CompressionConfig(
+                cache="quanto", key_bits_normal=bits, value_bits_normal=bits
+            )
+        speed = measure_speed(
+            model, all_ids[:, : args.speed_context], speed_configs, args.chunk, args.decode_tokens, args.reps
+        )
+        rendered["speed"] = render_speed(args, speed)
+    write_report(args.out, rendered)
 
 
-def write_report(args, quality, memory, speed) -> None:
+SECTIONS = {"quality": "## Perplexity", "memory": "## Peak cache", "speed": "## Speed"}
+
+
+def provenance(args) -> str:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    base_ppl = quality[0]["ppl"]
-    out = [
+    return (
+        f"_Measured {dt.datetime.now():%Y-%m-%d %H:%M} at revision `{rev or '?'}` on {platform.machine()} with "
+        f"{args.threads} CPU threads, torch {torch.__version__}, model `{args.model}` (fp32 weights), "
+        f"Paul Graham essays, chunk size {args.chunk}; the full-precision cache in the same run._"
+    )
+
+
+def write_report(out: Path, rendered: dict[str, list[str]]) -> None:
+    """Write the measured sections, keeping the others as they stand in ``out``."""
+    kept: dict[str, str] = {}
+    if out.exists():
+        for chunk in out.read_text().split("\n## ")[1:]:
+            for name, header in SECTIONS.items():
+                if ("## " + chunk).startswith(header):
+                    kept[name] = "## " + chunk.rstrip("\n")
+    lines = [
         "# Benchmarks",
         "",
-        f"Measured {dt.date.today()} by `make bench` (`python benchmarks/core.py`) at revision `{rev or '?'}` on "
-        f"{platform.machine()} with {args.threads} CPU threads, torch {torch.__version__}, "
-        f"model `{args.model}` (fp32 weights), Paul Graham essays, chunk size {args.chunk}. "
-        "Every figure comes from this one run; the full-precision cache is measured in the same run.",
+        "Written by `make bench` (`python benchmarks/core.py`). Each section says the run it comes from; "
+        "within a section every figure, the full-precision baseline included, comes from that one run.",
         "",
+    ]
+    for name in SECTIONS:
+        if name in rendered:
+            lines += ["\n".join(rendered[name]).rstrip("\n"), ""]
+        elif name in kept:
+            lines += [kept[name], ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+def render_quality(args, quality) -> list[str]:
+    base_ppl = quality[0]["ppl"]
+    out = [
         f"## Perplexity over {args.tokens} tokens (streamed chunk by chunk)",
+        "",
+        provenance(args),
         "",
         f"Full-precision perplexity: {base_ppl:.4f}. Bits are normal/high (sinks and outliers) for kvstream; "
         "effective bits count every byte held (codes, scales, zero-points, indices, sinks, full-precision tail).",
@@ -294,10 +341,14 @@ def write_report(args, quality, memory, speed) -> None:
                 target or r["note"],
             ]
         )
-    out += [table(["strategy", "keys", "bits", "perplexity", "increase %", "effective bits", "target"], rows), ""]
+    return out + [table(["strategy", "keys", "bits", "perplexity", "increase %", "effective bits", "target"], rows)]
 
-    out += [
+
+def render_memory(args, memory) -> list[str]:
+    out = [
         f"## Peak cache bytes during a {args.long}-token prefill",
+        "",
+        provenance(args),
         "",
         "Peak of the bytes the cache holds between chunks, against an fp16 cache of the same tokens "
         "(target at 4 bits: at most 0.35x).",
@@ -310,10 +361,14 @@ def write_report(args, quality, memory, speed) -> None:
             continue
         target = f"<= 0.35x: {verdict(r['ratio'] <= 0.35)}" if r["strategy"] == "kvstream 4/8" else ""
         rows.append([r["strategy"], f"{r['peak'] / 2**20:.1f}", f"{r['ratio']:.3f}", f"{r['bpe']:.2f}", target])
-    out += [table(["strategy", "peak MiB", "peak / fp16", "effective bits", "target"], rows), ""]
+    return out + [table(["strategy", "peak MiB", "peak / fp16", "effective bits", "target"], rows)]
 
-    out += [
+
+def render_speed(args, speed) -> list[str]:
+    out = [
         f"## Speed at {args.speed_context} tokens of context",
+        "",
+        provenance(args),
         "",
         f"Median of {args.reps} interleaved repetitions; prefill in chunks of {args.chunk}, then "
         f"{args.decode_tokens} greedy decode steps. Targets for kvstream: prefill <= 1.10x and decode <= 1.2x "
@@ -335,10 +390,7 @@ def write_report(args, quality, memory, speed) -> None:
                 target,
             ]
         )
-    out += [table(["strategy", "prefill s", "vs fp", "decode ms/token", "vs fp", "target"], rows), ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(out) + "\n")
-    print(f"wrote {args.out}")
+    return out + [table(["strategy", "prefill s", "vs fp", "decode ms/token", "vs fp", "target"], rows)]
 
 
 if __name__ == "__main__":

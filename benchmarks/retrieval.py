@@ -27,8 +27,10 @@ from kvstream.tasks.base import TaskOptions
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     """(task, length, samples) in the order they are run: 4k first (every task), then the other lengths."""
-    jobs = [(task, 4096, args.samples) for task in ("passkey", "niah_single")]
-    jobs += [(task, 4096, args.samples) for task in ("niah_multikey", "niah_multivalue", "niah_multiquery")]
+    jobs = []
+    if 4096 in args.lengths:
+        tasks = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
+        jobs += [(task, 4096, args.samples) for task in tasks]
     for length in (n for n in args.lengths if n != 4096):
         samples = args.samples if length <= 4096 else args.long_samples
         jobs += [("passkey", length, samples), ("niah_single", length, samples)]
@@ -42,7 +44,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--long-samples", type=int, default=10, help="samples at lengths above 4096")
     parser.add_argument("--bits", default="4,3,2")
-    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="0 skips the perplexity runs")
     parser.add_argument("--results", type=Path, default=Path("results/bench"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-retrieval.md"))
     parser.add_argument("--threads", type=int, default=2)
@@ -53,7 +55,7 @@ def main() -> None:
 
     if not args.report_only:
         bundle = kvstream.load_model(args.model)
-        jobs = [("perplexity", args.ppl_tokens, 1)] + plan(args)
+        jobs = ([("perplexity", args.ppl_tokens, 1)] if args.ppl_tokens else []) + plan(args)
         # every task at the targeted widths (4 and 3 bits) first, then the 2-bit pass
         passes = [[b for b in bits if b != 2], [b for b in bits if b == 2]]
         for (task, length, samples), widths in ((job, w) for w in passes for job in jobs):

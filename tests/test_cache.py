@@ -212,3 +212,17 @@ def test_sinks_kept_when_normal_and_high_bits_are_equal(tiny_model):
     got = _logits_with(tiny_model, cache, ids, 32)
     assert cache.layers[0].groups[0].sinks
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-2)
+
+
+def test_rotary_apply_matches_transformers_and_inverts(tiny_model):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvstream.cache.rope import Rotary
+
+    rotary = Rotary(tiny_model.model.rotary_emb)
+    x = torch.randn(2, 2, 10, 16)
+    positions = torch.arange(10).expand(2, 10) + torch.tensor([[0], [7]])
+    cos, sin = rotary.cos_sin(x, positions)
+    ref, _ = apply_rotary_pos_emb(x, x, cos.squeeze(1), sin.squeeze(1))
+    torch.testing.assert_close(Rotary.apply(x, cos, sin), ref)
+    torch.testing.assert_close(Rotary.invert(Rotary.apply(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)

@@ -5,11 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Rotary:
     """The model's rotary module evaluated at explicit ``position_ids`` (``[batch, tokens]``).
 
@@ -27,8 +22,18 @@ class Rotary:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + rotate_half(x) * sin
+        """``x * cos + rotate_half(x) * sin``, written as in-place half updates (no concatenation)."""
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        return out
 
     @staticmethod
     def invert(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+        """The inverse of `apply`: rotate back by the same angle and undo any scaling of cos/sin."""
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h])
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:], value=-1)
+        return out / (cos * cos + sin * sin)

@@ -1,6 +1,7 @@
 """Packed storage of blocks of keys or values, with outlier units at high precision.
 
-Blocks are ``[blocks, batch, heads, tokens, units, unit_size]``: for per-channel keys a unit is
+Blocks are ``[blocks, batch, heads, units, tokens, unit_size]`` (unit-major, so the units of a
+block are contiguous rows and restoring an outlier split is a row selection): for per-channel keys a unit is
 one channel (size 1) and the scale is shared over a block's tokens; for per-token values a unit is
 a group of channels and the scale is shared over the group. The outlier units flagged per
 (batch, head) are stored at the high bit width, the rest at the normal one. Consecutive blocks
@@ -28,14 +29,16 @@ def _unit_index(mask: torch.Tensor, first: bool, width: int) -> torch.Tensor:
 
 
 def _with_dummy(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ([S, B, H, T, N, U]) with one zero unit appended at index N, the target of padded indices."""
-    return torch.cat([x, x.new_zeros(*x.shape[:4], 1, x.shape[5])], dim=4)
+    """``x`` ([S, B, H, N, T, U]) with one zero unit appended at index N, the target of padded indices."""
+    return torch.cat([x, x.new_zeros(*x.shape[:3], 1, *x.shape[4:])], dim=3)
 
 
-def _expand(index: torch.Tensor, t: int, u: int) -> torch.Tensor:
-    """``index`` ([S, B, H, K]) broadcast over tokens and unit size: [S, B, H, T, K, U]."""
-    s, b, h, k = index.shape
-    return index.long()[:, :, :, None, :, None].expand(s, b, h, t, k, u)
+def _select_units(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[s, b, h, index[s, b, h, k]]`` for ``x`` [S, B, H, N, T, U]: whole unit rows, one index_select."""
+    s, b, h, n = x.shape[:4]
+    base = torch.arange(s * b * h, device=x.device).view(s, b, h, 1) * n
+    rows = (base + index.long()).reshape(-1)
+    return x.reshape(s * b * h * n, -1).index_select(0, rows).view(*index.shape, *x.shape[4:])
 
 
 @dataclass
@@ -64,20 +67,19 @@ class SplitStore:
         quantizer: Quantizer,
         mask: torch.Tensor | None,
     ) -> SplitStore:
-        """Quantize one block ``x`` ([1, B, H, T, N, U]); units flagged in ``outliers`` ([B, H, N]) go high."""
-        units = x.shape[4]
+        """Quantize one block ``x`` ([1, B, H, N, T, U]); units flagged in ``outliers`` ([B, H, N]) go high."""
+        units = x.shape[3]
         counts = outliers.sum(-1)
         n_high, n_low = int(counts.max()), units - int(counts.min())
         if n_high == 0 or bits_high == bits_low:
             return cls(high=None, low=quantizer.quantize(x, bits_low, reduce_dim, symmetric, mask), position=None)
         padded = _with_dummy(x)
-        t, u = x.shape[3], x.shape[5]
         high_index = _unit_index(outliers, True, n_high).unsqueeze(0)
         low_index = _unit_index(outliers, False, n_low).unsqueeze(0)
-        high = quantizer.quantize(padded.gather(4, _expand(high_index, t, u)), bits_high, reduce_dim, symmetric, mask)
+        high = quantizer.quantize(_select_units(padded, high_index), bits_high, reduce_dim, symmetric, mask)
         low = None
         if n_low:
-            low = quantizer.quantize(padded.gather(4, _expand(low_index, t, u)), bits_low, reduce_dim, symmetric, mask)
+            low = quantizer.quantize(_select_units(padded, low_index), bits_low, reduce_dim, symmetric, mask)
         slots = torch.cat([high_index, low_index], dim=-1)
         position = torch.zeros(*slots.shape[:-1], units + 1, dtype=torch.long, device=x.device)
         position.scatter_(-1, slots, torch.arange(slots.shape[-1], device=x.device).expand_as(slots))
@@ -85,7 +87,7 @@ class SplitStore:
 
     @property
     def n_high(self) -> int:
-        return 0 if self.high is None else self.high.shape[4]
+        return 0 if self.high is None else self.high.shape[3]
 
     def concat(self, other: SplitStore) -> SplitStore | None:
         """This store followed by ``other`` (same layout) as one store, bytes copied as they are; else None."""
@@ -107,15 +109,14 @@ class SplitStore:
         return self.position < self.n_high
 
     def restore(self, quantizer: Quantizer) -> torch.Tensor:
-        """The dequantized blocks, [S, B, H, T, N, U], in a fresh tensor (sinks are pasted into it)."""
+        """The dequantized blocks, [S, B, H, N, T, U], in a fresh tensor (sinks are pasted into it)."""
         if self.high is None:
             out = quantizer.dequantize(self.low)
             return out.clone() if out.data_ptr() == self.low.codes.data_ptr() else out
         parts = [quantizer.dequantize(self.high)]
         if self.low is not None:
             parts.append(quantizer.dequantize(self.low))
-        both = torch.cat(parts, dim=4)
-        return both.gather(4, _expand(self.position, both.shape[3], both.shape[5]))
+        return _select_units(torch.cat(parts, dim=3), self.position)
 
     def nbytes(self) -> int:
         packed = sum(q.nbytes() for q in (self.high, self.low) if q is not None)

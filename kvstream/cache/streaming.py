@@ -101,17 +101,17 @@ class StreamingLayer(PackedLayer):
         b, h, t, d = values.shape
         group = cfg.value_quant_groups
         key_store = SplitStore.build(
-            keys[None, ..., None],
+            keys.transpose(-1, -2)[None, ..., None],
             owner.stats.key_outliers(self.layer_idx),
             cfg.key_bits_sink_outlier,
             cfg.key_bits_normal,
-            reduce_dim=3,
+            reduce_dim=4,
             symmetric=cfg.key_symmetric,
             quantizer=owner.quantizer,
-            mask=counted[None, :, None, :, None, None],
+            mask=counted[None, :, None, None, :, None],
         )
         value_store = SplitStore.build(
-            values.reshape(1, b, h, t, d // group, group),
+            values.reshape(b, h, t, d // group, group).transpose(2, 3)[None],
             owner.stats.value_outliers(self.layer_idx),
             cfg.value_bits_sink_outlier,
             cfg.value_bits_normal,
@@ -147,13 +147,16 @@ class StreamingLayer(PackedLayer):
         quantizer = self.owner.quantizer
         keys, values = [], []
         for group in self.groups:
-            k = group.keys.restore(quantizer).squeeze(-1)  # [S, B, H, T, D]
-            v = group.values.restore(quantizer).flatten(4)
+            k = group.keys.restore(quantizer)  # [S, B, H, D, T, 1]
+            v = group.values.restore(quantizer)  # [S, B, H, G, T, group size]
+            s, b, h, d, t, _ = k.shape
+            k = k.squeeze(-1).permute(1, 2, 0, 4, 3).reshape(b, h, s * t, d)
+            v = v.permute(1, 2, 0, 4, 3, 5).reshape(b, h, s * t, d)
             for index, sinks in group.sinks:
-                sinks.paste(k[index], v[index], quantizer)
-            s, b, h, t, d = k.shape
-            keys.append(k[0] if s == 1 else k.permute(1, 2, 0, 3, 4).reshape(b, h, s * t, d))
-            values.append(v[0] if s == 1 else v.permute(1, 2, 0, 3, 4).reshape(b, h, s * t, d))
+                span = slice(index * t, (index + 1) * t)
+                sinks.paste(k[:, :, span], v[:, :, span], quantizer)
+            keys.append(k)
+            values.append(v)
         k_all = (torch.cat(keys, dim=-2) if len(keys) > 1 else keys[0]).to(self.dtype)
         v_all = (torch.cat(values, dim=-2) if len(values) > 1 else values[0]).to(self.dtype)
         if self.owner.config.key_rope == "pre":

@@ -58,9 +58,9 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return packed[:numel]
     per, nbytes = _codes_per_unit(bits)
     mask = (1 << bits) - 1
-    if nbytes == 1:
-        shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
-        return ((packed.unsqueeze(-1) >> shifts) & mask).reshape(-1)[:numel]
+    if nbytes == 1:  # scalar shifts: several times faster than one broadcast shift on CPU
+        parts = [packed & mask] + [(packed >> (bits * i)) & mask for i in range(1, per)]
+        return torch.stack(parts, dim=-1).reshape(-1)[:numel]
     byte_shifts = torch.arange(nbytes, device=packed.device, dtype=torch.int64) * 8
     words = (packed.view(-1, nbytes).to(torch.int64) << byte_shifts).sum(-1)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits

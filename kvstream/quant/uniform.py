@@ -72,7 +72,8 @@ class UniformQuantizer:
         if q.bits == 16:
             return q.codes
         codes = unpack(q.codes, q.bits, q.numel()).view(q.shape).float()
+        scale = q.scale.float()
         if q.zero is None:
             levels = (1 << (q.bits - 1)) - 1 if q.bits > 1 else 1
-            return ((codes - levels) * q.scale.float()).to(q.dtype)
-        return (codes * q.scale.float() + q.zero.float()).to(q.dtype)
+            return torch.addcmul(-levels * scale, codes, scale).to(q.dtype)
+        return torch.addcmul(q.zero.float(), codes, scale).to(q.dtype)
