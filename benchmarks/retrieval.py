@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--long-samples", type=int, default=10, help="samples at lengths above 4096")
     parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of the tasks to run")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="0 skips the perplexity runs")
     parser.add_argument("--results", type=Path, default=Path("results/bench"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-retrieval.md"))
@@ -56,6 +57,8 @@ def main() -> None:
     if not args.report_only:
         bundle = kvstream.load_model(args.model)
         jobs = ([("perplexity", args.ppl_tokens, 1)] if args.ppl_tokens else []) + plan(args)
+        if args.tasks:
+            jobs = [job for job in jobs if job[0] in args.tasks.split(",")]
         # every task at the targeted widths (4 and 3 bits) first, then the 2-bit pass
         passes = [[b for b in bits if b != 2], [b for b in bits if b == 2]]
         for (task, length, samples), widths in ((job, w) for w in passes for job in jobs):

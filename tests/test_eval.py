@@ -170,13 +170,14 @@ def test_prompt_length_is_within_two_percent(name, length, corpus):
             assert n == sample.meta["prompt_tokens"]
 
 
-def test_chat_template_wraps_the_message_and_adds_an_answer_prefix():
+def test_chat_template_wraps_needles_but_passkey_stays_plain(corpus):
     tok = ChatWordTokenizer()
-    (sample,) = passkey.samples(TaskOptions(samples=1, length=200), tok)
-    assert sample.prompt.startswith("<system> be helpful <end> <user> There is an important info")
-    assert "What is the pass key? <end> <assistant> The pass key is" in sample.prompt
-    plain = passkey.samples(TaskOptions(samples=1, length=200), WordTokenizer())[0]
-    assert "<user>" not in plain.prompt and plain.prompt.endswith("What is the pass key?\nThe pass key is")
+    (sample,) = niah_single.samples(TaskOptions(samples=1, length=200, corpus=corpus), tok)
+    assert sample.prompt.startswith("<system> be helpful <end> <user> Some special magic numbers")
+    assert "<end> <assistant>" in sample.prompt
+    (classic,) = passkey.samples(TaskOptions(samples=1, length=200), tok)
+    assert "<user>" not in classic.prompt and classic.prompt.startswith("There is an important info")
+    assert classic.prompt.endswith("What is the pass key?\nThe pass key is")
 
 
 def _needle_word_share(sample, needle: str, instruction_words: int) -> float:
