@@ -76,6 +76,7 @@ class MemoryMonitor:
             self._thread.join()
             self._thread = None
         self.end_rss_bytes = self._read()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self.end_rss_bytes)  # the sampler may not have run since
         if accelerator_available():
             self.peak_accelerator_bytes = int(torch.cuda.max_memory_allocated(self.device))
 
