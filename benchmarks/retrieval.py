@@ -109,7 +109,9 @@ def write_report(results: Path, out: Path) -> None:
         "Measured by `python benchmarks/retrieval.py` with the bundled SmolLM2-135M-Instruct (fp32), offline data, "
         "normal bits N with sinks and outliers at 8, chunk size 256; the full-precision cache runs on the same "
         "samples in the same run. Accuracy is the share of samples whose answer contains every expected value. "
-        "Target: at 4 and 3 bits, retrieval accuracy within one sample of full precision at every length.",
+        "Target: at 4 and 3 bits, retrieval accuracy within one sample of full precision at every length. "
+        "Rows appear as runs finish: a task, length or width missing below has not been run yet, and the driver "
+        "resumes where it stopped.",
         "",
         "| task | context | bits | samples | metric | full precision | quantized | delta | within one sample | "
         "effective bits |",
