@@ -6,7 +6,7 @@ variant, ``cache="full"``), and returns and saves:
 
 * ``rows``: a tidy frame, one observation per row (see `TIDY_COLUMNS`): the task's per-sample
   metrics of both variants, then per variant the mean of each metric (``sample == ""``) and the
-  resource metrics (`RESOURCE_METRICS`);
+  resource metrics (`kvstream.schema.RESOURCE_METRICS`);
 * ``summary``: one row per metric with both means, their difference and, for the task's metrics,
   a paired bootstrap interval of the difference;
 * ``manifest``: configuration, options, library versions, git revision, timestamps.
@@ -46,12 +46,10 @@ import torch
 from kvstream.config import CompressionConfig
 from kvstream.eval.memory import MemoryMonitor
 from kvstream.eval.stats import paired_bootstrap_delta
+from kvstream.schema import FULL_PRECISION, QUANTIZED, VARIANTS
 from kvstream.tasks.base import Row, RunContext, Sample, TaskOptions
 
 DEFAULT_MODEL = "smollm2-135m"
-QUANTIZED = "quantized"
-FULL_PRECISION = "full_precision"
-VARIANTS = (QUANTIZED, FULL_PRECISION)
 BASELINE_DIR = "_baseline"
 FORMAT_VERSION = 1
 
@@ -84,20 +82,6 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "n",
 )
 
-RESOURCE_METRICS: tuple[str, ...] = (
-    "bits_per_element",
-    "ratio_to_fp16",
-    "cache_bytes",
-    "peak_cache_bytes",
-    "fp16_bytes",
-    "peak_rss_bytes",
-    "peak_accelerator_bytes",
-    "prefill_seconds",
-    "decode_seconds_per_token",
-    "key_outlier_ratio",
-    "value_outlier_ratio",
-)
-"""Aggregate-only rows (``sample == ""``) of each variant, when measurable."""
 
 _STRING_COLUMNS = ("run_id", "task", "model", "variant", "cache", "sample", "metric", "extra") + tuple(
     f.name for f in dataclasses.fields(CompressionConfig) if f.type in ("str", str) or "Literal" in str(f.type)

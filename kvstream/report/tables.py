@@ -19,24 +19,10 @@ import numpy as np
 import pandas as pd
 
 from kvstream.config import CompressionConfig
+from kvstream.schema import FULL_PRECISION, QUANTIZED, RESOURCE_METRICS
 
-QUANTIZED = "quantized"
-FULL = "full_precision"
-
-SYSTEM_METRICS = (
-    "bits_per_element",
-    "ratio_to_fp16",
-    "cache_bytes",
-    "peak_cache_bytes",
-    "fp16_bytes",
-    "peak_rss_bytes",
-    "peak_accelerator_bytes",
-    "prefill_seconds",
-    "decode_seconds_per_token",
-    "key_outlier_ratio",
-    "value_outlier_ratio",
-)
-"""Resource metrics every run reports besides the task's own quality metrics."""
+SYSTEM_METRICS = RESOURCE_METRICS
+FULL = FULL_PRECISION
 
 COUNT_METRICS = ("tokens",)
 """Per-sample figures that describe the sample, not its quality (perplexity's scored tokens)."""
