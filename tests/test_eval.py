@@ -339,13 +339,18 @@ def test_paired_bootstrap_delta():
 
 
 def test_memory_monitor_sees_an_allocation():
-    with MemoryMonitor(interval=0.005) as monitor:
-        block = bytearray(64 * 1024 * 1024)
-        block[::4096] = b"x" * len(block[::4096])
-        import time
+    import mmap
+    import time
 
+    size = 64 * 1024 * 1024
+    with MemoryMonitor(interval=0.005) as monitor:
+        # A fresh anonymous mapping, so the pages are new to the process whatever the allocator
+        # has kept from earlier tests; writing one byte per page makes each resident.
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
         time.sleep(0.05)
-    del block  # alive until the monitor's last reading, however busy the machine is
+    block.close()  # alive until the monitor's last reading, however busy the machine is
     assert monitor.start_rss_bytes > 0
     assert monitor.peak_rss_bytes >= monitor.start_rss_bytes + 48 * 1024 * 1024
     assert monitor.readings >= 2
