@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -626,7 +625,5 @@ def test_smollm2_alias_converts_once_and_is_reused():
     assert [p.name for p in models_dir().iterdir()] == ["smollm2-135m"]
 
     mtime = (path / "model.safetensors").stat().st_mtime
-    start = time.perf_counter()
     assert resolve_model("smollm2-135m") == path
-    assert time.perf_counter() - start < 2.0
     assert (path / "model.safetensors").stat().st_mtime == mtime
