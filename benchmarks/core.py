@@ -299,6 +299,11 @@ def write_report(out: Path, rendered: dict[str, list[str]]) -> None:
         "Written by `make bench` (`python benchmarks/core.py`). Each section says the run it comes from; "
         "within a section every figure, the full-precision baseline included, comes from that one run.",
         "",
+        "Retrieval accuracy (passkey and the RULER-style needles at 2k-8k tokens) and perplexity on the "
+        "Wikipedia sample, each against full precision on the same samples, are in [benchmarks-"
+        "retrieval.md](benchmarks-retrieval.md) (`benchmarks/retrieval.py`, the second step of `make "
+        "bench`; resumable, it takes hours on two CPU cores).",
+        "",
     ]
     for name in SECTIONS:
         if name in rendered:

@@ -21,7 +21,8 @@ import torch
 
 import kvstream
 from kvstream import CompressionConfig
-from kvstream.eval.runner import EvalSpec, load_summaries, run_eval, run_exists
+from kvstream.eval.runner import EvalSpec, load_summaries, read_rows, run_eval, run_exists
+from kvstream.schema import FULL_PRECISION, QUANTIZED
 from kvstream.tasks.base import TaskOptions
 
 
@@ -73,10 +74,20 @@ def main() -> None:
                 start = time.perf_counter()
                 run_eval(spec, bundle=bundle)
                 print(f"{task} {length} {b}-bit: {time.perf_counter() - start:.0f}s", flush=True)
-    write_report(args.results, args.out)
+    write_report(args.results, args.out, args.threads)
 
 
-def write_report(results: Path, out: Path) -> None:
+def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
+    """Samples right in full precision and wrong quantized (lost), and the reverse (gained)."""
+    per_sample = rows[(rows["metric"] == metric) & rows["sample"].notna()]
+    table = per_sample.pivot_table(index="sample", columns="variant", values="value")
+    if QUANTIZED not in table or FULL_PRECISION not in table:
+        return 0, 0
+    fp, quantized = table[FULL_PRECISION] > 0.5, table[QUANTIZED] > 0.5
+    return int((fp & ~quantized).sum()), int((quantized & ~fp).sum())
+
+
+def write_report(results: Path, out: Path, threads: int) -> None:
     summaries = load_summaries(results)
     manifests = {p.parent.name: p for p in results.glob("*/manifest.json")}
     rows = []
@@ -89,6 +100,7 @@ def write_report(results: Path, out: Path) -> None:
             continue
         line = line.iloc[0]
         bpe = group[group["metric"] == "bits_per_element"]
+        lost, gained = flips(read_rows(manifests[run_id].parent / "rows.csv"), metric)
         rows.append(
             dict(
                 task=run["task"],
@@ -99,9 +111,16 @@ def write_report(results: Path, out: Path) -> None:
                 fp=line["full_precision"],
                 quantized=line["quantized"],
                 delta=line["delta"],
+                lost=lost,
+                gained=gained,
                 bpe=float(bpe["quantized"].iloc[0]) if not bpe.empty else float("nan"),
             )
         )
+    runs = [json.loads(path.read_text()) for path in manifests.values()]
+    revisions = sorted({(run.get("git_revision") or "?")[:7] for run in runs})
+    started = min(run["started_at"] for run in runs)[:16].replace("T", " ")
+    finished = max(run["finished_at"] for run in runs)[:16].replace("T", " ")
+    torch_versions = sorted({run["versions"].get("torch") or "?" for run in runs})
     frame = pd.DataFrame(rows).sort_values(["task", "length", "bits"], ascending=[True, True, False])
     lines = [
         "# Retrieval and perplexity (evaluation suite)",
@@ -113,9 +132,20 @@ def write_report(results: Path, out: Path) -> None:
         "Rows appear as runs finish: a task, length or width missing below has not been run yet, and the driver "
         "resumes where it stopped.",
         "",
-        "| task | context | bits | samples | metric | full precision | quantized | delta | within one sample | "
-        "effective bits |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"_Runs recorded {started} to {finished} UTC at revision(s) {', '.join(f'`{r}`' for r in revisions)}, "
+        f"torch {', '.join(torch_versions)}, {threads} CPU threads._",
+        "",
+        "Effective bits are those of the last sample's cache at the end of its generation: every byte held, "
+        "including the full-precision tail (the last partial prefill chunk and the decoded tokens, kept exact "
+        "until a chunk fills, `decode_storage: buffered`), so they move with the prompt length modulo the "
+        "chunk size.",
+        "",
+        "Lost / gained count the samples the full-precision cache answers and the quantized one does not, and the "
+        "reverse: where the model is at the edge of its ability, small perturbations flip answers both ways.",
+        "",
+        "| task | context | bits | samples | metric | full precision | quantized | delta | lost / gained | "
+        "within one sample | effective bits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in frame.itertuples():
         within = "-"
@@ -123,7 +153,8 @@ def write_report(results: Path, out: Path) -> None:
             within = "yes" if abs(r.delta) * r.n <= 1 + 1e-9 else "**no**"
         lines.append(
             f"| {r.task} | {r.length} | {r.bits} | {r.n} | {r.metric} | {r.fp:.4g} | {r.quantized:.4g} | "
-            f"{r.delta:+.4g} | {within} | {r.bpe:.2f} |"
+            f"{r.delta:+.4g} | {'-' if r.metric != 'accuracy' else f'{r.lost} / {r.gained}'} | {within} | "
+            f"{r.bpe:.2f} |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
