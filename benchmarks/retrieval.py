@@ -77,6 +77,12 @@ def main() -> None:
     write_report(args.results, args.out, args.threads)
 
 
+def interval(ci: tuple[float, float]) -> str:
+    """A paired-bootstrap interval as ``[low, high]``, or ``-`` where there is none (one sample)."""
+    low, high = ci
+    return "-" if pd.isna(low) or pd.isna(high) else f"[{low:+.2f}, {high:+.2f}]"
+
+
 def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
     """Samples right in full precision and wrong quantized (lost), and the reverse (gained)."""
     per_sample = rows[(rows["metric"] == metric) & rows["sample"].notna()]
@@ -94,40 +100,46 @@ def write_report(results: Path, out: Path, threads: int) -> None:
     for run_id, group in summaries.groupby("run_id"):
         run = json.loads(manifests[run_id].read_text())
         config, options = run["config"], run["options"]
-        metric = "perplexity" if run["task"] == "perplexity" else "accuracy"
-        line = group[group["metric"] == metric]
-        if line.empty:
-            continue
-        line = line.iloc[0]
         bpe = group[group["metric"] == "bits_per_element"]
-        lost, gained = flips(read_rows(manifests[run_id].parent / "rows.csv"), metric)
-        rows.append(
-            dict(
-                task=run["task"],
-                length=options["length"],
-                bits=config["key_bits_normal"],
-                n=int(line["n"]) if pd.notna(line["n"]) else 1,
-                metric=metric,
-                fp=line["full_precision"],
-                quantized=line["quantized"],
-                delta=line["delta"],
-                lost=lost,
-                gained=gained,
-                bpe=float(bpe["quantized"].iloc[0]) if not bpe.empty else float("nan"),
+        per_sample = read_rows(manifests[run_id].parent / "rows.csv")
+        metrics = ["perplexity"] if run["task"] == "perplexity" else ["accuracy", "recall"]
+        for metric in metrics:
+            line = group[group["metric"] == metric]
+            if line.empty:
+                continue
+            line = line.iloc[0]
+            lost, gained = flips(per_sample, metric)
+            n = int(line["n"]) if pd.notna(line["n"]) else 1
+            rows.append(
+                dict(
+                    task=run["task"],
+                    length=options["length"],
+                    bits=config["key_bits_normal"],
+                    n=n,
+                    metric=metric,
+                    fp=line["full_precision"],
+                    quantized=line["quantized"],
+                    delta=line["delta"],
+                    ci=(line["ci_low"], line["ci_high"]) if n > 1 else (float("nan"), float("nan")),
+                    lost=lost,
+                    gained=gained,
+                    bpe=float(bpe["quantized"].iloc[0]) if not bpe.empty else float("nan"),
+                )
             )
-        )
     runs = [json.loads(path.read_text()) for path in manifests.values()]
     revisions = sorted({(run.get("git_revision") or "?")[:7] for run in runs})
     started = min(run["started_at"] for run in runs)[:16].replace("T", " ")
     finished = max(run["finished_at"] for run in runs)[:16].replace("T", " ")
     torch_versions = sorted({run["versions"].get("torch") or "?" for run in runs})
-    frame = pd.DataFrame(rows).sort_values(["task", "length", "bits"], ascending=[True, True, False])
+    frame = pd.DataFrame(rows).sort_values(["task", "length", "bits", "metric"], ascending=[True, True, False, True])
     lines = [
         "# Retrieval and perplexity (evaluation suite)",
         "",
         "Measured by `python benchmarks/retrieval.py` with the bundled SmolLM2-135M-Instruct (fp32), offline data, "
         "normal bits N with sinks and outliers at 8, chunk size 256; the full-precision cache runs on the same "
-        "samples in the same run. Accuracy is the share of samples whose answer contains every expected value. "
+        "samples in the same run. Accuracy is the share of samples whose answer contains every expected value; "
+        "recall (multi-value and multi-query needles) the share of expected values found. The interval is the "
+        "95% paired bootstrap interval of the delta over samples. "
         "Target: at 4 and 3 bits, retrieval accuracy within one sample of full precision at every length. "
         "Rows appear as runs finish: a task, length or width missing below has not been run yet, and the driver "
         "resumes where it stopped.",
@@ -143,18 +155,20 @@ def write_report(results: Path, out: Path, threads: int) -> None:
         "Lost / gained count the samples the full-precision cache answers and the quantized one does not, and the "
         "reverse: where the model is at the edge of its ability, small perturbations flip answers both ways.",
         "",
-        "| task | context | bits | samples | metric | full precision | quantized | delta | lost / gained | "
+        "| task | context | bits | samples | metric | full precision | quantized | delta | 95% CI | lost / gained | "
         "within one sample | effective bits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in frame.itertuples():
-        within = "-"
-        if r.metric == "accuracy" and r.bits in (4, 3):
-            within = "yes" if abs(r.delta) * r.n <= 1 + 1e-9 else "**no**"
+        within, changed = "-", "-"
+        relative = f" ({r.delta / r.fp:+.2%})" if r.metric == "perplexity" else ""
+        if r.metric == "accuracy":
+            changed = f"{r.lost} / {r.gained}"
+            if r.bits in (4, 3):
+                within = "yes" if abs(r.delta) * r.n <= 1 + 1e-9 else "**no**"
         lines.append(
             f"| {r.task} | {r.length} | {r.bits} | {r.n} | {r.metric} | {r.fp:.4g} | {r.quantized:.4g} | "
-            f"{r.delta:+.4g} | {'-' if r.metric != 'accuracy' else f'{r.lost} / {r.gained}'} | {within} | "
-            f"{r.bpe:.2f} |"
+            f"{r.delta:+.4g}{relative} | {interval(r.ci)} | {changed} | {within} | {r.bpe:.2f} |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
