@@ -77,6 +77,24 @@ def main() -> None:
     write_report(args.results, args.out, args.threads)
 
 
+def verdict(accuracy: pd.DataFrame, bits: int) -> str:
+    """One line on the target at ``bits``: rows within one sample, and the rows that lose or gain more."""
+    if accuracy.empty:
+        return f"- {bits} bits: no retrieval run recorded yet."
+    net = ((accuracy["delta"] * accuracy["n"]).round()).astype(int)
+    label = accuracy["task"] + " " + accuracy["length"].astype(str)
+    within = int((net.abs() <= 1).sum())
+
+    def listed(mask: pd.Series) -> str:
+        return ", ".join(f"{name} ({d:+d})" for name, d in zip(label[mask], net[mask], strict=True)) or "none"
+
+    losses, gains = listed(net < -1), listed(net > 1)
+    return (
+        f"- {bits} bits: {within} of {len(accuracy)} task/length rows within one sample of full precision; "
+        f"more than one sample lost: {losses}; more than one gained: {gains}."
+    )
+
+
 def interval(ci: tuple[float, float]) -> str:
     """A paired-bootstrap interval as ``[low, high]``, or ``-`` where there is none (one sample)."""
     low, high = ci
@@ -159,6 +177,7 @@ def write_report(results: Path, out: Path, threads: int) -> None:
         "within one sample | effective bits |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines[-2:-2] = [verdict(frame[(frame["metric"] == "accuracy") & (frame["bits"] == b)], b) for b in (4, 3)] + [""]
     for r in frame.itertuples():
         within, changed = "-", "-"
         relative = f" ({r.delta / r.fp:+.2%})" if r.metric == "perplexity" else ""
