@@ -47,7 +47,8 @@ from kvstream.config import (
     parse_value,
 )
 from kvstream.data.models import DEFAULT_MODEL
-from kvstream.report.tables import FULL, QUANTIZED, format_metric
+from kvstream.report.tables import format_metric
+from kvstream.schema import FULL_PRECISION, QUANTIZED
 
 ABLATION_DIR = CONFIG_DIR / "ablations"
 DEFAULT_TASK = "passkey"
@@ -202,7 +203,7 @@ def render_sweep(table: pd.DataFrame, title: str) -> Any:
     ]
     formatters = {
         QUANTIZED: lambda v: format_metric(metric, v),
-        FULL: lambda v: format_metric(metric, v),
+        FULL_PRECISION: lambda v: format_metric(metric, v),
         "delta": lambda v: format_metric(metric, v, signed=True),
         "bits_per_element": lambda v: f"{v:.2f}",
         "quality_per_bit": lambda v: f"{v:.4g}",

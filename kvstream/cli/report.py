@@ -22,7 +22,8 @@ from kvstream.cli.common import (
 )
 from kvstream.cli.render import OutputFormat, frame_table, with_short_ids
 from kvstream.config import parse_bits, resolve_config_path
-from kvstream.report.tables import FULL, QUANTIZED, ReportTables, build_tables, format_metric
+from kvstream.report.tables import ReportTables, build_tables, format_metric
+from kvstream.schema import FULL_PRECISION, QUANTIZED
 
 EPILOG = (
     "[bold]Examples[/bold]\n"
@@ -155,7 +156,7 @@ def render_tables(console: Any, tables: ReportTables) -> None:
                 title=f"{t}: {metric} vs effective bits",
                 formatters={
                     QUANTIZED: lambda v, m=metric: format_metric(m, v),
-                    FULL: lambda v, m=metric: format_metric(m, v),
+                    FULL_PRECISION: lambda v, m=metric: format_metric(m, v),
                     "delta": lambda v, m=metric: format_metric(m, v, signed=True),
                     "bits": lambda v: f"{v:.2f}",
                     "tokens": lambda v: f"{v:.0f}",
@@ -165,7 +166,7 @@ def render_tables(console: Any, tables: ReportTables) -> None:
     deltas = tables.deltas
     if not deltas.empty:
         shown = deltas.copy()
-        for column in (QUANTIZED, FULL, "delta", "ci_low", "ci_high"):
+        for column in (QUANTIZED, FULL_PRECISION, "delta", "ci_low", "ci_high"):
             shown[column] = [
                 format_metric(m, v, signed=column in ("delta", "ci_low", "ci_high"))
                 for m, v in zip(deltas["metric"], deltas[column], strict=True)
@@ -174,7 +175,7 @@ def render_tables(console: Any, tables: ReportTables) -> None:
             frame_table(
                 with_short_ids(shown),
                 title="Deltas against full precision (95% paired bootstrap CI)",
-                right={QUANTIZED, FULL, "delta", "ci_low", "ci_high"},
+                right={QUANTIZED, FULL_PRECISION, "delta", "ci_low", "ci_high"},
             )
         )
     memory = tables.memory_speed[list(MEMORY_COLUMNS)].rename(columns=MEMORY_COLUMNS)

@@ -75,8 +75,7 @@ class MemoryMonitor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.end_rss_bytes = self._read()
-        self.peak_rss_bytes = max(self.peak_rss_bytes, self.end_rss_bytes)  # the sampler may not have run since
+        self.end_rss_bytes = self._read()  # folded into the peak like every reading
         if accelerator_available():
             self.peak_accelerator_bytes = int(torch.cuda.max_memory_allocated(self.device))
 

@@ -12,8 +12,6 @@ from typing import Any
 import pandas as pd
 
 from kvstream.report.tables import (
-    FULL,
-    QUANTIZED,
     ReportTables,
     build_tables,
     config_label,
@@ -21,6 +19,7 @@ from kvstream.report.tables import (
     label_legend,
     varying_fields,
 )
+from kvstream.schema import FULL_PRECISION, QUANTIZED, VARIANTS
 
 Formatter = Callable[[Any], str]
 
@@ -153,7 +152,7 @@ def write_report(
     for task in tasks:
         sub = tables.quality[tables.quality["task"] == task]
         md += [f"### {task}", ""]
-        fmts = _metric_formatters(sub, [QUANTIZED, FULL])
+        fmts = _metric_formatters(sub, [QUANTIZED, FULL_PRECISION])
         fmts["delta"] = lambda v, m=str(sub["metric"].iloc[0]): format_metric(m, v, signed=True)
         fmts["bits_per_element"] = lambda v: f"{v:.2f}"
         fmts["context_tokens"] = lambda v: f"{v:.0f}"
@@ -176,12 +175,12 @@ def write_report(
     deltas = tables.deltas
     if not deltas.empty:
         shown = deltas.copy()
-        for column in (QUANTIZED, FULL, "delta", "ci_low", "ci_high"):
+        for column in (QUANTIZED, FULL_PRECISION, "delta", "ci_low", "ci_high"):
             shown[column] = [
                 format_metric(m, v, signed=column in ("delta", "ci_low", "ci_high"))
                 for m, v in zip(deltas["metric"], deltas[column], strict=True)
             ]
-        md.append(markdown_table(shown, right={QUANTIZED, FULL, "delta", "ci_low", "ci_high"}))
+        md.append(markdown_table(shown, right={QUANTIZED, FULL_PRECISION, "delta", "ci_low", "ci_high"}))
     else:
         md += ["_No quality metrics._", ""]
 
@@ -207,7 +206,7 @@ def write_report(
             metric = str(sub["metric"].iloc[0])
             fmts = {
                 QUANTIZED: lambda v, m=metric: format_metric(m, v),
-                FULL: lambda v, m=metric: format_metric(m, v),
+                FULL_PRECISION: lambda v, m=metric: format_metric(m, v),
                 "delta": lambda v, m=metric: format_metric(m, v, signed=True),
                 "bits_per_element": lambda v: f"{v:.2f}",
             }
@@ -229,12 +228,14 @@ def write_report(
                 "model": runs["model"],
                 "settings": [config_label(r, shown_fields) for r in runs.to_dict("records")],
                 "metric": runs["metric"],
-                QUANTIZED: [format_metric(m, v) for m, v in zip(runs["metric"], runs[QUANTIZED], strict=True)],
-                FULL: [format_metric(m, v) for m, v in zip(runs["metric"], runs[FULL], strict=True)],
+                **{
+                    variant: [format_metric(m, v) for m, v in zip(runs["metric"], runs[variant], strict=True)]
+                    for variant in VARIANTS
+                },
                 "bits_per_element": runs["bits_per_element"],
             }
         )
-        md.append(markdown_table(overview, {"bits_per_element": lambda v: f"{v:.2f}"}, right={QUANTIZED, FULL}))
+        md.append(markdown_table(overview, {"bits_per_element": lambda v: f"{v:.2f}"}, right=set(VARIANTS)))
         legend = label_legend(shown_fields)
         if legend:
             md += [f"Settings: {legend}.", ""]

@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kvstream.report.tables import FULL, QUANTIZED, config_label, higher_is_better, varying_fields  # noqa: E402
+from kvstream.report.tables import config_label, higher_is_better, varying_fields  # noqa: E402
+from kvstream.schema import FULL_PRECISION, QUANTIZED  # noqa: E402
 
 DPI = 110
 MAX_CURVES = 8
@@ -53,7 +54,7 @@ def quality_vs_bits(runs: pd.DataFrame, task: str, path: Path) -> Path | None:
                 xytext=(4, 4),
                 fontsize=7,
             )
-    fp = _finite(sub[FULL])
+    fp = _finite(sub[FULL_PRECISION])
     if not fp.empty:
         ax.axhline(fp.mean(), color="tab:gray", linestyle="--", label="full precision")
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
@@ -117,7 +118,7 @@ def ablation_curve(ablation: pd.DataFrame, task: str, field: str, path: Path) ->
     x = list(range(len(sub)))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(x, sub[QUANTIZED], marker="o", color="tab:blue", label=f"{metric} quantized")
-    fp = pd.to_numeric(sub[FULL], errors="coerce")
+    fp = pd.to_numeric(sub[FULL_PRECISION], errors="coerce")
     if fp.notna().any():
         ax.plot(x, fp, linestyle="--", color="tab:gray", label=f"{metric} full precision")
     ax.set_xticks(x, [str(v) for v in sub["value"]])

@@ -21,13 +21,10 @@ import pandas as pd
 from kvstream.config import CompressionConfig
 from kvstream.schema import FULL_PRECISION, QUANTIZED, RESOURCE_METRICS
 
-SYSTEM_METRICS = RESOURCE_METRICS
-FULL = FULL_PRECISION
-
 COUNT_METRICS = ("tokens",)
 """Per-sample figures that describe the sample, not its quality (perplexity's scored tokens)."""
 
-LOWER_IS_BETTER = {"perplexity", "nll", "loss", "error", *SYSTEM_METRICS}
+LOWER_IS_BETTER = {"perplexity", "nll", "loss", "error", *RESOURCE_METRICS}
 QUALITY_PREFERENCE = ("accuracy", "perplexity", "qa_f1", "rouge_l", "f1", "recall", "nll")
 CONFIG_FIELDS = tuple(f.name for f in fields(CompressionConfig))
 CI_LEVEL = 0.95
@@ -48,7 +45,7 @@ def higher_is_better(metric: str) -> bool:
 def is_quality_metric(metric: str) -> bool:
     """A task's own score (accuracy, F1, perplexity, ...), not a memory or speed figure."""
     name = str(metric)
-    if name in SYSTEM_METRICS or name in COUNT_METRICS:
+    if name in RESOURCE_METRICS or name in COUNT_METRICS:
         return False
     return not name.endswith(("_bytes", "_seconds", "_seconds_per_token"))
 
@@ -269,7 +266,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         *CONFIG_FIELDS,
         "metric",
         QUANTIZED,
-        FULL,
+        FULL_PRECISION,
         "delta",
         "bits_per_element",
         "peak_cache_bytes",
@@ -287,17 +284,17 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         run_id = rec["run_id"]
         metric = primary_metric(str(rec.get("task")), metrics_by_run.get(run_id, set()))
         q = values.get((run_id, QUANTIZED, metric), math.nan) if metric else math.nan
-        fp = values.get((run_id, FULL, metric), math.nan) if metric else math.nan
+        fp = values.get((run_id, FULL_PRECISION, metric), math.nan) if metric else math.nan
         rows.append(
             {
                 **rec,
                 "metric": metric,
                 QUANTIZED: q,
-                FULL: fp,
+                FULL_PRECISION: fp,
                 "delta": q - fp,
                 "bits_per_element": values.get((run_id, QUANTIZED, "bits_per_element"), math.nan),
                 "peak_cache_bytes": values.get((run_id, QUANTIZED, "peak_cache_bytes"), math.nan),
-                "fp_peak_cache_bytes": values.get((run_id, FULL, "peak_cache_bytes"), math.nan),
+                "fp_peak_cache_bytes": values.get((run_id, FULL_PRECISION, "peak_cache_bytes"), math.nan),
                 "context_tokens": lengths.get(run_id, math.nan),
             }
         )
@@ -307,7 +304,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def delta_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     """Quantized minus full precision for every quality metric of every run, with a paired bootstrap CI."""
-    columns = ["run_id", "task", "metric", QUANTIZED, FULL, "delta", "ci_low", "ci_high", "n"]
+    columns = ["run_id", "task", "metric", QUANTIZED, FULL_PRECISION, "delta", "ci_low", "ci_high", "n"]
     if df.empty:
         return pd.DataFrame(columns=columns)
     values = _lookup(aggregates(df))
@@ -326,9 +323,9 @@ def delta_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
             .dropna()
         )
         q = values.get((run_id, QUANTIZED, metric), math.nan)
-        fp = values.get((run_id, FULL, metric), math.nan)
-        if QUANTIZED in paired.columns and FULL in paired.columns and len(paired):
-            _, low, high = paired_bootstrap(paired[QUANTIZED].to_numpy(), paired[FULL].to_numpy(), seed=seed)
+        fp = values.get((run_id, FULL_PRECISION, metric), math.nan)
+        if QUANTIZED in paired.columns and FULL_PRECISION in paired.columns and len(paired):
+            _, low, high = paired_bootstrap(paired[QUANTIZED].to_numpy(), paired[FULL_PRECISION].to_numpy(), seed=seed)
             n = len(paired)
         else:
             low = high = math.nan
@@ -339,7 +336,7 @@ def delta_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
                 "task": tasks.get(run_id),
                 "metric": metric,
                 QUANTIZED: q,
-                FULL: fp,
+                FULL_PRECISION: fp,
                 "delta": q - fp,
                 "ci_low": low,
                 "ci_high": high,
@@ -378,7 +375,7 @@ def memory_speed_table(df: pd.DataFrame) -> pd.DataFrame:
         def get(variant: str, metric: str, run_id: str = run_id) -> float:
             return values.get((run_id, variant, metric), math.nan)
 
-        peak, fp_peak = get(QUANTIZED, "peak_cache_bytes"), get(FULL, "peak_cache_bytes")
+        peak, fp_peak = get(QUANTIZED, "peak_cache_bytes"), get(FULL_PRECISION, "peak_cache_bytes")
         rows.append(
             {
                 "run_id": run_id,
@@ -391,9 +388,9 @@ def memory_speed_table(df: pd.DataFrame) -> pd.DataFrame:
                 "fp_peak_cache_bytes": fp_peak,
                 "peak_ratio": peak / fp_peak if fp_peak and not math.isnan(fp_peak) else math.nan,
                 "prefill_seconds": get(QUANTIZED, "prefill_seconds"),
-                "fp_prefill_seconds": get(FULL, "prefill_seconds"),
+                "fp_prefill_seconds": get(FULL_PRECISION, "prefill_seconds"),
                 "decode_seconds_per_token": get(QUANTIZED, "decode_seconds_per_token"),
-                "fp_decode_seconds_per_token": get(FULL, "decode_seconds_per_token"),
+                "fp_decode_seconds_per_token": get(FULL_PRECISION, "decode_seconds_per_token"),
                 "peak_rss_bytes": get(QUANTIZED, "peak_rss_bytes"),
             }
         )
@@ -411,7 +408,7 @@ def quality_table(runs: pd.DataFrame) -> pd.DataFrame:
         "metric",
         "bits_per_element",
         QUANTIZED,
-        FULL,
+        FULL_PRECISION,
         "delta",
     ]
     if runs.empty:
@@ -430,7 +427,7 @@ def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
 
     Values are means over the runs sharing that value (other fields may vary too).
     """
-    columns = ["task", "metric", "field", "value", QUANTIZED, FULL, "delta", "bits_per_element", "runs"]
+    columns = ["task", "metric", "field", "value", QUANTIZED, FULL_PRECISION, "delta", "bits_per_element", "runs"]
     out = []
     for (task, metric), group in runs.groupby(["task", "metric"], sort=True, dropna=False):
         for name in varying_fields(group):
@@ -443,7 +440,7 @@ def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
                         "field": name,
                         "value": value,
                         QUANTIZED: sub[QUANTIZED].mean(),
-                        FULL: sub[FULL].mean(),
+                        FULL_PRECISION: sub[FULL_PRECISION].mean(),
                         "delta": sub["delta"].mean(),
                         "bits_per_element": sub["bits_per_element"].mean(),
                         "runs": len(sub),
@@ -498,7 +495,7 @@ def sweep_table(df: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
     """
     runs = run_table(df[df["run_id"].isin(run_ids)]) if not df.empty else run_table(df)
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", "metric", QUANTIZED, FULL, "delta", "bits_per_element"])
+        return pd.DataFrame(columns=["run_id", "metric", QUANTIZED, FULL_PRECISION, "delta", "bits_per_element"])
     order = {run_id: i for i, run_id in enumerate(run_ids)}
     runs = runs.assign(_order=runs["run_id"].map(order)).sort_values("_order").drop(columns="_order")
     shown = varying_fields(runs)
@@ -507,7 +504,7 @@ def sweep_table(df: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
     quality = runs[QUANTIZED].astype(float).tolist()
     bits = runs["bits_per_element"].astype(float).tolist()
     scores = [quality_per_bit(q, b, higher) for q, b in zip(quality, bits, strict=True)]
-    table = runs[["run_id", *shown, "metric", QUANTIZED, FULL, "delta", "bits_per_element"]].copy()
+    table = runs[["run_id", *shown, "metric", QUANTIZED, FULL_PRECISION, "delta", "bits_per_element"]].copy()
     table["quality_per_bit"] = scores
     table["pareto"] = pareto_front(quality, bits, higher)
     best = _best_index(scores, quality, bits, higher)
