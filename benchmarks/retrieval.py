@@ -113,13 +113,13 @@ def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
 
 def write_report(results: Path, out: Path, threads: int) -> None:
     summaries = load_summaries(results)
-    manifests = {p.parent.name: p for p in results.glob("*/manifest.json")}
+    runs = {path.parent.name: json.loads(path.read_text()) for path in results.glob("*/manifest.json")}
     rows = []
     for run_id, group in summaries.groupby("run_id"):
-        run = json.loads(manifests[run_id].read_text())
+        run = runs[run_id]
         config, options = run["config"], run["options"]
         bpe = group[group["metric"] == "bits_per_element"]
-        per_sample = read_rows(manifests[run_id].parent / "rows.csv")
+        per_sample = read_rows(results / run_id / "rows.csv")
         metrics = ["perplexity"] if run["task"] == "perplexity" else ["accuracy", "recall"]
         for metric in metrics:
             line = group[group["metric"] == metric]
@@ -144,11 +144,10 @@ def write_report(results: Path, out: Path, threads: int) -> None:
                     bpe=float(bpe["quantized"].iloc[0]) if not bpe.empty else float("nan"),
                 )
             )
-    runs = [json.loads(path.read_text()) for path in manifests.values()]
-    revisions = sorted({(run.get("git_revision") or "?")[:7] for run in runs})
-    started = min(run["started_at"] for run in runs)[:16].replace("T", " ")
-    finished = max(run["finished_at"] for run in runs)[:16].replace("T", " ")
-    torch_versions = sorted({run["versions"].get("torch") or "?" for run in runs})
+    revisions = sorted({(run.get("git_revision") or "?")[:7] for run in runs.values()})
+    started = min(run["started_at"] for run in runs.values())[:16].replace("T", " ")
+    finished = max(run["finished_at"] for run in runs.values())[:16].replace("T", " ")
+    torch_versions = sorted({run["versions"].get("torch") or "?" for run in runs.values()})
     frame = pd.DataFrame(rows).sort_values(["task", "length", "bits", "metric"], ascending=[True, True, False, True])
     lines = [
         "# Retrieval and perplexity (evaluation suite)",
