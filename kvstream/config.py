@@ -54,6 +54,9 @@ class CompressionConfig:
     decode_storage: Literal["buffered", "full_precision"] = "buffered"
     """'buffered': decoded tokens wait in a full-precision tail until ``chunk_size`` of them are packed;
     'full_precision': decoded tokens are never quantized."""
+    attention: Literal["packed", "restore"] = "packed"
+    """'packed': kvstream's attention reads the packed history tile by tile (fused kernels where they fit);
+    'restore': the cache hands the model a restored full-precision copy of the whole history."""
     quantizer: str = "uniform"
     """Entry-point name in ``kvstream.quantizers``."""
     stats: str = "ema"

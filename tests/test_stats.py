@@ -78,6 +78,7 @@ def test_planted_outlier_channel_detected_and_stored_high(tiny_model):
         value_bits_normal=2,
         outlier_threshold_abs=0.0,
         outlier_threshold_relative=6.0,
+        attention="restore",  # the layer is driven directly, without a model's attention
     )
     cache = make_cache(tiny_model, cfg)
     layer = cache.layers[0]

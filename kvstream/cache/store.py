@@ -102,6 +102,14 @@ class SplitStore:
         position = None if self.position is None else torch.cat([self.position, other.position])
         return SplitStore(high=parts[0], low=parts[1], position=position)
 
+    def blocks(self, first: int, last: int) -> SplitStore:
+        """Blocks ``first:last`` of this store, as views (see `QuantizedTensor.blocks`)."""
+        return SplitStore(
+            high=None if self.high is None else self.high.blocks(first, last),
+            low=None if self.low is None else self.low.blocks(first, last),
+            position=None if self.position is None else self.position[first:last],
+        )
+
     def high_units(self) -> torch.Tensor:
         """[S, B, H, N] bool: the units stored at the high bit width."""
         if self.position is None:
@@ -160,12 +168,12 @@ class SinkStore:
         )
 
     def paste(self, keys: torch.Tensor, values: torch.Tensor, quantizer: Quantizer) -> None:
-        """Overwrite the sink slots of a restored block ([B, H, T, D]) in place."""
-        present = (self.slots >= 0)[:, None, :, None]
-        idx = self.slots.long().clamp_min(0)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        """Overwrite the sink slots of a restored block ([B, H, T, D]) in place; padded slots (-1) write nothing."""
+        rows, order = (self.slots >= 0).nonzero(as_tuple=True)
+        slots = self.slots[rows, order].long()
         for target, stored in ((keys, self.keys), (values, self.values)):
             sink = quantizer.dequantize(stored).to(target.dtype)
-            target.scatter_(2, idx, torch.where(present, sink, target.gather(2, idx)))
+            target[rows, :, slots] = sink[rows, :, order]
 
     def nbytes(self) -> int:
         return self.keys.nbytes() + self.values.nbytes() + tensor_bytes(self.slots)

@@ -13,6 +13,7 @@ outlier channels / groups named by the statistics manager are stored at the high
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +21,10 @@ import torch
 
 from kvstream.cache.base import PackedCache, PackedLayer
 from kvstream.cache.memory import MemoryLedger
-from kvstream.cache.rope import Rotary
+from kvstream.cache.rope import BlockRope, Rotary
 from kvstream.cache.store import SinkStore, SplitStore
 from kvstream.config import CompressionConfig
-from kvstream.quant.base import Quantizer
+from kvstream.quant.base import Quantizer, tensor_bytes
 from kvstream.stats.base import StatsManager
 
 
@@ -64,6 +65,7 @@ class StreamingLayer(PackedLayer):
         super().__init__(owner, layer_idx)
         self.groups: list[BlockGroup] = []
         self.tail_frozen = False
+        self._sink_read: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
 
     @property
     def packed_length(self) -> int:
@@ -84,6 +86,7 @@ class StreamingLayer(PackedLayer):
     def clear_packed(self) -> None:
         self.groups = []
         self.tail_frozen = False
+        self._sink_read = None
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner, cfg = self.owner, self.owner.config
@@ -140,32 +143,92 @@ class StreamingLayer(PackedLayer):
         else:
             self.groups.append(block)
 
+    def restore_blocks(self, group: BlockGroup, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks ``first:last`` of ``group`` dequantized in fp32, sinks pasted, keys as stored (pre-RoPE or not).
+
+        ``[batch, heads, tokens, head_dim]`` each; only these blocks are materialised.
+        """
+        quantizer = self.owner.quantizer
+        k = group.keys.blocks(first, last).restore(quantizer).float()  # [S, B, H, D, T, 1]
+        v = group.values.blocks(first, last).restore(quantizer).float()  # [S, B, H, G, T, group size]
+        s, b, h, d, t, _ = k.shape
+        k = k.squeeze(-1).permute(1, 2, 0, 4, 3).reshape(b, h, s * t, d)
+        v = v.permute(1, 2, 0, 4, 3, 5).reshape(b, h, s * t, d)
+        for index, sinks in group.sinks:
+            if first <= index < last:
+                span = slice((index - first) * t, (index - first + 1) * t)
+                sinks.paste(k[:, :, span], v[:, :, span], quantizer)
+        return k, v
+
+    def history_tiles(self, max_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(first token, keys as attention sees them, values)`` in fp32, whole blocks of at most ``max_tokens``."""
+        for group in self.groups:
+            per_tile = max(1, max_tokens // group.block_len)
+            for first in range(0, group.n_blocks, per_tile):
+                last = min(first + per_tile, group.n_blocks)
+                k, v = self.restore_blocks(group, first, last)
+                start = group.start + first * group.block_len
+                yield start, self.owner.rotate_keys(k, start), v
+
+    def kernel_ready(self) -> bool:
+        """True when a fused kernel can read every packed block of this layer (plain uniform codes)."""
+        from kvstream.kernels.cpu import store_supported
+
+        return (
+            bool(self.groups)
+            and self.owner.kernel_compatible
+            and all(g.block_len == self.owner.config.chunk_size for g in self.groups)
+            and all(store_supported(g.keys) and store_supported(g.values) for g in self.groups)
+        )
+
+    def sink_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every sink copy of the layer: token index ([B, n], -1 where a row has fewer), keys as attention
+        sees them and values ([B, H, n, D] fp32), or None when the layer holds none.
+
+        Built once per set of sink copies and kept (a few tokens per row; counted as ``sinks``), so a
+        decode step does not dequantize and rotate them again.
+        """
+        n_sink_sets = sum(len(g.sinks) for g in self.groups)
+        if self._sink_read is None or self._sink_read[0] != n_sink_sets:
+            self._sink_read = (n_sink_sets, self._read_sinks())
+        return self._sink_read[1]
+
+    def _read_sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        quantizer = self.owner.quantizer
+        index, keys, values = [], [], []
+        for group in self.groups:
+            for block, sinks in group.sinks:
+                slots = sinks.slots.long()
+                index.append(torch.where(slots >= 0, slots + group.start + block * group.block_len, -1))
+                keys.append(quantizer.dequantize(sinks.keys).float())
+                values.append(quantizer.dequantize(sinks.values).float())
+        if not index:
+            return None
+        index_all = torch.cat(index, dim=1)
+        keys_all = torch.cat(keys, dim=2)
+        if self.owner.config.key_rope == "pre":
+            positions = self.owner.positions.gather(1, index_all.clamp_min(0))
+            cos, sin = self.owner.rotary.cos_sin(keys_all, positions)
+            keys_all = Rotary.apply(keys_all, cos.float(), sin.float())
+        return index_all, keys_all, torch.cat(values, dim=2)
+
     def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Dequantized (and, for pre-RoPE keys, re-rotated) history of every packed block."""
+        """The whole history restored at once, in the model dtype (the ``attention: restore`` path)."""
         if not self.groups:
             return None
-        quantizer = self.owner.quantizer
-        keys, values = [], []
-        for group in self.groups:
-            k = group.keys.restore(quantizer)  # [S, B, H, D, T, 1]
-            v = group.values.restore(quantizer)  # [S, B, H, G, T, group size]
-            s, b, h, d, t, _ = k.shape
-            k = k.squeeze(-1).permute(1, 2, 0, 4, 3).reshape(b, h, s * t, d)
-            v = v.permute(1, 2, 0, 4, 3, 5).reshape(b, h, s * t, d)
-            for index, sinks in group.sinks:
-                span = slice(index * t, (index + 1) * t)
-                sinks.paste(k[:, :, span], v[:, :, span], quantizer)
-            keys.append(k)
-            values.append(v)
-        k_all = (torch.cat(keys, dim=-2) if len(keys) > 1 else keys[0]).to(self.dtype)
-        v_all = (torch.cat(values, dim=-2) if len(values) > 1 else values[0]).to(self.dtype)
-        if self.owner.config.key_rope == "pre":
-            cos, sin = self.owner._history_rope(k_all)
-            k_all = Rotary.apply(k_all, cos, sin)
-        return k_all, v_all
+        tiles = list(self.history_tiles(self.packed_length))
+        keys = torch.cat([k for _, k, _ in tiles], dim=-2) if len(tiles) > 1 else tiles[0][1]
+        values = torch.cat([v for _, _, v in tiles], dim=-2) if len(tiles) > 1 else tiles[0][2]
+        return keys.to(self.dtype), values.to(self.dtype)
 
     def packed_nbytes(self) -> int:
-        return sum(g.nbytes() for g in self.groups)
+        return sum(g.nbytes() for g in self.groups) + tensor_bytes(*self._sink_copies())
+
+    def _sink_copies(self) -> tuple[torch.Tensor, ...]:
+        """The kept fp32 read of the sinks (see `sink_tokens`), if built."""
+        if self._sink_read is None or self._sink_read[1] is None:
+            return ()
+        return self._sink_read[1]
 
     def ledger_packed(self, ledger: MemoryLedger) -> None:
         for group in self.groups:
@@ -178,6 +241,7 @@ class StreamingLayer(PackedLayer):
                 ledger.add_quantized(sinks.keys, "sinks")
                 ledger.add_quantized(sinks.values, "sinks")
                 ledger.add("sinks", sinks.slots)
+        ledger.add("sinks", *self._sink_copies())
 
 
 class StreamingQuantizedCache(PackedCache):
@@ -196,7 +260,7 @@ class StreamingQuantizedCache(PackedCache):
         self.rotary = rotary
         self.quantizer = quantizer
         self.stats = stats
-        self._rope_table: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._block_rope: BlockRope | bool | None = None
         super().__init__(config, [StreamingLayer(self, i) for i in range(num_layers)])
 
     @classmethod
@@ -210,24 +274,52 @@ class StreamingQuantizedCache(PackedCache):
         rotary = rotary_module(model)
         quantizer = registry.get("quantizers", config.quantizer)()
         stats = registry.get("stats", config.stats)(config)
-        return cls(config, geometry.num_layers, Rotary(rotary) if rotary is not None else None, quantizer, stats)
+        cache = cls(config, geometry.num_layers, Rotary(rotary) if rotary is not None else None, quantizer, stats)
+        if config.attention == "packed":
+            cache.attach(model)
+        return cache
 
-    def _history_rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the packed history, computed once per forward and shared by all layers."""
-        n = like.shape[-2]
-        if self._rope_table is None or self._rope_table[0] != n:
-            positions = self.positions[:, :n].to(like.device)
-            cos, sin = self.rotary.cos_sin(like, positions)
-            self._rope_table = (n, cos, sin)
-        return self._rope_table[1], self._rope_table[2]
+    def rotate_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Stored keys of tokens ``start:`` as attention sees them: RoPE re-applied in fp32 when stored pre-RoPE."""
+        if self.config.key_rope != "pre":
+            return keys
+        positions = self.positions[:, start : start + keys.shape[-2]].to(keys.device)
+        cos, sin = self.rotary.cos_sin(keys.float(), positions)
+        return Rotary.apply(keys.float(), cos.float(), sin.float())
 
-    def layer_updated(self, layer_idx: int) -> None:
-        if layer_idx == self.num_layers - 1:
-            self._rope_table = None  # a per-forward work table, not part of the cache
-        super().layer_updated(layer_idx)
+    @property
+    def kernel_compatible(self) -> bool:
+        """True when the fused kernels can read this cache: a plain uniform quantizer and, for pre-RoPE
+        keys, a rotary that the block-wise angle-addition rule reproduces (checked on a probe)."""
+        from kvstream.quant.uniform import UniformQuantizer
+
+        if type(self.quantizer) is not UniformQuantizer:
+            return False
+        if self.config.key_rope != "pre":
+            return True
+        return self.block_rope() is not None and self._block_rope.all_exact
+
+    def block_rope(self) -> BlockRope | None:
+        """The blocks' RoPE for the kernels (`BlockRope`), covering every packed block; None if the
+        model's rotary is not position-only (dynamic NTK, say)."""
+        if self._block_rope is None:
+            device = self.positions.device
+            rope = BlockRope(self.rotary, self.config.chunk_size, device)
+            dynamic = "dynamic" in str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
+            self._block_rope = rope if not dynamic and rope.check() else False
+        if self._block_rope is False:
+            return None
+        packed = max((layer.packed_length for layer in self.layers), default=0)
+        self._block_rope.extend(self.positions, self.valid, packed // self.config.chunk_size)
+        return self._block_rope
+
+    def shared_tensors(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
+        rope = self._block_rope.tensors() if self._block_rope else ()
+        return {**super().shared_tensors(), "block_rope": rope}
 
     def reset(self) -> None:
         super().reset()
+        self._block_rope = None
         self.stats.reset()
 
     def outlier_snapshot(self) -> dict[int, dict[str, float]]:

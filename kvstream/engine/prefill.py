@@ -84,9 +84,10 @@ def greedy_generate(
     logits = chunked_prefill(model, input_ids, cache, chunk_size, attention_mask, progress)
     if on_prefill_done:
         on_prefill_done()
-    eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long)
+    device = input_ids.device
+    eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
     batch = input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     mask = attention_mask
     for _ in range(max_new_tokens):

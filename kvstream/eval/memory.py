@@ -10,7 +10,10 @@ import psutil
 import torch
 
 
-def accelerator_available() -> bool:
+def accelerator_available(device: Any = None) -> bool:
+    """True when ``device`` (default: the current CUDA device, if any) is a CUDA device that exists."""
+    if device is not None and torch.device(device).type != "cuda":
+        return False
     return bool(torch.cuda.is_available())
 
 
@@ -57,7 +60,7 @@ class MemoryMonitor:
         self.peak_rss_bytes = 0
         self.readings = 0
         self.peak_accelerator_bytes = None
-        if accelerator_available():
+        if accelerator_available(self.device):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.start_rss_bytes = self._read()
         self._stop.clear()
@@ -76,7 +79,7 @@ class MemoryMonitor:
             self._thread.join()
             self._thread = None
         self.end_rss_bytes = self._read()  # folded into the peak like every reading
-        if accelerator_available():
+        if accelerator_available(self.device):
             self.peak_accelerator_bytes = int(torch.cuda.max_memory_allocated(self.device))
 
     def as_dict(self) -> dict[str, int | None]:

@@ -344,7 +344,7 @@ def run_variant(
     started = time.perf_counter()
     if progress:
         progress(variant, 0, len(samples))
-    with MemoryMonitor(device=_model_device(model) if torch.cuda.is_available() else None) as monitor:
+    with MemoryMonitor(device=_model_device(model)) as monitor:
         for done, sample in enumerate(samples, start=1):
             ctx = make_context(model, tokenizer, config, recorder)
             for row in task.run(ctx, sample):

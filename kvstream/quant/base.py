@@ -41,6 +41,33 @@ class QuantizedTensor:
             n *= s
         return n
 
+    def blocks(self, first: int, last: int) -> QuantizedTensor:
+        """Blocks ``first:last`` of the leading dimension, as views of the stored bytes (no copy).
+
+        Every block must start on a byte boundary (true of any tensor built by `concat_blocks`);
+        tensors with extras are only ever whole.
+        """
+        if (first, last) == (0, self.shape[0]):
+            return self
+        if self.extra:
+            raise ValueError("a quantized tensor with extras cannot be sliced into blocks")
+        per_block = self.numel() // self.shape[0]
+        if self.bits == 16:
+            codes = self.codes[first:last]
+        else:
+            if (per_block * self.bits) % 8:
+                raise ValueError(f"{self.bits}-bit blocks of {per_block} codes do not end on a byte boundary")
+            step = per_block * self.bits // 8
+            codes = self.codes[first * step : last * step]
+        return QuantizedTensor(
+            codes=codes,
+            bits=self.bits,
+            shape=(last - first, *self.shape[1:]),
+            dtype=self.dtype,
+            scale=None if self.scale is None else self.scale[first:last],
+            zero=None if self.zero is None else self.zero[first:last],
+        )
+
 
 @runtime_checkable
 class Quantizer(Protocol):

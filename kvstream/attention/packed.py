@@ -1,0 +1,197 @@
+"""Attention of new queries over a packed history plus the exact tail, tile by tile.
+
+The history is read by one of three readers, all folding partial results into one
+`OnlineSoftmax` with the log-sum-exp rule:
+
+- `reference_history` (pure PyTorch, every device, the oracle): the layer's history in tiles
+  (dequantized, keys re-rotated in fp32), explicit scores, masking and softmax;
+- `flash_history` (CPU, several queries: chunked prefill): the same tiles through torch's CPU
+  flash-attention kernel, which returns each tile's log-sum-exp and never builds the score matrix;
+- a fused kernel (`kvstream.kernels`) for decode steps: codes are read in one pass.
+
+GQA is native: the query heads of one KV head are stacked as rows under it, KV heads are never
+repeated for the history. The tail (at most a chunk plus the new tokens) is read exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvstream.attention.online import OnlineSoftmax
+from kvstream.quant.base import tensor_bytes
+
+TILE_BYTES = 1 << 20
+"""Working memory one history tile may take (its fp32 keys and values, and for the reference
+reader its scores and probabilities); a tile holds at least one packed block."""
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def tile_tokens(batch: int, kv_heads: int, rows: int, head_dim: int, scores: bool) -> int:
+    """History tokens per tile so that a tile's working set fits `TILE_BYTES`."""
+    per_token = 4 * batch * kv_heads * (2 * head_dim + (2 * rows if scores else 0))
+    return max(1, TILE_BYTES // per_token)
+
+
+def grouped_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``query`` [B, Hq, Q, D] as fp32 rows under their KV head: [B, Hkv, Hq / Hkv * Q, D]."""
+    b, hq, q, d = query.shape
+    return query.float().reshape(b, kv_heads, (hq // kv_heads) * q, d)
+
+
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None, start: int, n_rep: int) -> None:
+    """Add columns ``start:`` of the model's mask ([B, 1|Hq, Q, K], bool or additive) to grouped ``scores`` in place."""
+    if mask is None:
+        return
+    b, hkv, rows, n = scores.shape
+    part = mask[..., start : start + n]
+    heads, q = part.shape[1], part.shape[2]
+    part = part.unsqueeze(2) if heads == 1 else part.reshape(b, hkv, n_rep, q, n)
+    view = scores.view(b, hkv, n_rep, q, n)
+    if part.dtype == torch.bool:
+        view.masked_fill_(~part, float("-inf"))
+    else:
+        view.add_(part.float())
+
+
+def causal_tail_mask(q_len: int, tail_len: int, n_rep: int, device: torch.device) -> torch.Tensor:
+    """Additive lower-right-aligned causal mask of ``q_len`` new queries over a tail of ``tail_len``, grouped rows."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + (tail_len - q_len)
+    visible = torch.arange(tail_len, device=device).unsqueeze(0) <= rows
+    mask = torch.zeros(q_len, tail_len, device=device).masked_fill_(~visible, float("-inf"))
+    return mask.repeat(n_rep, 1)
+
+
+def reference_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax) -> None:
+    """Fold the history into ``state`` with explicit scores: the readable oracle of every other reader."""
+    b, hkv, rows, d = q.shape
+    for start, keys, values in layer.history_tiles(tile_tokens(b, hkv, rows, d, scores=True)):
+        scores = q @ keys.transpose(-1, -2)
+        apply_mask(scores, mask, start, n_rep)
+        state.add(scores, values)
+        state.peak_transient += tensor_bytes(keys)
+
+
+def flash_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax) -> None:
+    """Fold the history into ``state`` through torch's CPU flash kernel, tile by tile.
+
+    Every query of a chunk sees the same history columns (causal and padding masks; sliding
+    windows are refused upstream), so a tile's mask is one row per batch row: ``[B, 1, 1, n]``.
+    """
+    b, hkv, rows, d = q.shape
+    for start, keys, values in layer.history_tiles(tile_tokens(b, hkv, rows, d, scores=False)):
+        n = keys.shape[-2]
+        tile_mask = None
+        if mask is not None:
+            visible = mask[:, :1, -1:, start : start + n]
+            if visible.dtype != torch.bool:
+                visible = visible > float("-inf")
+            tile_mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        # the CPU flash kernel misreads keys whose last two dimensions are transposed: give it dense tiles
+        keys, values = keys.contiguous(), values.contiguous()
+        out, lse = _flash_cpu(q, keys, values, 0.0, False, attn_mask=tile_mask, scale=1.0)
+        if tile_mask is not None:  # the kernel gives rows with no visible key lse 0: make them weigh nothing
+            lse = lse.masked_fill(~visible.any(-1), float("-inf"))
+        state.merge(out, lse, torch.ones_like(lse))
+        state.peak_transient = max(state.peak_transient, tensor_bytes(keys, values, out, lse, tile_mask))
+
+
+def read_tail(
+    q: torch.Tensor,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    mask: torch.Tensor | None,
+    start: int,
+    n_rep: int,
+    q_len: int,
+    state: OnlineSoftmax,
+) -> None:
+    """Fold the exact tail (tokens ``start:`` of the layer) into ``state``: causal for the new queries."""
+    tail_k, tail_v = tail_keys.float(), tail_values.float()
+    scores = q @ tail_k.transpose(-1, -2)
+    if mask is not None:
+        apply_mask(scores, mask, start, n_rep)
+    elif q_len > 1:
+        scores += causal_tail_mask(q_len, tail_k.shape[-2], n_rep, q.device)
+    state.add(scores, tail_v)
+    state.peak_transient = max(state.peak_transient, tensor_bytes(tail_k, tail_v))
+
+
+def flash_tail(
+    q: torch.Tensor,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    mask: torch.Tensor | None,
+    start: int,
+    n_rep: int,
+    q_len: int,
+    state: OnlineSoftmax,
+) -> None:
+    """`read_tail` through the CPU flash kernel: query heads in their own rows, the short tail repeated per head."""
+    b, hkv, rows, d = q.shape
+    tail_len = tail_keys.shape[-2]
+    heads_q = q.reshape(b, hkv * n_rep, q_len, d)
+    keys = tail_keys.float().repeat_interleave(n_rep, dim=1)
+    values = tail_values.float().repeat_interleave(n_rep, dim=1)
+    visible = tail_mask = None
+    if mask is not None:
+        visible = mask[..., start : start + tail_len]
+        if visible.dtype != torch.bool:
+            visible = visible > float("-inf")
+        tail_mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    elif q_len > 1:
+        rows_at = torch.arange(q_len).unsqueeze(1) + (tail_len - q_len)
+        visible = (torch.arange(tail_len).unsqueeze(0) <= rows_at)[None, None]
+        tail_mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    out, lse = _flash_cpu(heads_q, keys, values, 0.0, False, attn_mask=tail_mask, scale=1.0)
+    if visible is not None:
+        lse = lse.masked_fill(~visible.any(-1), float("-inf"))
+    lse = lse.expand(b, hkv * n_rep, q_len)
+    state.merge(out.reshape(b, hkv, rows, d), lse.reshape(b, hkv, rows), torch.ones(b, hkv, rows))
+    state.peak_transient = max(state.peak_transient, tensor_bytes(keys, values, out, tail_mask))
+
+
+def packed_attention(
+    layer: Any,
+    query: torch.Tensor,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    reader: Any = None,
+) -> torch.Tensor:
+    """Attention output ``[B, Q, Hq, D]`` (the layout transformers' attention functions return).
+
+    ``layer`` is a `PackedLayer` whose packed history precedes ``tail_keys``; ``mask`` is the
+    model's mask over history and tail, or None when everything is visible (decode) or only
+    causality applies (no history). ``reader(layer, q, mask, n_rep, state)`` folds the history in;
+    by default the reference reader.
+    """
+    b, hq, q_len, d = query.shape
+    kv_heads = tail_keys.shape[1]
+    n_rep = hq // kv_heads
+    q = grouped_queries(query, kv_heads) * scaling
+    state = OnlineSoftmax()
+    reader = reader or reference_history
+    reader(layer, q, mask, n_rep, state)
+    tail = flash_tail if reader is flash_history else read_tail
+    tail(q, tail_keys, tail_values, mask, layer.length - tail_keys.shape[-2], n_rep, q_len, state)
+    out = state.result()
+    layer.owner.note_transient(state.peak_transient + tensor_bytes(q, state.acc, state.m, state.norm, out))
+    return out.view(b, hq, q_len, d).transpose(1, 2).to(query.dtype)
+
+
+def history_reader(layer: Any, query: torch.Tensor) -> Any:
+    """The fastest reader that serves this call exactly: a fused decode kernel, CPU flash tiles, or the reference."""
+    from kvstream.kernels import decode_kernel_for, kernels_enabled
+
+    if not kernels_enabled():
+        return reference_history
+    kernel = decode_kernel_for(layer, query)
+    if kernel is not None:
+        return kernel
+    if query.device.type == "cpu" and query.shape[2] > 1 and _flash_cpu is not None:
+        return flash_history
+    return reference_history

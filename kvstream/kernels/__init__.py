@@ -1,0 +1,73 @@
+"""Fused kernels that read the packed history, chosen per call by device, storage format and shape.
+
+``KVSTREAM_KERNELS=0`` in the environment turns them off (the reference tiles run everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from kvstream.attention.online import OnlineSoftmax
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("KVSTREAM_KERNELS", "1") != "0"
+
+
+class PackedDecode:
+    """History reader for one decode step: the CPU kernel over the blocks, the sinks exactly."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def __call__(
+        self, layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax
+    ) -> None:
+        sinks = layer.sink_tokens()
+        visible, sink_visible = visibility(layer.owner, layer.packed_length, mask, None if sinks is None else sinks[0])
+        if sinks is not None:
+            scores = q @ sinks[1].transpose(-1, -2)
+            scores.masked_fill_(~sink_visible[:, None, None, :], float("-inf"))
+            state.add(scores, sinks[2])
+        self.reader(layer, q, visible, state)
+
+
+def visibility(
+    owner: Any, packed: int, mask: torch.Tensor | None, sink_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which packed tokens a decode query sees in the blocks ([B, packed] bool, sink slots off, since their
+    exact copies are read apart) and which sink copies it sees ([B, n]); the same for every layer of a
+    step, so the last answer is kept on the cache."""
+    key = (owner.positions.shape[1], packed, mask, sink_index)
+    last = getattr(owner, "_last_visibility", None)
+    if last is not None and last[0][:2] == key[:2] and last[0][2] is mask and last[0][3] is sink_index:
+        return last[1]
+    visible = owner.valid[:, :packed]
+    if mask is not None:
+        visible = visible & mask[:, 0, -1, :packed].bool()
+    sink_visible = None
+    if sink_index is not None:
+        present = sink_index >= 0
+        sink_visible = present & visible.gather(1, sink_index.clamp_min(0))
+        rows = torch.arange(visible.shape[0], device=visible.device).unsqueeze(1).expand_as(sink_index)
+        visible = visible.clone()
+        visible[rows[present], sink_index[present]] = False
+    answer = (visible.contiguous(), sink_visible)
+    owner._last_visibility = (key, answer)
+    return answer
+
+
+def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
+    """The fused decode reader for this call (one new token per row), or None."""
+    if query.shape[2] != 1 or not getattr(layer, "kernel_ready", lambda: False)():
+        return None
+    if query.device.type == "cpu":
+        from kvstream.kernels import cpu
+
+        if cpu.extension() is None:
+            return None
+        return PackedDecode(cpu.decode_history)
+    return None

@@ -1,0 +1,86 @@
+"""The CPU decode kernel (`csrc/packed_decode.cpp`), built with torch's own C++ extension tooling.
+
+It is compiled on first use (about a minute, once per machine: torch keeps the build under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and reads the packed blocks of
+a streaming layer in one pass: decode, dequantize, rotate, score, softmax partial and weighted
+values per block, blocks in parallel. A build that fails is reported once and the reference
+path runs instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvstream.attention.online import OnlineSoftmax
+from kvstream.quant.base import QuantizedTensor
+
+SOURCE = Path(__file__).parent / "csrc" / "packed_decode.cpp"
+KERNEL_BITS = (2, 3, 4, 8)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def extension() -> Any:
+    """The compiled extension module, or None when it cannot be built here (warned once)."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name="kvstream_packed_decode",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # a missing compiler or headers: the reference path still runs
+        warnings.warn(f"kvstream CPU kernel unavailable, using the reference attention path: {error}", stacklevel=2)
+        return None
+
+
+def _part_tensors(q: QuantizedTensor | None) -> list[torch.Tensor]:
+    empty = torch.empty(0)
+    if q is None:
+        return [empty, empty, empty]
+    return [q.codes, q.scale, q.zero if q.zero is not None else empty]
+
+
+def _store_args(store: Any) -> tuple[list[torch.Tensor], list[int]]:
+    """Tensors and (bits, units) of a `SplitStore` as the kernel takes them."""
+    tensors = _part_tensors(store.high) + _part_tensors(store.low)
+    tensors.append(store.position if store.position is not None else torch.empty(0, dtype=torch.int16))
+    meta = []
+    for part in (store.high, store.low):
+        meta += [0, 0] if part is None else [part.bits, part.shape[3]]
+    return tensors, meta
+
+
+def store_supported(store: Any) -> bool:
+    """True when every part of a `SplitStore` is plain packed codes of a width the kernel decodes."""
+    parts = [p for p in (store.high, store.low) if p is not None]
+    return all(p.bits in KERNEL_BITS and not p.extra and p.scale is not None for p in parts)
+
+
+def decode_history(layer: Any, q: torch.Tensor, visible: torch.Tensor, state: OnlineSoftmax) -> None:
+    """Fold the attention of grouped queries ``q`` over every packed block of ``layer`` into ``state``."""
+    ext = extension()
+    owner = layer.owner
+    rope = owner.block_rope() if owner.config.key_rope == "pre" else None
+    chunk = owner.config.chunk_size
+    for group in layer.groups:
+        key_tensors, key_meta = _store_args(group.keys)
+        value_tensors, value_meta = _store_args(group.values)
+        unit_size = group.values.low.shape[-1] if group.values.low is not None else group.values.high.shape[-1]
+        meta = [group.n_blocks, group.block_len, group.start, *key_meta, *value_meta, unit_size]
+        rope_args = []
+        if rope is not None:
+            first = group.start // chunk
+            blocks = slice(first, first + group.n_blocks)
+            rope_args = [*rope.offsets, rope.base_cos[blocks].contiguous(), rope.base_sin[blocks].contiguous()]
+        acc, m, norm = ext.packed_decode(q, key_tensors, value_tensors, meta, visible, rope_args)
+        state.merge(acc, m, norm)

@@ -1,0 +1,206 @@
+"""kvstream's attention over packed history: readers against the reference, the model path against
+DynamicCache and the restored-history path, and the memory a step materialises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from kvstream import CompressionConfig, chunked_prefill, make_cache
+from kvstream.attention.online import OnlineSoftmax
+from kvstream.attention.packed import flash_history, reference_history
+from kvstream.engine.prefill import greedy_generate
+from kvstream.eval.allocator import AllocatorPeak
+from kvstream.kernels import PackedDecode, decode_kernel_for
+from kvstream.kernels import cpu as cpu_kernel
+from kvstream.testing import random_ids, tiny_llama
+
+FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)
+
+
+def _prefilled(model, cfg: CompressionConfig, n: int, batch: int = 1, pads: tuple[int, ...] = (), seed: int = 1):
+    """A cache holding ``n`` prompt tokens per row (row i left-padded with ``pads[i]`` pads)."""
+    ids = random_ids(n, seed=seed, batch=batch)
+    mask = None
+    if pads:
+        mask = torch.ones(batch, n, dtype=torch.long)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+    cache = make_cache(model, cfg)
+    chunked_prefill(model, ids, cache, cfg.chunk_size, attention_mask=mask)
+    return cache, mask
+
+
+def _read(reader, layer, q, mask, n_rep):
+    state = OnlineSoftmax()
+    reader(layer, q, mask, n_rep, state)
+    return state.result(), state.m
+
+
+def _decode_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The model's bool mask of one decode query over ``length`` cached tokens (None without padding)."""
+    if mask is None:
+        return None
+    return torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1).bool()[:, None, None, :]
+
+
+def test_cpu_kernel_builds():
+    assert cpu_kernel.extension() is not None
+
+
+@pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (3, 3), (4, 4), (8, 8), (2, 4), (4, 3)])
+@pytest.mark.parametrize("key_rope", ["pre", "post"])
+def test_decode_kernel_matches_reference(tiny_model, key_bits, value_bits, key_rope):
+    cfg = CompressionConfig(
+        chunk_size=16,
+        value_quant_groups=8,
+        key_bits_normal=key_bits,
+        value_bits_normal=value_bits,
+        key_rope=key_rope,
+        outlier_threshold_abs=0.0,
+        outlier_threshold_relative=1.5,  # several outlier channels and groups per head
+        max_outlier_fraction=0.25,
+    )
+    cache, _ = _prefilled(tiny_model, cfg, 75)
+    layer = cache.layers[1]
+    if key_bits < cfg.key_bits_sink_outlier:
+        assert any(g.keys.high is not None for g in layer.groups), "the case must hold outlier channels"
+    assert layer.sink_tokens() is not None
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(3))
+    kernel = decode_kernel_for(layer, torch.zeros(1, 4, 1, 16))
+    assert isinstance(kernel, PackedDecode)
+    got, _ = _read(kernel, layer, q, None, 2)
+    want, _ = _read(reference_history, layer, q, None, 2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    chunk=st.sampled_from([8, 16, 24]),
+    length=st.integers(min_value=30, max_value=90),
+    pads=st.tuples(st.integers(0, 20), st.integers(0, 20)),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_decode_kernel_matches_reference_on_padded_batches(tiny_model, bits, chunk, length, pads, symmetric, seed):
+    cfg = CompressionConfig(
+        chunk_size=chunk,
+        value_quant_groups=16,
+        key_bits_normal=bits,
+        value_bits_normal=bits,
+        key_symmetric=symmetric,
+        outlier_threshold_relative=2.0,
+    )
+    cache, mask = _prefilled(tiny_model, cfg, length, batch=2, pads=pads, seed=seed)
+    layer = cache.layers[0]
+    if not layer.groups:
+        return
+    q = torch.randn(2, 2, 2, 16, generator=torch.Generator().manual_seed(seed))
+    decode_mask = _decode_mask(mask, layer.length + 1)
+    kernel = decode_kernel_for(layer, torch.zeros(2, 4, 1, 16))
+    assert kernel is not None
+    got, m_got = _read(kernel, layer, q, decode_mask, 2)
+    want, m_want = _read(reference_history, layer, q, decode_mask, 2)
+    seen = torch.isfinite(m_want)  # rows whose every packed token is padding see nothing in the history
+    assert torch.equal(seen, torch.isfinite(m_got))
+    torch.testing.assert_close(got[seen], want[seen], atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 16])
+def test_flash_tiles_match_reference(tiny_model, bits):
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_bits_normal=bits, value_bits_normal=bits)
+    cache, mask = _prefilled(tiny_model, cfg, 70, batch=2, pads=(0, 19))
+    layer = cache.layers[0]
+    q = torch.randn(2, 2, 10, 16, generator=torch.Generator().manual_seed(5))  # 2 heads x 5 queries per KV head
+    length = layer.length + 5
+    full = _decode_mask(mask, length)[:, :, :, :].expand(2, 1, 5, length)
+    got, _ = _read(flash_history, layer, q, full, 2)
+    want, _ = _read(reference_history, layer, q, full, 2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+@pytest.mark.parametrize("key_rope", ["pre", "post"])
+def test_sixteen_bits_through_packed_attention_equal_dynamic_cache(tiny_model, monkeypatch, kernels, key_rope):
+    """Prefill in chunks and decode: the packed path at 16 bits gives DynamicCache's logits."""
+    monkeypatch.setenv("KVSTREAM_KERNELS", kernels)
+    ids = random_ids(53, seed=4)
+    logits = {}
+    for name in ("dynamic", "packed"):
+        cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_rope=key_rope, **FULL)
+        cache = DynamicCache(config=tiny_model.config) if name == "dynamic" else make_cache(tiny_model, cfg)
+        with torch.inference_mode():
+            steps = [tiny_model(input_ids=ids[:, s : s + 16], cache=cache).logits for s in range(0, 48, 16)]
+            steps += [tiny_model(input_ids=ids[:, s : s + 1], cache=cache).logits for s in range(48, 53)]
+        logits[name] = torch.cat(steps, dim=1)
+    torch.testing.assert_close(logits["packed"], logits["dynamic"], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_packed_attention_equals_restored_history(tiny_model, monkeypatch, kernels):
+    """At 4 bits the tiled path and the restored-copy path read the same stored values."""
+    monkeypatch.setenv("KVSTREAM_KERNELS", kernels)
+    ids = random_ids(60, seed=8, batch=2)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, :9] = 0
+    out = {}
+    for attention in ("packed", "restore"):
+        cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, attention=attention)
+        cache = make_cache(tiny_model, cfg)
+        out[attention] = greedy_generate(tiny_model, ids, cache, 6, 16, attention_mask=mask)
+    assert torch.equal(out["packed"], out["restore"])
+
+
+def test_generate_equals_chunked_prefill_and_greedy_decoding(tiny_model):
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16)
+    ids = random_ids(40, seed=9)
+    with torch.inference_mode():
+        cache = make_cache(tiny_model, cfg)
+        chunked_prefill(tiny_model, ids[:, :-1], cache, 16)
+        got = tiny_model.generate(ids, cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 40:]
+    want = greedy_generate(tiny_model, ids, make_cache(tiny_model, cfg), 8, 16)
+    assert torch.equal(got, want)
+
+
+def test_cache_refuses_a_model_switched_away_from_kvstream_attention(tiny_model):
+    model = tiny_llama(seed=3)
+    cache = make_cache(model, CompressionConfig(chunk_size=16, value_quant_groups=16))
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="attention implementation is now 'sdpa'"):
+        chunked_prefill(model, random_ids(20), cache, 16)
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """2 layers, 4 KV heads of 64 channels: one layer's fp32 history of 4096 tokens is 8 MiB."""
+    return tiny_llama(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=8192
+    )
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_a_step_never_materialises_the_full_history(wide_model, monkeypatch, kernels):
+    """The allocator's peak over a decode step and a prefill chunk stays far below one layer's fp32 history,
+    while the restored-history path exceeds it."""
+    monkeypatch.setenv("KVSTREAM_KERNELS", kernels)
+    n = 4096
+    one_layer_history = n * 4 * 64 * 4 * 2
+    ids = random_ids(n + 1 + 64, seed=2)
+    peaks = {}
+    for attention in ("packed", "restore"):
+        cfg = CompressionConfig(chunk_size=256, attention=attention)
+        cache = make_cache(wide_model, cfg)
+        chunked_prefill(wide_model, ids[:, :n], cache, 256)
+        with torch.inference_mode(), AllocatorPeak() as decode:
+            wide_model(input_ids=ids[:, n : n + 1], cache=cache)
+        with torch.inference_mode(), AllocatorPeak() as chunk:
+            wide_model(input_ids=ids[:, n + 1 :], cache=cache)
+        peaks[attention] = (decode.peak_bytes, chunk.peak_bytes)
+        if attention == "packed":
+            assert cache.memory_report()["peak_stored_bytes"] > cache.memory_report()["stored_bytes"]
+    assert max(peaks["packed"]) < one_layer_history / 2
+    assert min(peaks["restore"]) > one_layer_history
