@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from kvstream import CompressionConfig, chunked_prefill, make_cache
 from kvstream.attention.online import OnlineSoftmax
-from kvstream.attention.packed import flash_history, reference_history
+from kvstream.attention.packed import flash_history, packed_attention, reference_history
 from kvstream.engine.prefill import greedy_generate
 from kvstream.eval.allocator import AllocatorPeak
 from kvstream.kernels import PackedDecode, decode_kernel_for
@@ -108,6 +108,12 @@ def test_decode_kernel_matches_reference_on_padded_batches(tiny_model, bits, chu
     seen = torch.isfinite(m_want)  # rows whose every packed token is padding see nothing in the history
     assert torch.equal(seen, torch.isfinite(m_got))
     torch.testing.assert_close(got[seen], want[seen], atol=3e-5, rtol=1e-4)
+    # the whole step, tail included, as the model calls it
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(seed + 1))
+    step_mask = _decode_mask(mask, layer.length)
+    fused = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, kernel)
+    reference = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
+    torch.testing.assert_close(fused, reference, atol=3e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 16])
@@ -176,9 +182,9 @@ def test_cache_refuses_a_model_switched_away_from_kvstream_attention(tiny_model)
 
 @pytest.fixture(scope="module")
 def wide_model():
-    """2 layers, 4 KV heads of 64 channels: one layer's fp32 history of 4096 tokens is 8 MiB."""
+    """2 layers, 4 KV heads of 64 channels: one layer's fp32 history of 8192 tokens is 16 MiB."""
     return tiny_llama(
-        hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=8192
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=16384
     )
 
 
@@ -187,7 +193,7 @@ def test_a_step_never_materialises_the_full_history(wide_model, monkeypatch, ker
     """The allocator's peak over a decode step and a prefill chunk stays far below one layer's fp32 history,
     while the restored-history path exceeds it."""
     monkeypatch.setenv("KVSTREAM_KERNELS", kernels)
-    n = 4096
+    n = 8192
     one_layer_history = n * 4 * 64 * 4 * 2
     ids = random_ids(n + 1 + 64, seed=2)
     peaks = {}

@@ -22,7 +22,7 @@ import torch
 from kvstream.attention.online import OnlineSoftmax
 from kvstream.quant.base import tensor_bytes
 
-TILE_BYTES = 1 << 20
+TILE_BYTES = 3 << 20
 """Working memory one history tile may take (its fp32 keys and values, and for the reference
 reader its scores and probabilities); a tile holds at least one packed block."""
 
@@ -81,7 +81,7 @@ def flash_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep:
     windows are refused upstream), so a tile's mask is one row per batch row: ``[B, 1, 1, n]``.
     """
     b, hkv, rows, d = q.shape
-    for start, keys, values in layer.history_tiles(tile_tokens(b, hkv, rows, d, scores=False)):
+    for start, keys, values in layer.history_tiles(tile_tokens(b, hkv, rows, d, scores=False), fused=True):
         n = keys.shape[-2]
         tile_mask = None
         if mask is not None:
@@ -109,6 +109,8 @@ def read_tail(
     state: OnlineSoftmax,
 ) -> None:
     """Fold the exact tail (tokens ``start:`` of the layer) into ``state``: causal for the new queries."""
+    if tail_keys.shape[-2] == 0:
+        return
     tail_k, tail_v = tail_keys.float(), tail_values.float()
     scores = q @ tail_k.transpose(-1, -2)
     if mask is not None:
@@ -175,9 +177,12 @@ def packed_attention(
     q = grouped_queries(query, kv_heads) * scaling
     state = OnlineSoftmax()
     reader = reader or reference_history
-    reader(layer, q, mask, n_rep, state)
-    tail = flash_tail if reader is flash_history else read_tail
-    tail(q, tail_keys, tail_values, mask, layer.length - tail_keys.shape[-2], n_rep, q_len, state)
+    if getattr(reader, "reads_tail", False):  # a fused kernel reads history and tail in one call
+        reader(layer, q, mask, n_rep, state, tail=(tail_keys, tail_values))
+    else:
+        reader(layer, q, mask, n_rep, state)
+        tail = flash_tail if reader is flash_history else read_tail
+        tail(q, tail_keys, tail_values, mask, layer.length - tail_keys.shape[-2], n_rep, q_len, state)
     out = state.result()
     layer.owner.note_transient(state.peak_transient + tensor_bytes(q, state.acc, state.m, state.norm, out))
     return out.view(b, hq, q_len, d).transpose(1, 2).to(query.dtype)

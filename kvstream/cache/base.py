@@ -42,11 +42,12 @@ class PackedLayer(CacheLayerMixin):
     def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dequantized packed history, ``[batch, heads, packed tokens, head_dim]`` each, or None."""
 
-    def history_tiles(self, max_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def history_tiles(self, max_tokens: int, fused: bool = False) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(first token, keys, values)`` of the packed history as attention sees it, tile by tile.
 
         The default restores everything as one tile; caches that can read part of their history
-        (the streaming cache) yield tiles of at most ``max_tokens`` tokens.
+        (the streaming cache) yield tiles of at most ``max_tokens`` tokens, through a fused kernel
+        when ``fused`` and one serves.
         """
         history = self.restore_history()
         if history is not None:

@@ -58,6 +58,18 @@ class BlockGroup:
         return BlockGroup(self.start, self.block_len, self.n_blocks + other.n_blocks, keys, values, sinks)
 
 
+def paste_tokens(
+    keys: torch.Tensor, values: torch.Tensor, start: int, index: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor
+) -> None:
+    """Write tokens ``index`` ([B, n], -1 = none) of ``src_k``/``src_v`` ([B, H, n, D]) into a tile starting at ``start``."""
+    inside = (index >= start) & (index < start + keys.shape[2])
+    rows, order = inside.nonzero(as_tuple=True)
+    if rows.numel():
+        slots = index[rows, order] - start
+        keys[rows, :, slots] = src_k[rows, :, order]
+        values[rows, :, slots] = src_v[rows, :, order]
+
+
 class StreamingLayer(PackedLayer):
     """One decoder layer's packed block groups; the full-precision tail is ``keys``/``values``."""
 
@@ -160,15 +172,29 @@ class StreamingLayer(PackedLayer):
                 sinks.paste(k[:, :, span], v[:, :, span], quantizer)
         return k, v
 
-    def history_tiles(self, max_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(first token, keys as attention sees them, values)`` in fp32, whole blocks of at most ``max_tokens``."""
+    def history_tiles(self, max_tokens: int, fused: bool = False) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(first token, keys as attention sees them, values)`` in fp32, whole blocks of at most ``max_tokens``.
+
+        ``fused``: restore with the CPU kernel (one pass, no intermediates) when it can read this layer.
+        """
+        fused = fused and self.keys.device.type == "cpu" and self.kernel_ready()
+        if fused:
+            from kvstream.kernels import cpu
+
+            sinks = self.sink_tokens()
         for group in self.groups:
             per_tile = max(1, max_tokens // group.block_len)
             for first in range(0, group.n_blocks, per_tile):
                 last = min(first + per_tile, group.n_blocks)
-                k, v = self.restore_blocks(group, first, last)
                 start = group.start + first * group.block_len
-                yield start, self.owner.rotate_keys(k, start), v
+                if fused:
+                    k, v = cpu.restore_blocks(self, group, first, last)
+                    if sinks is not None:
+                        paste_tokens(k, v, start, *sinks)
+                    yield start, k, v
+                else:
+                    k, v = self.restore_blocks(group, first, last)
+                    yield start, self.owner.rotate_keys(k, start), v
 
     def kernel_ready(self) -> bool:
         """True when a fused kernel can read every packed block of this layer (plain uniform codes)."""
@@ -210,7 +236,7 @@ class StreamingLayer(PackedLayer):
             positions = self.owner.positions.gather(1, index_all.clamp_min(0))
             cos, sin = self.owner.rotary.cos_sin(keys_all, positions)
             keys_all = Rotary.apply(keys_all, cos.float(), sin.float())
-        return index_all, keys_all, torch.cat(values, dim=2)
+        return index_all, keys_all.contiguous(), torch.cat(values, dim=2).contiguous()
 
     def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole history restored at once, in the model dtype (the ``attention: restore`` path)."""

@@ -18,21 +18,36 @@ def kernels_enabled() -> bool:
 
 
 class PackedDecode:
-    """History reader for one decode step: the CPU kernel over the blocks, the sinks exactly."""
+    """History reader for decode steps: one kernel call over the blocks, the sink copies and (when given) the tail."""
 
-    def __init__(self, reader: Any) -> None:
-        self.reader = reader
+    reads_tail = True
+
+    def __init__(self, attention: Any) -> None:
+        self.attention = attention
 
     def __call__(
-        self, layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax
+        self,
+        layer: Any,
+        q: torch.Tensor,
+        mask: torch.Tensor | None,
+        n_rep: int,
+        state: OnlineSoftmax,
+        tail: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        packed = layer.packed_length
         sinks = layer.sink_tokens()
-        visible, sink_visible = visibility(layer.owner, layer.packed_length, mask, None if sinks is None else sinks[0])
+        visible, sink_visible = visibility(layer.owner, packed, mask, None if sinks is None else sinks[0])
+        exact = []
         if sinks is not None:
-            scores = q @ sinks[1].transpose(-1, -2)
-            scores.masked_fill_(~sink_visible[:, None, None, :], float("-inf"))
-            state.add(scores, sinks[2])
-        self.reader(layer, q, visible, state)
+            exact.append([sinks[1], sinks[2], sink_visible])
+        if tail is not None and tail[0].shape[2]:
+            keys, values = tail[0].float().contiguous(), tail[1].float().contiguous()
+            if mask is None:
+                tail_visible = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+            else:
+                tail_visible = mask[:, 0, -1, packed : packed + keys.shape[2]].bool().contiguous()
+            exact.append([keys, values, tail_visible])
+        state.merge(*self.attention(layer, q, visible, exact))
 
 
 def visibility(
@@ -51,7 +66,7 @@ def visibility(
     sink_visible = None
     if sink_index is not None:
         present = sink_index >= 0
-        sink_visible = present & visible.gather(1, sink_index.clamp_min(0))
+        sink_visible = (present & visible.gather(1, sink_index.clamp_min(0))).contiguous()
         rows = torch.arange(visible.shape[0], device=visible.device).unsqueeze(1).expand_as(sink_index)
         visible = visible.clone()
         visible[rows[present], sink_index[present]] = False
@@ -69,5 +84,5 @@ def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
 
         if cpu.extension() is None:
             return None
-        return PackedDecode(cpu.decode_history)
+        return PackedDecode(cpu.decode_attention)
     return None

@@ -66,21 +66,36 @@ def store_supported(store: Any) -> bool:
     return all(p.bits in KERNEL_BITS and not p.extra and p.scale is not None for p in parts)
 
 
-def decode_history(layer: Any, q: torch.Tensor, visible: torch.Tensor, state: OnlineSoftmax) -> None:
-    """Fold the attention of grouped queries ``q`` over every packed block of ``layer`` into ``state``."""
-    ext = extension()
+def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[torch.Tensor]], list[list[int]]]:
+    """Block groups of a streaming layer (all by default) as the kernel takes them (tensors, then integers)."""
     owner = layer.owner
     rope = owner.block_rope() if owner.config.key_rope == "pre" else None
     chunk = owner.config.chunk_size
-    for group in layer.groups:
+    groups, meta = [], []
+    for group in layer.groups if groups_ is None else groups_:
         key_tensors, key_meta = _store_args(group.keys)
         value_tensors, value_meta = _store_args(group.values)
-        unit_size = group.values.low.shape[-1] if group.values.low is not None else group.values.high.shape[-1]
-        meta = [group.n_blocks, group.block_len, group.start, *key_meta, *value_meta, unit_size]
-        rope_args = []
+        values = group.values.low if group.values.low is not None else group.values.high
+        tensors = key_tensors + value_tensors
         if rope is not None:
-            first = group.start // chunk
-            blocks = slice(first, first + group.n_blocks)
-            rope_args = [*rope.offsets, rope.base_cos[blocks].contiguous(), rope.base_sin[blocks].contiguous()]
-        acc, m, norm = ext.packed_decode(q, key_tensors, value_tensors, meta, visible, rope_args)
-        state.merge(acc, m, norm)
+            blocks = slice(group.start // chunk, group.start // chunk + group.n_blocks)
+            tensors += [*rope.offsets, rope.base_cos[blocks].contiguous(), rope.base_sin[blocks].contiguous()]
+        groups.append(tensors)
+        meta.append([group.n_blocks, group.block_len, group.start, *key_meta, *value_meta, values.shape[-1]])
+    return groups, meta
+
+
+def decode_attention(
+    layer: Any, q: torch.Tensor, visible: torch.Tensor, exact: list[list[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(acc, m, l)`` of grouped queries ``q`` over every packed block of ``layer`` (tokens of ``visible``)
+    and the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel."""
+    groups, meta = group_args(layer)
+    return extension().packed_decode(q, groups, meta, visible, exact)
+
+
+def restore_blocks(layer: Any, group: Any, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks ``first:last`` of ``group`` in fp32, keys as attention sees them (sink slots not yet pasted)."""
+    tensors, meta = group_args(layer, [group])
+    b, h, _, d = layer.keys.shape
+    return extension().restore_blocks(tensors[0], meta[0], b, h, d, first, last)

@@ -102,169 +102,369 @@ inline float levels_of(const Part& p) { return static_cast<float>((1 << (p.bits 
 
 }  // namespace
 
-// q: [B, Hkv, R, D] fp32 (pre-scaled). visible: [B, L] bool (by token index).
-// rope: {offset cos [D, T], offset sin [D, T], base cos [S, B, D], base sin [S, B, D]} fp32, where
-// RoPE at position p0 + t is cos = bc * oc - bs * os, sin = bs * oc + bc * os; empty = post-RoPE keys.
-// Returns {acc [B, Hkv, R, D], m [B, Hkv, R], l [B, Hkv, R]}.
-std::vector<at::Tensor> packed_decode(const at::Tensor& q, const std::vector<at::Tensor>& key_parts,
-                                      const std::vector<at::Tensor>& value_parts,
-                                      const std::vector<int64_t>& meta, const at::Tensor& visible,
-                                      const std::vector<at::Tensor>& rope) {
-  // meta: S, T, start, key bits high, key units high, key bits low, key units low,
-  //       value bits high, value units high, value bits low, value units low, value unit size
-  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kFloat, "q must be contiguous fp32");
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
-  const int64_t S = meta[0], T = meta[1], start = meta[2];
-  const int64_t L = visible.size(1);
-  TORCH_CHECK(start + S * T <= L, "the visibility mask does not cover the blocks");
-
+// One group of packed blocks, as `SplitStore`s and `BlockRope` hand them over.
+struct Group {
   Store ks, vs;
-  ks.high = make_part(key_parts[0], key_parts[1], key_parts[2], meta[3], meta[4]);
-  ks.low = make_part(key_parts[3], key_parts[4], key_parts[5], meta[5], meta[6]);
-  ks.slot = key_parts[6].numel() ? key_parts[6].data_ptr<int16_t>() : nullptr;
-  ks.units = D;
-  vs.high = make_part(value_parts[0], value_parts[1], value_parts[2], meta[7], meta[8]);
-  vs.low = make_part(value_parts[3], value_parts[4], value_parts[5], meta[9], meta[10]);
-  vs.slot = value_parts[6].numel() ? value_parts[6].data_ptr<int16_t>() : nullptr;
-  vs.unit_size = meta[11];
-  vs.units = D / vs.unit_size;
+  int64_t S = 0, T = 0, start = 0;
+  const float *ocos = nullptr, *osin = nullptr, *bcos = nullptr, *bsin = nullptr;  // null: post-RoPE keys
+};
 
-  const bool rotate = !rope.empty();
-  const float* ocos = rotate ? rope[0].data_ptr<float>() : nullptr;
-  const float* osin = rotate ? rope[1].data_ptr<float>() : nullptr;
-  const float* bcos = rotate ? rope[2].data_ptr<float>() : nullptr;
-  const float* bsin = rotate ? rope[3].data_ptr<float>() : nullptr;
-  const float* qp = q.data_ptr<float>();
-  const bool* visp = visible.data_ptr<bool>();
+// Tokens held exactly in fp32 (sink copies, the tail): keys [B, H, n, D], values [B, H, n, D], visible [B, n].
+struct Exact {
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  const bool* visible = nullptr;
+  int64_t n = 0;
+};
 
-  auto part_acc = at::zeros({S, B, H, R, D}, q.options());
-  auto part_m = at::full({S, B, H, R}, -std::numeric_limits<float>::infinity(), q.options());
-  auto part_l = at::zeros({S, B, H, R}, q.options());
+namespace {
+
+// Softmax partial of `T` scores per query row (in place: scores become probabilities); returns via m, l.
+inline void softmax_rows(float* scores, int64_t R, int64_t T, const bool* vis, float* m_out, float* l_out) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* sc = scores + r * T;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < T; ++t) {
+      if (!vis[t]) sc[t] = -std::numeric_limits<float>::infinity();
+      mx = std::max(mx, sc[t]);
+    }
+    float sum = 0.0f;
+    if (std::isinf(mx)) {
+      std::fill(sc, sc + T, 0.0f);
+    } else {
+      for (int64_t t = 0; t < T; ++t) {
+        sc[t] = vis[t] ? std::exp(sc[t] - mx) : 0.0f;
+        sum += sc[t];
+      }
+    }
+    m_out[r] = mx;
+    l_out[r] = sum;
+  }
+}
+
+struct Scratch {
+  std::vector<float> scores, ka, kb, row, w, zterm, ca, sa, cb, sb;
+  void fit(int64_t R, int64_t T, int64_t U) {
+    if (static_cast<int64_t>(ka.size()) < T) {
+      ka.resize(T), kb.resize(T), ca.resize(T), sa.resize(T), cb.resize(T), sb.resize(T);
+    }
+    if (static_cast<int64_t>(scores.size()) < R * T) scores.resize(R * T);
+    if (static_cast<int64_t>(row.size()) < U) row.resize(U);
+    if (static_cast<int64_t>(w.size()) < R) w.resize(R), zterm.resize(R);
+  }
+};
+
+// One packed block of one (batch row, head): scores, softmax partial and weighted values.
+void block_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int64_t H, int64_t R, int64_t D,
+                const float* qb, const bool* vis, Scratch& w, float* acc, float* m_out, float* l_out) {
+  const int64_t T = g.T, half = D / 2, U = g.vs.unit_size;
+  const int64_t sbh = (s * B + b) * H + h;
+  const bool rotate = g.ocos != nullptr;
+  const float* base_c = rotate ? g.bcos + (s * B + b) * D : nullptr;
+  const float* base_s = rotate ? g.bsin + (s * B + b) * D : nullptr;
+  float* scores = w.scores.data();
+  std::fill(scores, scores + R * T, 0.0f);
+  float *ka = w.ka.data(), *kb = w.kb.data();
+
+  // keys: channel pairs (c, c + D/2), rotated like rotate_half RoPE, dotted with every query row
+  for (int64_t c = 0; c < (rotate ? half : D); ++c) {
+    int64_t row_a = 0;
+    const Part& pa = locate(g.ks, sbh, c, row_a);
+    decode(pa.codes, row_a * T, T, pa.bits, ka);
+    const float scale_a = static_cast<float>(pa.scale[row_a]);
+    const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
+    for (int64_t t = 0; t < T; ++t) ka[t] = ka[t] * scale_a + za;
+    if (!rotate) {
+      for (int64_t r = 0; r < R; ++r) {
+        const float qa = qb[r * D + c];
+        float* sc = scores + r * T;
+        for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t];
+      }
+      continue;
+    }
+    const int64_t c2 = c + half;
+    int64_t row_b = 0;
+    const Part& pb = locate(g.ks, sbh, c2, row_b);
+    decode(pb.codes, row_b * T, T, pb.bits, kb);
+    const float scale_b = static_cast<float>(pb.scale[row_b]);
+    const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
+    // cos / sin of every token of the block for channels c and c2, by angle addition
+    const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
+    const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
+    float *ca = w.ca.data(), *sa = w.sa.data(), *cb = w.cb.data(), *sb = w.sb.data();
+    for (int64_t t = 0; t < T; ++t) {
+      ca[t] = bca * oca[t] - bsa * osa[t];
+      sa[t] = bsa * oca[t] + bca * osa[t];
+      cb[t] = bcb * ocb[t] - bsb * osb[t];
+      sb[t] = bsb * ocb[t] + bcb * osb[t];
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float xa = ka[t], xb = kb[t] * scale_b + zb;
+      ka[t] = xa * ca[t] - xb * sa[t];
+      kb[t] = xb * cb[t] + xa * sb[t];
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float qa = qb[r * D + c], qc = qb[r * D + c2];
+      float* sc = scores + r * T;
+      for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t] + qc * kb[t];
+    }
+  }
+  softmax_rows(scores, R, T, vis, m_out, l_out);
+
+  // values: per token and group, acc += p * (code * scale + zero)
+  float* row = w.row.data();
+  for (int64_t grp = 0; grp < g.vs.units; ++grp) {
+    int64_t vrow = 0;
+    const Part& pv = locate(g.vs, sbh, grp, vrow);
+    std::fill(w.zterm.begin(), w.zterm.begin() + R, 0.0f);
+    const float lv = pv.zero ? 0.0f : levels_of(pv);
+    for (int64_t t = 0; t < T; ++t) {
+      if (!vis[t]) continue;
+      const int64_t meta_index = vrow * T + t;
+      const float scale = static_cast<float>(pv.scale[meta_index]);
+      const float zero = pv.zero ? static_cast<float>(pv.zero[meta_index]) : -lv * scale;
+      decode(pv.codes, meta_index * U, U, pv.bits, row);
+      for (int64_t r = 0; r < R; ++r) {
+        const float p = scores[r * T + t];
+        w.w[r] = p * scale;
+        w.zterm[r] += p * zero;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        float* out = acc + r * D + grp * U;
+        const float wr = w.w[r];
+        for (int64_t u = 0; u < U; ++u) out[u] += wr * row[u];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* out = acc + r * D + grp * U;
+      for (int64_t u = 0; u < U; ++u) out[u] += w.zterm[r];
+    }
+  }
+}
+
+// Dequantized (and, for pre-RoPE keys, rotated) keys and values of block s of one (batch row, head),
+// written token-major into k_out / v_out ([T, D] each, row stride D).
+void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int64_t H, int64_t D, Scratch& w,
+                  float* k_out, float* v_out) {
+  const int64_t T = g.T, half = D / 2, U = g.vs.unit_size;
+  const int64_t sbh = (s * B + b) * H + h;
+  const bool rotate = g.ocos != nullptr;
+  float *ka = w.ka.data(), *kb = w.kb.data();
+  for (int64_t c = 0; c < (rotate ? half : D); ++c) {
+    int64_t row_a = 0;
+    const Part& pa = locate(g.ks, sbh, c, row_a);
+    decode(pa.codes, row_a * T, T, pa.bits, ka);
+    const float scale_a = static_cast<float>(pa.scale[row_a]);
+    const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
+    if (!rotate) {
+      for (int64_t t = 0; t < T; ++t) k_out[t * D + c] = ka[t] * scale_a + za;
+      continue;
+    }
+    const int64_t c2 = c + half;
+    int64_t row_b = 0;
+    const Part& pb = locate(g.ks, sbh, c2, row_b);
+    decode(pb.codes, row_b * T, T, pb.bits, kb);
+    const float scale_b = static_cast<float>(pb.scale[row_b]);
+    const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
+    const float* base_c = g.bcos + (s * B + b) * D;
+    const float* base_s = g.bsin + (s * B + b) * D;
+    const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
+    const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
+    for (int64_t t = 0; t < T; ++t) {
+      const float xa = ka[t] * scale_a + za, xb = kb[t] * scale_b + zb;
+      const float cos_a = bca * oca[t] - bsa * osa[t], sin_a = bsa * oca[t] + bca * osa[t];
+      const float cos_b = bcb * ocb[t] - bsb * osb[t], sin_b = bsb * ocb[t] + bcb * osb[t];
+      k_out[t * D + c] = xa * cos_a - xb * sin_a;
+      k_out[t * D + c2] = xb * cos_b + xa * sin_b;
+    }
+  }
+  for (int64_t grp = 0; grp < g.vs.units; ++grp) {
+    int64_t vrow = 0;
+    const Part& pv = locate(g.vs, sbh, grp, vrow);
+    const float lv = pv.zero ? 0.0f : levels_of(pv);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t meta_index = vrow * T + t;
+      const float scale = static_cast<float>(pv.scale[meta_index]);
+      const float zero = pv.zero ? static_cast<float>(pv.zero[meta_index]) : -lv * scale;
+      float* out = v_out + t * D + grp * U;
+      decode(pv.codes, meta_index * U, U, pv.bits, out);
+      for (int64_t u = 0; u < U; ++u) out[u] = out[u] * scale + zero;
+    }
+  }
+}
+
+// Exact fp32 tokens of one (batch row, head).
+void exact_item(const Exact& e, int64_t b, int64_t h, int64_t H, int64_t R, int64_t D, const float* qb, Scratch& w,
+                float* acc, float* m_out, float* l_out) {
+  const int64_t n = e.n;
+  const float* keys = e.keys + (b * H + h) * n * D;
+  const float* values = e.values + (b * H + h) * n * D;
+  float* scores = w.scores.data();
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t t = 0; t < n; ++t) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += qb[r * D + d] * keys[t * D + d];
+      scores[r * n + t] = dot;
+    }
+  }
+  softmax_rows(scores, R, n, e.visible + b * n, m_out, l_out);
+  for (int64_t r = 0; r < R; ++r) {
+    float* out = acc + r * D;
+    for (int64_t t = 0; t < n; ++t) {
+      const float p = scores[r * n + t];
+      if (p == 0.0f) continue;
+      for (int64_t d = 0; d < D; ++d) out[d] += p * values[t * D + d];
+    }
+  }
+}
+
+}  // namespace
+
+Group make_group(const std::vector<at::Tensor>& t, const std::vector<int64_t>& m, int64_t D) {
+  Group g;
+  g.S = m[0], g.T = m[1], g.start = m[2];
+  g.ks.high = make_part(t[0], t[1], t[2], m[3], m[4]);
+  g.ks.low = make_part(t[3], t[4], t[5], m[5], m[6]);
+  g.ks.slot = t[6].numel() ? t[6].data_ptr<int16_t>() : nullptr;
+  g.ks.units = D;
+  g.vs.high = make_part(t[7], t[8], t[9], m[7], m[8]);
+  g.vs.low = make_part(t[10], t[11], t[12], m[9], m[10]);
+  g.vs.slot = t[13].numel() ? t[13].data_ptr<int16_t>() : nullptr;
+  g.vs.unit_size = m[11];
+  g.vs.units = D / g.vs.unit_size;
+  if (t.size() >= 18) {
+    g.ocos = t[14].data_ptr<float>(), g.osin = t[15].data_ptr<float>();
+    g.bcos = t[16].data_ptr<float>(), g.bsin = t[17].data_ptr<float>();
+  }
+  return g;
+}
+
+// Blocks first .. last - 1 of one group restored to fp32 ([B, H, n, D] keys as attention sees them, values);
+// the same arguments as one group of `packed_decode`. Sink slots hold the blocks' clamped codes: paste after.
+std::vector<at::Tensor> restore_blocks(const std::vector<at::Tensor>& group, const std::vector<int64_t>& meta,
+                                       int64_t B, int64_t H, int64_t D, int64_t first, int64_t last) {
+  const Group g = make_group(group, meta, D);
+  TORCH_CHECK(0 <= first && first < last && last <= g.S, "block range out of bounds");
+  const int64_t T = g.T, n = (last - first) * T;
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto keys = at::empty({B, H, n, D}, opts);
+  auto values = at::empty({B, H, n, D}, opts);
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  at::parallel_for(0, (last - first) * B * H, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    w.fit(1, T, g.vs.unit_size);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = first + item / (B * H), b = (item / H) % B, h = item % H;
+      const int64_t offset = ((b * H + h) * n + (s - first) * T) * D;
+      restore_item(g, s, b, h, B, H, D, w, kp + offset, vp + offset);
+    }
+  });
+  return {keys, values};
+}
+
+// Attention of grouped queries q ([B, Hkv, R, D] fp32, pre-scaled) over packed groups and exact segments.
+// groups[i] = {key high codes, scale, zero, key low codes, scale, zero, key slots,
+//              value high codes, scale, zero, value low codes, scale, zero, value slots,
+//              rope offset cos [D, T], offset sin [D, T], base cos [S, B, D], base sin [S, B, D]} (rope may be absent);
+// meta[i] = {S, T, start, key bits high, key units high, key bits low, key units low,
+//            value bits high, value units high, value bits low, value units low, value unit size};
+// visible: [B, L] bool by token index for the packed blocks; exact[j] = {keys, values, visible [B, n]}.
+// RoPE at position p0 + t: cos = bc * oc - bs * os, sin = bs * oc + bc * os.
+// Returns {acc [B, Hkv, R, D], m [B, Hkv, R], l [B, Hkv, R]} merged over everything (softmax = acc / l).
+std::vector<at::Tensor> packed_decode(const at::Tensor& q, const std::vector<std::vector<at::Tensor>>& groups,
+                                      const std::vector<std::vector<int64_t>>& meta, const at::Tensor& visible,
+                                      const std::vector<std::vector<at::Tensor>>& exact) {
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kFloat, "q must be contiguous fp32");
+  TORCH_CHECK(visible.is_contiguous() && visible.scalar_type() == at::kBool, "visible must be contiguous bool");
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
+  const int64_t L = visible.size(1);
+
+  std::vector<Group> gs;
+  int64_t max_t = 1, max_u = 1;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    gs.push_back(make_group(groups[i], meta[i], D));
+    TORCH_CHECK(gs[i].start + gs[i].S * gs[i].T <= L, "the visibility mask does not cover the blocks");
+    max_t = std::max(max_t, gs[i].T);
+    max_u = std::max(max_u, gs[i].vs.unit_size);
+  }
+  std::vector<Exact> es(exact.size());
+  for (size_t j = 0; j < exact.size(); ++j) {
+    TORCH_CHECK(exact[j][0].is_contiguous() && exact[j][1].is_contiguous() && exact[j][2].is_contiguous(),
+                "exact segments must be contiguous");
+    es[j].keys = exact[j][0].data_ptr<float>();
+    es[j].values = exact[j][1].data_ptr<float>();
+    es[j].visible = exact[j][2].data_ptr<bool>();
+    es[j].n = exact[j][0].size(2);
+    max_t = std::max(max_t, es[j].n);
+  }
+
+  // work items: (group, block) or (exact segment), each over every (batch row, head)
+  std::vector<std::pair<int64_t, int64_t>> units;  // (group index or -1 - exact index, block)
+  for (size_t i = 0; i < gs.size(); ++i)
+    for (int64_t s = 0; s < gs[i].S; ++s) units.emplace_back(static_cast<int64_t>(i), s);
+  for (size_t j = 0; j < es.size(); ++j) units.emplace_back(-1 - static_cast<int64_t>(j), 0);
+  const int64_t n_units = static_cast<int64_t>(units.size());
+  const int64_t BH = B * H;
+
+  auto part_acc = at::zeros({n_units, B, H, R, D}, q.options());
+  auto part_m = at::empty({n_units, B, H, R}, q.options());
+  auto part_l = at::empty({n_units, B, H, R}, q.options());
   float* pacc = part_acc.data_ptr<float>();
   float* pm = part_m.data_ptr<float>();
   float* pl = part_l.data_ptr<float>();
-  const int64_t half = D / 2;
-  const int64_t U = vs.unit_size;
+  const float* qp = q.data_ptr<float>();
+  const bool* visp = visible.data_ptr<bool>();
 
-  at::parallel_for(0, S * B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(R * T), ka(T), kb(T), row(U), w(R), zterm(R), ca(T), sa(T), cb(T), sb(T);
+  at::parallel_for(0, n_units * BH, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    w.fit(R, max_t, max_u);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / (B * H), b = (item / H) % B, h = item % H;
-      const int64_t sbh = item;  // (s * B + b) * H + h
-      const int64_t tok0 = start + s * T;
-      const bool* vis = visp + b * L + tok0;
-      const float* base_c = rotate ? bcos + (s * B + b) * D : nullptr;
-      const float* base_s = rotate ? bsin + (s * B + b) * D : nullptr;
+      const int64_t u = item / BH, b = (item / H) % B, h = item % H;
       const float* qb = qp + (b * H + h) * R * D;
-      std::fill(scores.begin(), scores.end(), 0.0f);
-
-      // keys: channel pairs (c, c + D/2), rotated like rotate_half RoPE, dotted with every query row
-      for (int64_t c = 0; c < (rotate ? half : D); ++c) {
-        int64_t row_a = 0;
-        const Part& pa = locate(ks, sbh, c, row_a);
-        decode(pa.codes, row_a * T, T, pa.bits, ka.data());
-        const float scale_a = static_cast<float>(pa.scale[row_a]);
-        const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
-        for (int64_t t = 0; t < T; ++t) ka[t] = ka[t] * scale_a + za;
-        if (!rotate) {
-          for (int64_t r = 0; r < R; ++r) {
-            const float qa = qb[r * D + c];
-            float* sc = scores.data() + r * T;
-            for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t];
-          }
-          continue;
-        }
-        const int64_t c2 = c + half;
-        int64_t row_b = 0;
-        const Part& pb = locate(ks, sbh, c2, row_b);
-        decode(pb.codes, row_b * T, T, pb.bits, kb.data());
-        const float scale_b = static_cast<float>(pb.scale[row_b]);
-        const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
-        // cos / sin of every token of the block for channels c and c2, by angle addition
-        const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
-        const float *oca = ocos + c * T, *osa = osin + c * T, *ocb = ocos + c2 * T, *osb = osin + c2 * T;
-        for (int64_t t = 0; t < T; ++t) {
-          ca[t] = bca * oca[t] - bsa * osa[t];
-          sa[t] = bsa * oca[t] + bca * osa[t];
-          cb[t] = bcb * ocb[t] - bsb * osb[t];
-          sb[t] = bsb * ocb[t] + bcb * osb[t];
-        }
-        for (int64_t t = 0; t < T; ++t) {
-          const float xa = ka[t], xb = kb[t] * scale_b + zb;
-          ka[t] = xa * ca[t] - xb * sa[t];
-          kb[t] = xb * cb[t] + xa * sb[t];
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const float qa = qb[r * D + c], qc = qb[r * D + c2];
-          float* sc = scores.data() + r * T;
-          for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t] + qc * kb[t];
-        }
-      }
-
-      // softmax partial of the block
-      float* m_out = pm + item * R;
-      float* l_out = pl + item * R;
-      for (int64_t r = 0; r < R; ++r) {
-        float* sc = scores.data() + r * T;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < T; ++t) {
-          if (!vis[t]) sc[t] = -std::numeric_limits<float>::infinity();
-          mx = std::max(mx, sc[t]);
-        }
-        float sum = 0.0f;
-        if (std::isinf(mx)) {
-          std::fill(sc, sc + T, 0.0f);
-        } else {
-          for (int64_t t = 0; t < T; ++t) {
-            sc[t] = vis[t] ? std::exp(sc[t] - mx) : 0.0f;
-            sum += sc[t];
-          }
-        }
-        m_out[r] = mx;
-        l_out[r] = sum;
-      }
-
-      // values: per token and group, acc += p * (code * scale + zero)
       float* acc = pacc + item * R * D;
-      for (int64_t g = 0; g < vs.units; ++g) {
-        int64_t vrow = 0;
-        const Part& pv = locate(vs, sbh, g, vrow);
-        std::fill(zterm.begin(), zterm.end(), 0.0f);
-        const float lv = pv.zero ? 0.0f : levels_of(pv);
-        for (int64_t t = 0; t < T; ++t) {
-          if (!vis[t]) continue;
-          const int64_t meta_index = vrow * T + t;
-          const float scale = static_cast<float>(pv.scale[meta_index]);
-          const float zero = pv.zero ? static_cast<float>(pv.zero[meta_index]) : -lv * scale;
-          decode(pv.codes, meta_index * U, U, pv.bits, row.data());
-          for (int64_t r = 0; r < R; ++r) {
-            const float p = scores[r * T + t];
-            w[r] = p * scale;
-            zterm[r] += p * zero;
-          }
-          for (int64_t r = 0; r < R; ++r) {
-            float* out = acc + r * D + g * U;
-            const float wr = w[r];
-            for (int64_t u = 0; u < U; ++u) out[u] += wr * row[u];
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          float* out = acc + r * D + g * U;
-          for (int64_t u = 0; u < U; ++u) out[u] += zterm[r];
-        }
+      const auto [which, s] = units[u];
+      if (which >= 0) {
+        const Group& g = gs[which];
+        const bool* vis = visp + b * L + g.start + s * g.T;
+        block_item(g, s, b, h, B, H, R, D, qb, vis, w, acc, pm + item * R, pl + item * R);
+      } else {
+        exact_item(es[-1 - which], b, h, H, R, D, qb, w, acc, pm + item * R, pl + item * R);
       }
     }
   });
 
-  // merge the blocks of every (batch row, head)
-  auto m = std::get<0>(part_m.max(0));
-  auto safe = at::where(at::isinf(m), at::zeros_like(m), m);
-  auto weight = at::exp(part_m - safe.unsqueeze(0));
-  auto l = (part_l * weight).sum(0);
-  auto acc = (part_acc * weight.unsqueeze(-1)).sum(0);
-  return {acc, m, l};
+  // merge the partials of every (batch row, head) with the log-sum-exp rule
+  auto out = at::zeros({B, H, R, D}, q.options());
+  auto m = at::full({B, H, R}, -std::numeric_limits<float>::infinity(), q.options());
+  auto l = at::zeros({B, H, R}, q.options());
+  float* po = out.data_ptr<float>();
+  float* mo = m.data_ptr<float>();
+  float* lo = l.data_ptr<float>();
+  at::parallel_for(0, BH * R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / R, r = row % R;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t u = 0; u < n_units; ++u) mx = std::max(mx, pm[(u * BH + bh) * R + r]);
+      mo[row] = mx;
+      if (std::isinf(mx)) continue;
+      float sum = 0.0f;
+      float* o = po + row * D;
+      for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t k = (u * BH + bh) * R + r;
+        if (std::isinf(pm[k])) continue;
+        const float wgt = std::exp(pm[k] - mx);
+        sum += wgt * pl[k];
+        const float* a = pacc + k * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += wgt * a[d];
+      }
+      lo[row] = sum;
+    }
+  });
+  return {out, m, l};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("packed_decode", &packed_decode, "decode attention over packed key/value blocks");
+  module.def("restore_blocks", &restore_blocks, "packed blocks restored to fp32, keys rotated");
 }
