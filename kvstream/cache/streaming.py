@@ -59,7 +59,12 @@ class BlockGroup:
 
 
 def paste_tokens(
-    keys: torch.Tensor, values: torch.Tensor, start: int, index: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    index: torch.Tensor,
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
 ) -> None:
     """Write tokens ``index`` ([B, n], -1 = none) of ``src_k``/``src_v`` ([B, H, n, D]) into a tile starting at ``start``."""
     inside = (index >= start) & (index < start + keys.shape[2])

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from kvstream.attention.online import OnlineSoftmax
 from kvstream.quant.base import QuantizedTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_decode.cpp"
