@@ -66,7 +66,7 @@ def paste_tokens(
     src_k: torch.Tensor,
     src_v: torch.Tensor,
 ) -> None:
-    """Write tokens ``index`` ([B, n], -1 = none) of ``src_k``/``src_v`` ([B, H, n, D]) into a tile starting at ``start``."""
+    """Write tokens ``index`` ([B, n], -1 = none) of ``src_k``, ``src_v`` ([B, H, n, D]) into a tile from ``start``."""
     inside = (index >= start) & (index < start + keys.shape[2])
     rows, order = inside.nonzero(as_tuple=True)
     if rows.numel():
