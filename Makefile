@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: setup run test test-fast lint format bench report clean
+.PHONY: setup run test test-fast test-gpu lint format bench report clean
 
 setup: $(BIN)/kvstream
 
@@ -25,6 +25,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" tests
+
+test-gpu: setup
+	$(BIN)/pytest -q -m gpu tests
 
 lint: setup
 	$(BIN)/ruff check kvstream tests plugins benchmarks

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kvstream.cli.app import app
@@ -558,3 +559,20 @@ def test_eval_longbench_end_to_end_on_a_written_dataset(fake_model, tmp_path):
     assert set(per_sample["variant"]) == {"quantized", "full_precision"}
     assert per_sample["value"].between(0, 100).all()
     assert {"bits_per_element", "peak_cache_bytes"} <= set(rows["metric"])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "--task", "passkey"],
+        ["quantize-run"],
+        ["ablate", "chunk_size=128,256"],
+        ["tune", "--trials", "1"],
+    ],
+)
+def test_unknown_dtype_and_absent_device_are_refused_before_any_work(args, fake_model):
+    assert_user_error(invoke(*args, "--dtype", "float8"), "dtype", "float8")
+    assert not fake_model.loads
+    if not torch.cuda.is_available():
+        assert_user_error(invoke(*args, "--device", "cuda"), "no CUDA device")
+        assert not fake_model.loads

@@ -16,10 +16,13 @@ from kvstream.cli.common import (
     BitsOpt,
     CliError,
     ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
+    check_device,
     check_strategies,
     check_task,
     complete_tasks,
@@ -241,6 +244,8 @@ def ablate_command(
         ),
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     samples: SamplesOpt = None,
     length: LengthOpt = None,
     seed: SeedOpt = 0,
@@ -256,6 +261,7 @@ def ablate_command(
 ) -> None:
     """Run one eval per combination of config values (one model load); finished runs are skipped."""
     base = build_config(config, bits, field_values)
+    check_device(device, dtype)
     sweep = merge(load_preset(preset) if preset else None, parse_sweep(list(grid or [])))
     if not sweep.grid and not sweep.bits:
         raise CliError(
@@ -294,7 +300,7 @@ def ablate_command(
     if todo:
         for spec, _ in todo:
             check_strategies(spec.config)
-        bundle = load_bundle(model)
+        bundle = load_bundle(model, device, dtype)
         for spec, _ in todo:
             check_config_for_model(spec.config, bundle[0])
         finished = len(specs) - len(todo)

@@ -231,6 +231,17 @@ ModelOpt = Annotated[
     ),
 ]
 
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="Where the model runs: cpu, cuda, cuda:N [default: cuda when present, else cpu]."),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype", help="Model dtype: float32, bfloat16 or float16 [default: float32 on cpu, bfloat16 on cuda]."
+    ),
+]
+
 _FALLBACK_DOCS = {
     "key_bits_normal": "Bits of ordinary key entries.",
     "key_bits_sink_outlier": "Bits of sink-token keys and outlier key channels.",
@@ -508,12 +519,23 @@ def spinner(message: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- models and checks
 
 
-def load_bundle(model: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` through `kvstream.engine.load_model`, with a spinner."""
+def check_device(device: str | None, dtype: str | None) -> None:
+    """Refuse an unknown or absent device and an unknown dtype before any work (one line, exit 2)."""
+    from kvstream.engine.model import resolve_device, resolve_dtype
+
+    try:
+        resolve_dtype(dtype, resolve_device(device))
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def load_bundle(model: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` through `kvstream.engine.load_model` on ``device`` in ``dtype``, with a spinner."""
     from kvstream import engine
 
+    check_device(device, dtype)
     with spinner(f"Loading model {model} ..."), _quiet_transformers():
-        return engine.load_model(model)
+        return engine.load_model(model, dtype=dtype, device=device)
 
 
 @contextmanager

@@ -11,10 +11,13 @@ from rich.text import Text
 from kvstream.cli.common import (
     BitsOpt,
     ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
+    check_device,
     check_strategies,
     check_task,
     complete_tasks,
@@ -72,6 +75,8 @@ ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folde
 def eval_command(
     task: TaskOpt,
     model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     samples: SamplesOpt = None,
     length: LengthOpt = None,
     seed: SeedOpt = 0,
@@ -87,6 +92,7 @@ def eval_command(
 ) -> None:
     """Evaluate a task with the quantized cache and with full precision, and store the tidy results."""
     effective = build_config(config, bits, field_values)
+    check_device(device, dtype)
     options = task_options(samples, length, seed, corpus, depth, data_dir)
     check_task(task)
     check_strategies(effective)
@@ -97,7 +103,7 @@ def eval_command(
     show_config(effective, config, console=info)
     if run_exists(results, spec.run_id()):
         note(Text(f"run {spec.run_id()} is already stored: this run replaces it", style="dim"), console=info)
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, device, dtype)
     check_config_for_model(effective, bundle[0])
     with ProgressBars() as bars:
         result = run_eval(spec, bundle=bundle, progress=bars.callback(f"{task}: "))

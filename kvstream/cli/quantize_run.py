@@ -18,10 +18,13 @@ from kvstream.cli.common import (
     BitsOpt,
     CliError,
     ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
+    check_device,
     check_strategies,
     handle_errors,
     human_bytes,
@@ -238,6 +241,8 @@ def quantize_run_command(
         Path | None, typer.Option("--file", "-f", help="Read the prompt from this text file (- for stdin).")
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")] = False,
     compare_fp: Annotated[
@@ -250,11 +255,12 @@ def quantize_run_command(
 ) -> None:
     """Stream a prompt through chunked prefill into the quantized cache, then generate greedily."""
     effective = build_config(config, bits, field_values)
+    check_device(device, dtype)
     text = read_prompt(prompt, file)
     console = out()
     show_config(effective, config, console=console)
     check_strategies(effective)
-    bundle_model, tokenizer = load_bundle(model)
+    bundle_model, tokenizer = load_bundle(model, device, dtype)
     check_config_for_model(effective, bundle_model)
     ids = encode_prompt(tokenizer, text, raw)
     if not ids:

@@ -14,10 +14,13 @@ from kvstream.cli.common import (
     BitsOpt,
     CliError,
     ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
+    check_device,
     check_strategies,
     check_task,
     complete_tasks,
@@ -115,6 +118,8 @@ def tune_command(
         Path | None, typer.Option("--save", help="Write the best config as YAML (usable with --config).")
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     samples: SamplesOpt = None,
     length: LengthOpt = None,
     seed: SeedOpt = 0,
@@ -130,6 +135,7 @@ def tune_command(
 ) -> None:
     """Search compression settings with optuna: best task quality within a bit budget (or fewest bits)."""
     base = build_config(config, bits, field_values)
+    check_device(device, dtype)
     fixed = set(field_values or {}) | (set(parse_bits(bits)) if bits else set())
     space = search_space(fixed)
     if trials < 1:
@@ -167,7 +173,7 @@ def tune_command(
             quality, bits_used, _ = _measure(runner.load_results(results), run_id, task)
             return Measurement(run_id, quality, bits_used, reused=True)
         if not bundle:
-            bundle.append(load_bundle(model))
+            bundle.append(load_bundle(model, device, dtype))
         check_config_for_model(candidate, bundle[0][0])
         result = runner.run_eval(spec, bundle=bundle[0], progress=bars.callback("trial: "))
         rows = result.rows if {"run_id", "variant", "metric", "value"} <= set(result.rows.columns) else None

@@ -42,15 +42,59 @@ def rotary_module(model: Any) -> torch.nn.Module | None:
     return None
 
 
-def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for an alias (``smollm2-135m``), a local folder, a GGUF file or a Hub id."""
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA when present else the CPU; a CUDA device that does not exist is refused."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but this machine has no CUDA device")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` by name or value, or the default for ``device``: fp32 on the CPU, bf16 on CUDA."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for an alias (``smollm2-135m``), a local folder, a GGUF file or a Hub id.
+
+    ``device`` defaults to CUDA when present, else the CPU; ``dtype`` to fp32 on the CPU and bf16 on CUDA.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvstream.data.models import resolve_model
 
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.to(target)
     model.eval()
     return model, tokenizer
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvstream.engine.prefill import ProgressFn, _chunks, forward_hidden
+from kvstream.engine.prefill import ProgressFn, _chunks, forward_hidden, model_device
 
 
 @dataclass
@@ -39,6 +39,7 @@ def streaming_perplexity(
     Each chunk attends to the cache built from the earlier chunks (quantized or not), so the
     score measures exactly what the compression costs; only one chunk's logits exist at a time.
     """
+    input_ids = input_ids.to(model_device(model))
     total = input_ids.shape[1]
     if total < 2:
         raise ValueError("perplexity needs at least two tokens")

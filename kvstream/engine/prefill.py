@@ -17,6 +17,11 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of the model's input embeddings, where token ids must go."""
+    return model.get_input_embeddings().weight.device
+
+
 def _chunks(total: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, chunk_size):
         yield start, min(start + chunk_size, total)
@@ -57,6 +62,9 @@ def chunked_prefill(
     """
     if input_ids.shape[1] == 0:
         raise ValueError("empty prompt: nothing to prefill")
+    input_ids = input_ids.to(model_device(model))
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(input_ids.device)
     offset = cache.get_seq_length()
     if attention_mask is not None and offset == 0 and hasattr(cache, "register_padding"):
         cache.register_padding(attention_mask)
@@ -84,7 +92,9 @@ def greedy_generate(
     logits = chunked_prefill(model, input_ids, cache, chunk_size, attention_mask, progress)
     if on_prefill_done:
         on_prefill_done()
-    device = input_ids.device
+    device = model_device(model)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
     eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
