@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-from transformers import LlamaForCausalLM
+import os
 
-from kvstream.testing import tiny_llama
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The switch must be set before
+# anything imports triton (transformers may), since triton's own library functions are bound at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from kvstream.testing import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -16,35 +16,15 @@ from kvstream.engine.prefill import greedy_generate
 from kvstream.eval.allocator import AllocatorPeak
 from kvstream.kernels import PackedDecode, decode_kernel_for
 from kvstream.kernels import cpu as cpu_kernel
-from kvstream.testing import random_ids, tiny_llama
+from kvstream.testing import decode_mask, prefilled_cache, random_ids, tiny_llama
 
 FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)
-
-
-def _prefilled(model, cfg: CompressionConfig, n: int, batch: int = 1, pads: tuple[int, ...] = (), seed: int = 1):
-    """A cache holding ``n`` prompt tokens per row (row i left-padded with ``pads[i]`` pads)."""
-    ids = random_ids(n, seed=seed, batch=batch)
-    mask = None
-    if pads:
-        mask = torch.ones(batch, n, dtype=torch.long)
-        for row, pad in enumerate(pads):
-            mask[row, :pad] = 0
-    cache = make_cache(model, cfg)
-    chunked_prefill(model, ids, cache, cfg.chunk_size, attention_mask=mask)
-    return cache, mask
 
 
 def _read(reader, layer, q, mask, n_rep):
     state = OnlineSoftmax()
     reader(layer, q, mask, n_rep, state)
     return state.result(), state.m
-
-
-def _decode_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """The model's bool mask of one decode query over ``length`` cached tokens (None without padding)."""
-    if mask is None:
-        return None
-    return torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1).bool()[:, None, None, :]
 
 
 def test_cpu_kernel_builds():
@@ -64,7 +44,7 @@ def test_decode_kernel_matches_reference(tiny_model, key_bits, value_bits, key_r
         outlier_threshold_relative=1.5,  # several outlier channels and groups per head
         max_outlier_fraction=0.25,
     )
-    cache, _ = _prefilled(tiny_model, cfg, 75)
+    cache, _ = prefilled_cache(tiny_model, cfg, 75)
     layer = cache.layers[1]
     if key_bits < cfg.key_bits_sink_outlier:
         assert any(g.keys.high is not None for g in layer.groups), "the case must hold outlier channels"
@@ -95,22 +75,22 @@ def test_decode_kernel_matches_reference_on_padded_batches(tiny_model, bits, chu
         key_symmetric=symmetric,
         outlier_threshold_relative=2.0,
     )
-    cache, mask = _prefilled(tiny_model, cfg, length, batch=2, pads=pads, seed=seed)
+    cache, mask = prefilled_cache(tiny_model, cfg, length, batch=2, pads=pads, seed=seed)
     layer = cache.layers[0]
     if not layer.groups:
         return
     q = torch.randn(2, 2, 2, 16, generator=torch.Generator().manual_seed(seed))
-    decode_mask = _decode_mask(mask, layer.length + 1)
+    step_visible = decode_mask(mask, layer.length + 1)
     kernel = decode_kernel_for(layer, torch.zeros(2, 4, 1, 16))
     assert kernel is not None
-    got, m_got = _read(kernel, layer, q, decode_mask, 2)
-    want, m_want = _read(reference_history, layer, q, decode_mask, 2)
+    got, m_got = _read(kernel, layer, q, step_visible, 2)
+    want, m_want = _read(reference_history, layer, q, step_visible, 2)
     seen = torch.isfinite(m_want)  # rows whose every packed token is padding see nothing in the history
     assert torch.equal(seen, torch.isfinite(m_got))
     torch.testing.assert_close(got[seen], want[seen], atol=3e-5, rtol=1e-4)
     # the whole step, tail included, as the model calls it
     query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(seed + 1))
-    step_mask = _decode_mask(mask, layer.length)
+    step_mask = decode_mask(mask, layer.length)
     fused = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, kernel)
     reference = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
     torch.testing.assert_close(fused, reference, atol=3e-5, rtol=1e-4)
@@ -119,11 +99,11 @@ def test_decode_kernel_matches_reference_on_padded_batches(tiny_model, bits, chu
 @pytest.mark.parametrize("bits", [2, 4, 16])
 def test_flash_tiles_match_reference(tiny_model, bits):
     cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_bits_normal=bits, value_bits_normal=bits)
-    cache, mask = _prefilled(tiny_model, cfg, 70, batch=2, pads=(0, 19))
+    cache, mask = prefilled_cache(tiny_model, cfg, 70, batch=2, pads=(0, 19))
     layer = cache.layers[0]
     q = torch.randn(2, 2, 10, 16, generator=torch.Generator().manual_seed(5))  # 2 heads x 5 queries per KV head
     length = layer.length + 5
-    full = _decode_mask(mask, length)[:, :, :, :].expand(2, 1, 5, length)
+    full = decode_mask(mask, length)[:, :, :, :].expand(2, 1, 5, length)
     got, _ = _read(flash_history, layer, q, full, 2)
     want, _ = _read(reference_history, layer, q, full, 2)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

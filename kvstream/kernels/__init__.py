@@ -50,6 +50,31 @@ class PackedDecode:
         state.merge(*self.attention(layer, q, visible, exact))
 
 
+class TritonDecode:
+    """History reader for decode steps on a GPU: the Triton kernel over the blocks, the sink copies exactly."""
+
+    def __call__(
+        self, layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax
+    ) -> None:
+        from kvstream.kernels import triton_decode
+
+        sinks = layer.sink_tokens()
+        visible, sink_visible = visibility(layer.owner, layer.packed_length, mask, None if sinks is None else sinks[0])
+        if sinks is not None:
+            scores = q @ sinks[1].transpose(-1, -2)
+            scores.masked_fill_(~sink_visible[:, None, None, :], float("-inf"))
+            state.add(scores, sinks[2])
+        triton_decode.decode_history(layer, q, visible, state)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def visibility(
     owner: Any, packed: int, mask: torch.Tensor | None, sink_index: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,4 +110,6 @@ def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
         if cpu.extension() is None:
             return None
         return PackedDecode(cpu.decode_attention)
+    if query.device.type == "cuda" and triton_available():
+        return TritonDecode()
     return None

@@ -1,0 +1,100 @@
+"""The Triton decode kernel against the reference reader, run by Triton's interpreter on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")  # conftest switches Triton to its interpreter on machines without a GPU
+
+from kvstream import CompressionConfig  # noqa: E402
+from kvstream.attention.online import OnlineSoftmax  # noqa: E402
+from kvstream.attention.packed import reference_history  # noqa: E402
+from kvstream.kernels import (  # noqa: E402
+    TritonDecode,
+    triton_decode,  # noqa: E402
+    visibility,
+)
+from kvstream.testing import decode_mask, prefilled_cache  # noqa: E402
+
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="these checks run the kernel in Triton's interpreter"
+)
+
+
+def _history(reader, layer, q, mask):
+    state = OnlineSoftmax()
+    reader(layer, q, mask, 2, state)
+    return state.result(), state.m
+
+
+@interpreted
+@pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (3, 3), (4, 4), (8, 8), (4, 2)])
+@pytest.mark.parametrize("key_rope", ["pre", "post"])
+def test_triton_kernel_matches_reference(tiny_model, key_bits, value_bits, key_rope):
+    cfg = CompressionConfig(
+        chunk_size=16,
+        value_quant_groups=8,
+        key_bits_normal=key_bits,
+        value_bits_normal=value_bits,
+        key_rope=key_rope,
+        outlier_threshold_abs=0.0,
+        outlier_threshold_relative=1.5,
+        max_outlier_fraction=0.25,
+    )
+    cache, _ = prefilled_cache(tiny_model, cfg, 75)
+    layer = cache.layers[1]
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(3))
+    got, _ = _history(TritonDecode(), layer, q, None)
+    want, _ = _history(reference_history, layer, q, None)
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    chunk=st.sampled_from([8, 16, 24]),
+    length=st.integers(min_value=30, max_value=80),
+    pads=st.tuples(st.integers(0, 20), st.integers(0, 20)),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_triton_kernel_on_padded_batches(tiny_model, bits, chunk, length, pads, symmetric, seed):
+    cfg = CompressionConfig(
+        chunk_size=chunk,
+        value_quant_groups=16,
+        key_bits_normal=bits,
+        value_bits_normal=bits,
+        key_symmetric=symmetric,
+        outlier_threshold_relative=2.0,
+    )
+    cache, mask = prefilled_cache(tiny_model, cfg, length, batch=2, pads=pads, seed=seed)
+    layer = cache.layers[0]
+    if not layer.groups:
+        return
+    q = torch.randn(2, 2, 2, 16, generator=torch.Generator().manual_seed(seed))
+    step_visible = decode_mask(mask, layer.length + 1)
+    got, m_got = _history(TritonDecode(), layer, q, step_visible)
+    want, m_want = _history(reference_history, layer, q, step_visible)
+    seen = torch.isfinite(m_want)
+    assert torch.equal(seen, torch.isfinite(m_got))
+    torch.testing.assert_close(got[seen], want[seen], atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+def test_triton_partials_of_blocks_only(tiny_model):
+    """Without sinks in the way, the kernel's blocks alone equal the reference over the same visible tokens."""
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, attention_sink_size=0)
+    cache, _ = prefilled_cache(tiny_model, cfg, 64)
+    layer = cache.layers[0]
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(1))
+    visible, _ = visibility(cache, layer.packed_length, None, None)
+    state = OnlineSoftmax()
+    triton_decode.decode_history(layer, q, visible, state)
+    want, _ = _history(reference_history, layer, q, None)
+    torch.testing.assert_close(state.result(), want, atol=3e-5, rtol=1e-4)
