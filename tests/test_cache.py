@@ -241,3 +241,20 @@ def test_rotary_apply_matches_transformers_and_inverts(tiny_model):
     ref, _ = apply_rotary_pos_emb(x, x, cos.squeeze(1), sin.squeeze(1))
     torch.testing.assert_close(Rotary.apply(x, cos, sin), ref)
     torch.testing.assert_close(Rotary.invert(Rotary.apply(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)
+
+
+def test_uneven_left_padding_keeps_every_sink_copy(tiny_model):
+    """Rows of one block with different numbers of sinks (pads 14 and 15, chunk 16): every real sink is
+    restored from its high-precision copy, never overwritten through a padded slot."""
+    from kvstream.testing import prefilled_cache
+
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2)
+    cache, _ = prefilled_cache(tiny_model, cfg, 48, batch=2, pads=(14, 15), seed=5)
+    layer = cache.layers[0]
+    index, sink_keys, _ = layer.sink_tokens()
+    keys, _ = layer.restore_history()
+    for row in range(2):
+        for slot in range(index.shape[1]):
+            token = int(index[row, slot])
+            if token >= 0:
+                torch.testing.assert_close(keys[row, :, token], sink_keys[row, :, slot], atol=1e-5, rtol=1e-5)
