@@ -56,12 +56,26 @@ def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None, start: int, n_re
         view.add_(part.float())
 
 
+def causal_visible(q_len: int, tail_len: int, device: torch.device) -> torch.Tensor:
+    """Lower-right-aligned causality: which of ``tail_len`` tail tokens each of the last ``q_len`` queries sees."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + (tail_len - q_len)
+    return torch.arange(tail_len, device=device).unsqueeze(0) <= rows
+
+
+def additive(visible: torch.Tensor) -> torch.Tensor:
+    """A bool visibility mask as the additive fp32 mask attention kernels take (0 or -inf)."""
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def visible_columns(mask: torch.Tensor, columns: slice) -> torch.Tensor:
+    """``columns`` of the model's mask (bool or additive) as bool visibility."""
+    part = mask[..., columns]
+    return part if part.dtype == torch.bool else part > float("-inf")
+
+
 def causal_tail_mask(q_len: int, tail_len: int, n_rep: int, device: torch.device) -> torch.Tensor:
     """Additive lower-right-aligned causal mask of ``q_len`` new queries over a tail of ``tail_len``, grouped rows."""
-    rows = torch.arange(q_len, device=device).unsqueeze(1) + (tail_len - q_len)
-    visible = torch.arange(tail_len, device=device).unsqueeze(0) <= rows
-    mask = torch.zeros(q_len, tail_len, device=device).masked_fill_(~visible, float("-inf"))
-    return mask.repeat(n_rep, 1)
+    return additive(causal_visible(q_len, tail_len, device)).repeat(n_rep, 1)
 
 
 def reference_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax) -> None:
@@ -85,10 +99,8 @@ def flash_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep:
         n = keys.shape[-2]
         tile_mask = None
         if mask is not None:
-            visible = mask[:, :1, -1:, start : start + n]
-            if visible.dtype != torch.bool:
-                visible = visible > float("-inf")
-            tile_mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+            visible = visible_columns(mask[:, :1, -1:], slice(start, start + n))
+            tile_mask = additive(visible)
         # the CPU flash kernel misreads keys whose last two dimensions are transposed: give it dense tiles
         keys, values = keys.contiguous(), values.contiguous()
         out, lse = _flash_cpu(q, keys, values, 0.0, False, attn_mask=tile_mask, scale=1.0)
@@ -139,14 +151,11 @@ def flash_tail(
     values = tail_values.float().repeat_interleave(n_rep, dim=1)
     visible = tail_mask = None
     if mask is not None:
-        visible = mask[..., start : start + tail_len]
-        if visible.dtype != torch.bool:
-            visible = visible > float("-inf")
-        tail_mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        visible = visible_columns(mask, slice(start, start + tail_len))
     elif q_len > 1:
-        rows_at = torch.arange(q_len).unsqueeze(1) + (tail_len - q_len)
-        visible = (torch.arange(tail_len).unsqueeze(0) <= rows_at)[None, None]
-        tail_mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        visible = causal_visible(q_len, tail_len, q.device)[None, None]
+    if visible is not None:
+        tail_mask = additive(visible)
     out, lse = _flash_cpu(heads_q, keys, values, 0.0, False, attn_mask=tail_mask, scale=1.0)
     if visible is not None:
         lse = lse.masked_fill(~visible.any(-1), float("-inf"))

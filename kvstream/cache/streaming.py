@@ -207,7 +207,7 @@ class StreamingLayer(PackedLayer):
 
         return (
             bool(self.groups)
-            and self.owner.kernel_compatible
+            and self.owner.kernel_compatible(self.packed_length)
             and all(g.block_len == self.owner.config.chunk_size for g in self.groups)
             and all(store_supported(g.keys) and store_supported(g.values) for g in self.groups)
         )
@@ -318,8 +318,7 @@ class StreamingQuantizedCache(PackedCache):
         cos, sin = self.rotary.cos_sin(keys.float(), positions)
         return Rotary.apply(keys.float(), cos.float(), sin.float())
 
-    @property
-    def kernel_compatible(self) -> bool:
+    def kernel_compatible(self, packed: int) -> bool:
         """True when the fused kernels can read this cache: a plain uniform quantizer and, for pre-RoPE
         keys, a rotary that the block-wise angle-addition rule reproduces (checked on a probe)."""
         from kvstream.quant.uniform import UniformQuantizer
@@ -328,11 +327,12 @@ class StreamingQuantizedCache(PackedCache):
             return False
         if self.config.key_rope != "pre":
             return True
-        return self.block_rope() is not None and self._block_rope.all_exact
+        rope = self.block_rope(packed)
+        return rope is not None and rope.all_exact
 
-    def block_rope(self) -> BlockRope | None:
-        """The blocks' RoPE for the kernels (`BlockRope`), covering every packed block; None if the
-        model's rotary is not position-only (dynamic NTK, say)."""
+    def block_rope(self, packed: int) -> BlockRope | None:
+        """The blocks' RoPE for the kernels (`BlockRope`), covering the first ``packed`` tokens; None if
+        the model's rotary is not position-only (dynamic NTK, say)."""
         if self._block_rope is None:
             device = self.positions.device
             rope = BlockRope(self.rotary, self.config.chunk_size, device)
@@ -340,7 +340,6 @@ class StreamingQuantizedCache(PackedCache):
             self._block_rope = rope if not dynamic and rope.check() else False
         if self._block_rope is False:
             return None
-        packed = max((layer.packed_length for layer in self.layers), default=0)
         self._block_rope.extend(self.positions, self.valid, packed // self.config.chunk_size)
         return self._block_rope
 

@@ -143,10 +143,10 @@ inline void softmax_rows(float* scores, int64_t R, int64_t T, const bool* vis, f
 }
 
 struct Scratch {
-  std::vector<float> scores, ka, kb, row, w, zterm, ca, sa, cb, sb;
+  std::vector<float> scores, ka, kb, row, w, zterm;
   void fit(int64_t R, int64_t T, int64_t U) {
     if (static_cast<int64_t>(ka.size()) < T) {
-      ka.resize(T), kb.resize(T), ca.resize(T), sa.resize(T), cb.resize(T), sb.resize(T);
+      ka.resize(T), kb.resize(T);
     }
     if (static_cast<int64_t>(scores.size()) < R * T) scores.resize(R * T);
     if (static_cast<int64_t>(row.size()) < U) row.resize(U);
@@ -154,58 +154,60 @@ struct Scratch {
   }
 };
 
+// Key channel c of block s of one (batch row, head) dequantized into w.ka; with RoPE, channel c + D/2 too
+// (into w.kb) and both rotated at the block's tokens by angle addition from the block's first position.
+void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int64_t D, int64_t c, Scratch& w) {
+  const int64_t T = g.T;
+  float *ka = w.ka.data(), *kb = w.kb.data();
+  int64_t row_a = 0;
+  const Part& pa = locate(g.ks, sbh, c, row_a);
+  decode(pa.codes, row_a * T, T, pa.bits, ka);
+  const float scale_a = static_cast<float>(pa.scale[row_a]);
+  const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
+  if (g.ocos == nullptr) {
+    for (int64_t t = 0; t < T; ++t) ka[t] = ka[t] * scale_a + za;
+    return;
+  }
+  const int64_t c2 = c + D / 2;
+  int64_t row_b = 0;
+  const Part& pb = locate(g.ks, sbh, c2, row_b);
+  decode(pb.codes, row_b * T, T, pb.bits, kb);
+  const float scale_b = static_cast<float>(pb.scale[row_b]);
+  const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
+  const float* base_c = g.bcos + (s * B + b) * D;
+  const float* base_s = g.bsin + (s * B + b) * D;
+  const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
+  const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
+  for (int64_t t = 0; t < T; ++t) {
+    const float xa = ka[t] * scale_a + za, xb = kb[t] * scale_b + zb;
+    const float cos_a = bca * oca[t] - bsa * osa[t], sin_a = bsa * oca[t] + bca * osa[t];
+    const float cos_b = bcb * ocb[t] - bsb * osb[t], sin_b = bsb * ocb[t] + bcb * osb[t];
+    ka[t] = xa * cos_a - xb * sin_a;
+    kb[t] = xb * cos_b + xa * sin_b;
+  }
+}
+
 // One packed block of one (batch row, head): scores, softmax partial and weighted values.
 void block_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int64_t H, int64_t R, int64_t D,
                 const float* qb, const bool* vis, Scratch& w, float* acc, float* m_out, float* l_out) {
   const int64_t T = g.T, half = D / 2, U = g.vs.unit_size;
   const int64_t sbh = (s * B + b) * H + h;
   const bool rotate = g.ocos != nullptr;
-  const float* base_c = rotate ? g.bcos + (s * B + b) * D : nullptr;
-  const float* base_s = rotate ? g.bsin + (s * B + b) * D : nullptr;
   float* scores = w.scores.data();
   std::fill(scores, scores + R * T, 0.0f);
-  float *ka = w.ka.data(), *kb = w.kb.data();
+  const float *ka = w.ka.data(), *kb = w.kb.data();
 
   // keys: channel pairs (c, c + D/2), rotated like rotate_half RoPE, dotted with every query row
   for (int64_t c = 0; c < (rotate ? half : D); ++c) {
-    int64_t row_a = 0;
-    const Part& pa = locate(g.ks, sbh, c, row_a);
-    decode(pa.codes, row_a * T, T, pa.bits, ka);
-    const float scale_a = static_cast<float>(pa.scale[row_a]);
-    const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
-    for (int64_t t = 0; t < T; ++t) ka[t] = ka[t] * scale_a + za;
-    if (!rotate) {
-      for (int64_t r = 0; r < R; ++r) {
-        const float qa = qb[r * D + c];
-        float* sc = scores + r * T;
-        for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t];
-      }
-      continue;
-    }
-    const int64_t c2 = c + half;
-    int64_t row_b = 0;
-    const Part& pb = locate(g.ks, sbh, c2, row_b);
-    decode(pb.codes, row_b * T, T, pb.bits, kb);
-    const float scale_b = static_cast<float>(pb.scale[row_b]);
-    const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
-    // cos / sin of every token of the block for channels c and c2, by angle addition
-    const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
-    const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
-    float *ca = w.ca.data(), *sa = w.sa.data(), *cb = w.cb.data(), *sb = w.sb.data();
-    for (int64_t t = 0; t < T; ++t) {
-      ca[t] = bca * oca[t] - bsa * osa[t];
-      sa[t] = bsa * oca[t] + bca * osa[t];
-      cb[t] = bcb * ocb[t] - bsb * osb[t];
-      sb[t] = bsb * ocb[t] + bcb * osb[t];
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const float xa = ka[t], xb = kb[t] * scale_b + zb;
-      ka[t] = xa * ca[t] - xb * sa[t];
-      kb[t] = xb * cb[t] + xa * sb[t];
-    }
+    key_pair(g, s, b, sbh, B, D, c, w);
     for (int64_t r = 0; r < R; ++r) {
-      const float qa = qb[r * D + c], qc = qb[r * D + c2];
+      const float qa = qb[r * D + c];
       float* sc = scores + r * T;
+      if (!rotate) {
+        for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t];
+        continue;
+      }
+      const float qc = qb[r * D + c + half];
       for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t] + qc * kb[t];
     }
   }
@@ -249,33 +251,12 @@ void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, in
   const int64_t T = g.T, half = D / 2, U = g.vs.unit_size;
   const int64_t sbh = (s * B + b) * H + h;
   const bool rotate = g.ocos != nullptr;
-  float *ka = w.ka.data(), *kb = w.kb.data();
+  const float *ka = w.ka.data(), *kb = w.kb.data();
   for (int64_t c = 0; c < (rotate ? half : D); ++c) {
-    int64_t row_a = 0;
-    const Part& pa = locate(g.ks, sbh, c, row_a);
-    decode(pa.codes, row_a * T, T, pa.bits, ka);
-    const float scale_a = static_cast<float>(pa.scale[row_a]);
-    const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
-    if (!rotate) {
-      for (int64_t t = 0; t < T; ++t) k_out[t * D + c] = ka[t] * scale_a + za;
-      continue;
-    }
-    const int64_t c2 = c + half;
-    int64_t row_b = 0;
-    const Part& pb = locate(g.ks, sbh, c2, row_b);
-    decode(pb.codes, row_b * T, T, pb.bits, kb);
-    const float scale_b = static_cast<float>(pb.scale[row_b]);
-    const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
-    const float* base_c = g.bcos + (s * B + b) * D;
-    const float* base_s = g.bsin + (s * B + b) * D;
-    const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
-    const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
-    for (int64_t t = 0; t < T; ++t) {
-      const float xa = ka[t] * scale_a + za, xb = kb[t] * scale_b + zb;
-      const float cos_a = bca * oca[t] - bsa * osa[t], sin_a = bsa * oca[t] + bca * osa[t];
-      const float cos_b = bcb * ocb[t] - bsb * osb[t], sin_b = bsb * ocb[t] + bcb * osb[t];
-      k_out[t * D + c] = xa * cos_a - xb * sin_a;
-      k_out[t * D + c2] = xb * cos_b + xa * sin_b;
+    key_pair(g, s, b, sbh, B, D, c, w);
+    for (int64_t t = 0; t < T; ++t) k_out[t * D + c] = ka[t];
+    if (rotate) {
+      for (int64_t t = 0; t < T; ++t) k_out[t * D + c + half] = kb[t];
     }
   }
   for (int64_t grp = 0; grp < g.vs.units; ++grp) {
