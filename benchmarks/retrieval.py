@@ -12,7 +12,6 @@ the Markdown table is rebuilt from every recorded run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import torch
 
 import kvstream
 from kvstream import CompressionConfig
-from kvstream.eval.runner import EvalSpec, load_summaries, read_rows, run_eval, run_exists
+from kvstream.eval.runner import EvalSpec, run_eval
+from kvstream.results import ResultsStore
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 from kvstream.tasks.base import TaskOptions
 
@@ -69,7 +69,7 @@ def main() -> None:
             for b in widths:
                 config = CompressionConfig(key_bits_normal=b, value_bits_normal=b)
                 spec = EvalSpec(task=task, model=args.model, config=config, options=options, results_dir=args.results)
-                if run_exists(args.results, spec.run_id()):
+                if ResultsStore(args.results).has_run(spec.run_id()):
                     continue
                 start = time.perf_counter()
                 run_eval(spec, bundle=bundle)
@@ -112,14 +112,14 @@ def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
 
 
 def write_report(results: Path, out: Path, threads: int) -> None:
-    summaries = load_summaries(results)
-    runs = {path.parent.name: json.loads(path.read_text()) for path in results.glob("*/manifest.json")}
+    store = ResultsStore(results)
+    stored = [store.read_run(run_id) for run_id in store.run_ids()]
+    runs = {s.run_id: s.manifest for s in stored}
     rows = []
-    for run_id, group in summaries.groupby("run_id"):
-        run = runs[run_id]
+    for s in stored:
+        run, group, per_sample = s.manifest, s.summary, s.rows
         config, options = run["config"], run["options"]
         bpe = group[group["metric"] == "bits_per_element"]
-        per_sample = read_rows(results / run_id / "rows.csv")
         metrics = ["perplexity"] if run["task"] == "perplexity" else ["accuracy", "recall"]
         for metric in metrics:
             line = group[group["metric"] == metric]

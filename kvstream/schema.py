@@ -1,7 +1,11 @@
-"""Names shared by the results store and the report: the two variants of a run and its resource metrics.
+"""Names shared by the results store and the report: the variants of a run, its metrics, its columns.
 
 Kept free of torch so the report can read results without loading the engine.
 """
+
+import dataclasses
+
+from kvstream.config import CompressionConfig
 
 QUANTIZED = "quantized"
 FULL_PRECISION = "full_precision"
@@ -21,3 +25,41 @@ RESOURCE_METRICS: tuple[str, ...] = (
     "value_outlier_ratio",
 )
 """Aggregate-only rows (``sample == ""``) of each variant, besides the task's own quality metrics."""
+
+CONFIG_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "cache")
+TIDY_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "task",
+    "model",
+    "variant",
+    "cache",
+    "sample",
+    "metric",
+    "value",
+    *CONFIG_COLUMNS,
+    "extra",
+)
+"""Columns of a run's ``rows.csv``, one observation per row; ``cache`` is the config's strategy, its fields follow."""
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "task",
+    "model",
+    "metric",
+    "kind",
+    QUANTIZED,
+    FULL_PRECISION,
+    "delta",
+    "ci_low",
+    "ci_high",
+    "n",
+)
+"""Columns of a run's ``summary.csv``: one row per metric."""
+
+_TEXT_FIELDS = (
+    f.name for f in dataclasses.fields(CompressionConfig) if f.type in ("str", str) or "Literal" in str(f.type)
+)
+STRING_COLUMNS: tuple[str, ...] = tuple(
+    dict.fromkeys(("run_id", "task", "model", "variant", "cache", "sample", "metric", "extra", *_TEXT_FIELDS))
+)
+"""Columns read back as text (empty strings kept: an aggregate row's ``sample`` is ``""``)."""

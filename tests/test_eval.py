@@ -11,20 +11,9 @@ import pandas as pd
 import pytest
 
 from kvstream.config import CompressionConfig
-from kvstream.eval import (
-    FULL_PRECISION,
-    QUANTIZED,
-    SUMMARY_COLUMNS,
-    TIDY_COLUMNS,
-    EvalSpec,
-    MemoryMonitor,
-    bootstrap_ci,
-    load_results,
-    load_run,
-    paired_bootstrap_delta,
-    run_eval,
-    run_exists,
-)
+from kvstream.eval import EvalSpec, MemoryMonitor, bootstrap_ci, paired_bootstrap_delta, run_eval
+from kvstream.results import ResultsStore
+from kvstream.schema import FULL_PRECISION, QUANTIZED, SUMMARY_COLUMNS, TIDY_COLUMNS
 from kvstream.tasks.base import Row, RunContext, TaskDataMissing, TaskOptions
 from kvstream.tasks.perplexity import corpus_windows, perplexity
 from kvstream.tasks.synthetic import (
@@ -428,15 +417,16 @@ def test_run_eval_end_to_end_and_baseline_reuse(tiny_model, tmp_path):
     assert manifest["baseline"]["reused"] is False
     assert set(manifest["versions"]) >= {"torch", "transformers", "kvstream"}
     assert manifest["started_at"] <= manifest["finished_at"]
-    assert run_exists(tmp_path, spec.run_id())
+    store = ResultsStore(tmp_path)
+    assert store.has_run(spec.run_id())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    loaded = load_results(tmp_path)
+    loaded = store.rows()
     assert list(loaded.columns) == list(TIDY_COLUMNS)
     assert len(loaded) == len(rows)
     pd.testing.assert_series_equal(loaded["sample"], rows["sample"], check_names=False)
     pd.testing.assert_series_equal(loaded["value"], rows["value"], check_names=False)
-    assert load_run(tmp_path, spec.run_id()).summary.shape == summary.shape
+    assert store.read_run(spec.run_id()).summary.shape == summary.shape
 
     # a second run with other bits reuses the full-precision rows
     spec2 = EvalSpec(
@@ -451,7 +441,7 @@ def test_run_eval_end_to_end_and_baseline_reuse(tiny_model, tmp_path):
     assert (fp2["run_id"] == spec2.run_id()).all()
     pd.testing.assert_series_equal(fp1["value"], fp2["value"])
     pd.testing.assert_series_equal(fp1["metric"], fp2["metric"])
-    both = load_results(tmp_path)
+    both = store.rows()
     assert set(both["run_id"]) == {spec.run_id(), spec2.run_id()}
 
     # other options: the baseline is computed again
@@ -516,9 +506,10 @@ def test_interrupted_run_leaves_nothing_that_looks_finished(tiny_model, tmp_path
     spec.results_dir = tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_eval(spec, bundle=(tiny_model, WordTokenizer()))
-    assert not run_exists(tmp_path, spec.run_id())
-    assert load_results(tmp_path).empty
-    assert list(load_results(tmp_path).columns) == list(TIDY_COLUMNS)
+    store = ResultsStore(tmp_path)
+    assert not store.has_run(spec.run_id())
+    assert store.rows().empty
+    assert list(store.rows().columns) == list(TIDY_COLUMNS)
 
 
 def test_task_rows_without_sample_get_the_sample_id(tiny_model, tmp_path):

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from kvstream.config import CompressionConfig, parse_bits
-from kvstream.eval import FULL_PRECISION, QUANTIZED, EvalSpec, run_eval
+from kvstream.eval import EvalSpec, run_eval
+from kvstream.schema import FULL_PRECISION, QUANTIZED
 from kvstream.tasks.base import TaskOptions
 from kvstream.tasks.synthetic import passkey
 

@@ -15,7 +15,6 @@ from kvstream.report.tables import (
     delta_table,
     format_metric,
     higher_is_better,
-    paired_bootstrap,
     pareto_front,
     run_table,
     sweep_table,
@@ -76,11 +75,7 @@ def test_metric_helpers():
     assert format_metric("accuracy", float("nan")) == "-"
 
 
-def test_paired_bootstrap_and_pareto():
-    mean, low, high = paired_bootstrap([1, 0, 1, 1], [1, 1, 1, 1])
-    assert mean == pytest.approx(-0.25)
-    assert low <= mean <= high <= 0
-    assert paired_bootstrap([1.0], [1.0]) == (0.0, 0.0, 0.0)
+def test_pareto_front():
     assert pareto_front([0.5, 0.9, 0.9], [3.0, 4.0, 5.0], True) == [True, True, False]
     assert pareto_front([10.0, 12.0], [4.0, 3.0], False) == [True, True]
 
@@ -175,8 +170,8 @@ def results_dir(fake_model, tasks_registered, tmp_path):  # noqa: F811
 
 
 def test_report_command_writes_markdown_and_plots(results_dir, tmp_path):
-    from kvstream.eval.runner import load_results
     from kvstream.report.tables import run_table
+    from kvstream.results import ResultsStore
 
     out = tmp_path / "reports"
     result = invoke("report", "--results", results_dir, "--out", out)
@@ -195,7 +190,7 @@ def test_report_command_writes_markdown_and_plots(results_dir, tmp_path):
         "## Runs",
     ):
         assert header in md, header
-    runs = run_table(load_results(results_dir))
+    runs = run_table(ResultsStore(results_dir).rows())
     assert len(runs) == 4
     for rec in runs.to_dict("records"):
         assert rec["run_id"] in md

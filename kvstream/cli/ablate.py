@@ -281,10 +281,12 @@ def ablate_command(
     configs = sweep.configs(base)
     check_task(task)
     from kvstream.eval import runner
+    from kvstream.results import ResultsStore
 
     specs = [runner.EvalSpec(task=task, model=model, config=c, options=options, results_dir=results) for c in configs]
     run_ids = [s.run_id() for s in specs]
-    done = [runner.run_exists(results, run_id) for run_id in run_ids]
+    store = ResultsStore(results)
+    done = [store.has_run(run_id) for run_id in run_ids]
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
@@ -325,7 +327,7 @@ def ablate_command(
             )
             raise typer.Exit(130) from None
 
-    table = sweep_summary(results, run_ids)
+    table = sweep_summary(store, run_ids)
     console = out()
     if fmt is OutputFormat.table:
         console.print(render_sweep(table, f"Ablation of {task} on {model}"))
@@ -346,11 +348,11 @@ def ablate_command(
         emit(console, table, fmt, extra={"task": task, "model": model, "results": str(results)}, key="runs")
 
 
-def sweep_summary(results: Path, run_ids: list[str]) -> pd.DataFrame:
-    from kvstream.eval import runner
+def sweep_summary(store: Any, run_ids: list[str]) -> pd.DataFrame:
+    """The sweep table of ``run_ids`` from a `kvstream.results.ResultsStore`."""
     from kvstream.report.tables import sweep_table
 
-    return sweep_table(runner.load_results(results), run_ids)
+    return sweep_table(store.rows(), run_ids)
 
 
 def _label(config: CompressionConfig, sweep: Sweep) -> str:

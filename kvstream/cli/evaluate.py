@@ -96,12 +96,13 @@ def eval_command(
     options = task_options(samples, length, seed, corpus, depth, data_dir)
     check_task(task)
     check_strategies(effective)
-    from kvstream.eval.runner import EvalSpec, run_eval, run_exists
+    from kvstream.eval.runner import EvalSpec, run_eval
+    from kvstream.results import ResultsStore
 
     spec = EvalSpec(task=task, model=model, config=effective, options=options, results_dir=results)
     info = out() if fmt is OutputFormat.table else err()
     show_config(effective, config, console=info)
-    if run_exists(results, spec.run_id()):
+    if ResultsStore(results).has_run(spec.run_id()):
         note(Text(f"run {spec.run_id()} is already stored: this run replaces it", style="dim"), console=info)
     bundle = load_bundle(model, device, dtype)
     check_config_for_model(effective, bundle[0])

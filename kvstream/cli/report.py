@@ -97,10 +97,10 @@ def report_command(
     """Build tables and plots from every stored run and write report.md."""
     if not results.is_dir():
         raise CliError(f"no results folder {results}: run `kvstream eval --task passkey` first or pass --results DIR")
-    from kvstream.eval.runner import load_results
     from kvstream.report.markdown import write_report
+    from kvstream.results import ResultsStore
 
-    df = load_results(results)
+    df = ResultsStore(results).rows()
     if task:
         df = df[df["task"].isin(task)] if not df.empty else df
     df = _filter_config(df, config, bits) if not df.empty else df

@@ -154,6 +154,9 @@ def tune_command(
 
     check_strategies(base)
     from kvstream.eval import runner
+    from kvstream.results import ResultsStore
+
+    store = ResultsStore(results)
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
@@ -169,17 +172,14 @@ def tune_command(
     def evaluate(candidate: CompressionConfig) -> Measurement:
         spec = runner.EvalSpec(task=task, model=model, config=candidate, options=options, results_dir=results)
         run_id = spec.run_id()
-        if runner.run_exists(results, run_id):
-            quality, bits_used, _ = _measure(runner.load_results(results), run_id, task)
+        if store.has_run(run_id):
+            quality, bits_used, _ = _measure(store.read_run(run_id).rows, run_id, task)
             return Measurement(run_id, quality, bits_used, reused=True)
         if not bundle:
             bundle.append(load_bundle(model, device, dtype))
         check_config_for_model(candidate, bundle[0][0])
         result = runner.run_eval(spec, bundle=bundle[0], progress=bars.callback("trial: "))
-        rows = result.rows if {"run_id", "variant", "metric", "value"} <= set(result.rows.columns) else None
-        if rows is None or rows[rows["run_id"] == run_id].empty:
-            rows = runner.load_results(results)
-        quality, bits_used, _ = _measure(rows, run_id, task)
+        quality, bits_used, _ = _measure(result.rows, run_id, task)
         return Measurement(run_id, quality, bits_used)
 
     def on_trial(record: TrialRecord) -> None:

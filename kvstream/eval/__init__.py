@@ -1,37 +1,29 @@
-"""Evaluation: paired quantized / full-precision runs of a task, memory monitoring and bootstrap statistics."""
+"""Evaluation: paired quantized / full-precision runs of a task, their summary, memory monitoring, bootstrap.
 
-from kvstream.eval.memory import MemoryMonitor
-from kvstream.eval.runner import (
-    FULL_PRECISION,
-    QUANTIZED,
-    SUMMARY_COLUMNS,
-    TIDY_COLUMNS,
-    EvalResult,
-    EvalSpec,
-    ProgressCallback,
-    load_results,
-    load_run,
-    load_summaries,
-    run_eval,
-    run_exists,
-)
-from kvstream.eval.stats import ConfidenceInterval, bootstrap_ci, paired_bootstrap_delta
+The runner (and torch with it) loads lazily, so the report can use `kvstream.eval.stats` and
+`kvstream.eval.summary` without the engine.
+"""
 
-__all__ = [
-    "FULL_PRECISION",
-    "QUANTIZED",
-    "SUMMARY_COLUMNS",
-    "TIDY_COLUMNS",
-    "ConfidenceInterval",
-    "EvalResult",
-    "EvalSpec",
-    "MemoryMonitor",
-    "ProgressCallback",
-    "bootstrap_ci",
-    "load_results",
-    "load_run",
-    "load_summaries",
-    "paired_bootstrap_delta",
-    "run_eval",
-    "run_exists",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "EvalSpec": "kvstream.eval.runner",
+    "ProgressCallback": "kvstream.eval.runner",
+    "run_eval": "kvstream.eval.runner",
+    "MemoryMonitor": "kvstream.eval.memory",
+    "summarize": "kvstream.eval.summary",
+    "ConfidenceInterval": "kvstream.eval.stats",
+    "bootstrap_ci": "kvstream.eval.stats",
+    "paired_bootstrap_delta": "kvstream.eval.stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kvstream.eval' has no attribute {name!r}")

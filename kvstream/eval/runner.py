@@ -2,37 +2,20 @@
 
 `run_eval` builds the task's samples once, runs every sample through the cache strategy the
 config names (the *quantized* variant) and through `FullPrecisionCache` (the *full_precision*
-variant, ``cache="full"``), and returns and saves:
-
-* ``rows``: a tidy frame, one observation per row (see `TIDY_COLUMNS`): the task's per-sample
-  metrics of both variants, then per variant the mean of each metric (``sample == ""``) and the
-  resource metrics (`kvstream.schema.RESOURCE_METRICS`);
-* ``summary``: one row per metric with both means, their difference and, for the task's metrics,
-  a paired bootstrap interval of the difference;
-* ``manifest``: configuration, options, library versions, git revision, timestamps.
-
-Files go to ``results_dir/<run_id>/{rows.csv,summary.csv,manifest.json}``, written into a
-temporary folder renamed into place, so an interrupted run leaves nothing that looks finished.
-The full-precision rows are kept under ``results_dir/_baseline/<key>/`` keyed by task, model and
-options, and reused by every later run with the same key (another bit width, chunk size, ...).
+variant, ``cache="full"``), summarises both (`kvstream.eval.summary`) and stores the run in the
+results store (`kvstream.results`): tidy rows, summary and manifest. The full-precision rows are
+kept in a baseline slot of the store and reused by every later run of the same task, model and
+options (another bit width, chunk size, ...).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import hashlib
 import json
 import math
-import os
 import platform
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,47 +28,14 @@ import torch
 
 from kvstream.config import CompressionConfig
 from kvstream.eval.memory import MemoryMonitor
-from kvstream.eval.stats import paired_bootstrap_delta
-from kvstream.schema import FULL_PRECISION, QUANTIZED, VARIANTS
+from kvstream.eval.summary import summarize
+from kvstream.results import keys
+from kvstream.results.provenance import git_revision, library_versions
+from kvstream.results.store import ResultsStore, StoredRun
+from kvstream.schema import CONFIG_COLUMNS, FULL_PRECISION, QUANTIZED, TIDY_COLUMNS
 from kvstream.tasks.base import Row, RunContext, Sample, TaskOptions
 
 DEFAULT_MODEL = "smollm2-135m"
-BASELINE_DIR = "_baseline"
-FORMAT_VERSION = 1
-
-CONFIG_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "cache")
-TIDY_COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "task",
-    "model",
-    "variant",
-    "cache",
-    "sample",
-    "metric",
-    "value",
-    *CONFIG_COLUMNS,
-    "extra",
-)
-"""Columns of the tidy rows; ``cache`` is the config's cache strategy, the other config fields follow."""
-
-SUMMARY_COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "task",
-    "model",
-    "metric",
-    "kind",
-    QUANTIZED,
-    FULL_PRECISION,
-    "delta",
-    "ci_low",
-    "ci_high",
-    "n",
-)
-
-
-_STRING_COLUMNS = ("run_id", "task", "model", "variant", "cache", "sample", "metric", "extra") + tuple(
-    f.name for f in dataclasses.fields(CompressionConfig) if f.type in ("str", str) or "Literal" in str(f.type)
-)
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(what, done, total)``."""
@@ -94,36 +44,8 @@ ProgressCallback = Callable[[str, int, int], None]
 # --------------------------------------------------------------------------- identities
 
 
-def slug(text: str, limit: int = 60) -> str:
-    """A filesystem-safe form of ``text``; a short hash is appended when characters had to change."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
-    if safe != text or len(safe) > limit:
-        safe = f"{safe[:limit]}-{_digest(text, 6)}"
-    return safe
-
-
-def _digest(value: Any, length: int) -> str:
-    blob = json.dumps(value, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def options_dict(options: TaskOptions) -> dict[str, Any]:
-    return dataclasses.asdict(options)
-
-
-def options_hash(options: TaskOptions) -> str:
-    """Stable short hash of the task options."""
-    return _digest(options_dict(options), 8)
-
-
 def task_name(task: Any) -> str:
     return task if isinstance(task, str) else str(task.name)
-
-
-def baseline_key(task: str, model: str, options: TaskOptions) -> str:
-    """Folder name under ``_baseline/`` of the full-precision rows for (task, model, options)."""
-    digest = _digest({"task": task, "model": model, "options": options_dict(options), "format": FORMAT_VERSION}, 16)
-    return f"{slug(task)}__{slug(model)}__{digest}"
 
 
 @dataclass
@@ -142,22 +64,10 @@ class EvalSpec:
 
     def run_id(self) -> str:
         """``<task>__<model>__<config hash>__<options hash>``: deterministic and filesystem-safe."""
-        return f"{slug(self.task_name)}__{slug(self.model)}__{self.config.config_hash()}__{options_hash(self.options)}"
+        return keys.run_id(self.task_name, self.model, self.config.config_hash(), self.options)
 
-    def baseline_key(self) -> str:
-        return baseline_key(self.task_name, self.model, self.options)
-
-
-@dataclass
-class EvalResult:
-    run_id: str
-    rows: pd.DataFrame
-    """Tidy rows of both variants (see `TIDY_COLUMNS`)."""
-    summary: pd.DataFrame
-    """One row per metric (see `SUMMARY_COLUMNS`)."""
-    manifest: dict[str, Any]
-    path: Path
-    """The run's folder: ``results_dir/<run_id>``."""
+    def baseline_slot(self) -> str:
+        return keys.baseline_slot(self.task_name, self.model, self.options)
 
 
 # --------------------------------------------------------------------------- running one variant
@@ -217,7 +127,9 @@ def make_context(
     def new_cache() -> Any:
         return build_cache(model, config)
 
-    def generate(prompt_ids: Any, max_new_tokens: int) -> str:
+    def generate(
+        prompt_ids: Any, max_new_tokens: int, eos_token_ids: set[int] | None = None, min_new_tokens: int = 0
+    ) -> str:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
@@ -236,8 +148,9 @@ def make_context(
             cache,
             max_new_tokens,
             config.chunk_size,
-            eos_token_ids=eos or None,
+            eos_token_ids=(eos if eos_token_ids is None else eos_token_ids) or None,
             on_prefill_done=prefill_done,
+            min_new_tokens=min_new_tokens,
         )
         _sync(device)
         end = time.perf_counter()
@@ -369,262 +282,11 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-# --------------------------------------------------------------------------- summary
-
-
-def summarize(rows: pd.DataFrame, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
-    """One row per metric: both variants' means, the difference and its paired bootstrap interval.
-
-    Task metrics (those with per-sample rows) are paired by sample id; resource metrics (aggregate
-    rows only) get the difference of the two aggregates and no interval.
-    """
-    out: list[dict[str, Any]] = []
-    if rows.empty:
-        return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
-    run_id, task, model = (str(rows[c].iloc[0]) for c in ("run_id", "task", "model"))
-    per = rows[rows["sample"] != ""]
-    agg = rows[rows["sample"] == ""]
-    task_metrics = list(dict.fromkeys(per["metric"]))
-    for metric in task_metrics:
-        series = {
-            variant: per[(per["variant"] == variant) & (per["metric"] == metric)]
-            .drop_duplicates("sample")
-            .set_index("sample")["value"]
-            for variant in VARIANTS
-        }
-        q, b = series[QUANTIZED], series[FULL_PRECISION]
-        common = [s for s in q.index if s in b.index]
-        q_mean = float(q.mean()) if len(q) else math.nan
-        b_mean = float(b.mean()) if len(b) else math.nan
-        if common:
-            ci = paired_bootstrap_delta(
-                q.loc[common].to_numpy(), b.loc[common].to_numpy(), n_boot=n_boot, alpha=alpha, seed=seed
-            )
-            delta, low, high = ci.estimate, ci.low, ci.high
-        else:
-            delta, low, high = q_mean - b_mean, math.nan, math.nan
-        out.append(
-            {
-                "metric": metric,
-                "kind": "task",
-                QUANTIZED: q_mean,
-                FULL_PRECISION: b_mean,
-                "delta": delta,
-                "ci_low": low,
-                "ci_high": high,
-                "n": len(common),
-            }
-        )
-    for metric in dict.fromkeys(agg["metric"]):
-        if metric in task_metrics:
-            continue
-        values = {v: agg[(agg["variant"] == v) & (agg["metric"] == metric)]["value"] for v in VARIANTS}
-        q_val = float(values[QUANTIZED].iloc[0]) if len(values[QUANTIZED]) else math.nan
-        b_val = float(values[FULL_PRECISION].iloc[0]) if len(values[FULL_PRECISION]) else math.nan
-        out.append(
-            {
-                "metric": metric,
-                "kind": "resource",
-                QUANTIZED: q_val,
-                FULL_PRECISION: b_val,
-                "delta": q_val - b_val,
-                "ci_low": math.nan,
-                "ci_high": math.nan,
-                "n": 1,
-            }
-        )
-    frame = pd.DataFrame.from_records(out, columns=[c for c in SUMMARY_COLUMNS if c not in ("run_id", "task", "model")])
-    frame.insert(0, "model", model)
-    frame.insert(0, "task", task)
-    frame.insert(0, "run_id", run_id)
-    return frame[list(SUMMARY_COLUMNS)]
-
-
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- the run
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_dir_atomic(target: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Create ``target`` holding ``files`` (name -> writer of that path) in one rename.
-
-    The files are written into a temporary sibling folder first; an existing ``target`` is moved
-    aside and deleted only once the new folder is in place.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        for name, writer in files.items():
-            writer(tmp / name)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _json_writer(data: Any) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-
-    return write
-
-
-def _csv_writer(frame: pd.DataFrame) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        frame.to_csv(path, index=False)
-
-    return write
-
-
-def read_rows(path: Path) -> pd.DataFrame:
-    """A ``rows.csv`` back as the tidy frame (empty strings kept, ids kept as text)."""
-    dtypes = {c: str for c in _STRING_COLUMNS}
-    frame = pd.read_csv(path, dtype=dtypes)
-    for column in _STRING_COLUMNS:
-        if column in frame.columns:
-            frame[column] = frame[column].fillna("").astype(str)
-    if "value" in frame.columns:
-        frame["value"] = frame["value"].astype(float)
-    return frame
-
-
-def run_exists(results_dir: Path, run_id: str) -> bool:
-    """Whether a finished run (rows, summary and manifest) is saved under ``results_dir/run_id``."""
-    folder = Path(results_dir) / run_id
-    return all((folder / name).is_file() for name in ("rows.csv", "summary.csv", "manifest.json"))
-
-
-def _run_dirs(results_dir: Path) -> list[Path]:
-    root = Path(results_dir)
-    if not root.is_dir():
-        return []
-    return [
-        d
-        for d in sorted(root.iterdir())
-        if d.is_dir() and not d.name.startswith((".", "_")) and run_exists(root, d.name)
-    ]
-
-
-def load_results(results_dir: Path) -> pd.DataFrame:
-    """Every finished run's tidy rows under ``results_dir``, concatenated (an empty frame when none)."""
-    frames = [read_rows(d / "rows.csv") for d in _run_dirs(results_dir)]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame(columns=list(TIDY_COLUMNS))
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_summaries(results_dir: Path) -> pd.DataFrame:
-    """Every finished run's summary under ``results_dir``, concatenated."""
-    frames = [
-        pd.read_csv(d / "summary.csv", dtype={"run_id": str, "task": str, "model": str, "metric": str})
-        for d in _run_dirs(results_dir)
-    ]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_run(results_dir: Path, run_id: str) -> EvalResult:
-    """A saved run as an `EvalResult`."""
-    folder = Path(results_dir) / run_id
-    if not run_exists(results_dir, run_id):
-        raise FileNotFoundError(f"no finished run {run_id!r} in {results_dir}")
-    summary = pd.read_csv(folder / "summary.csv", dtype={"run_id": str, "task": str, "model": str, "metric": str})
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    return EvalResult(
-        run_id=run_id, rows=read_rows(folder / "rows.csv"), summary=summary, manifest=manifest, path=folder
-    )
-
-
-# --------------------------------------------------------------------------- provenance
-
-
-def _version(distribution: str) -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version(distribution)
-    except md.PackageNotFoundError:
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    import transformers
-
-    import kvstream
-
-    return {
-        "kvstream": getattr(kvstream, "__version__", None) or _version("kvstream"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pandas": pd.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _read_git_dir(root: Path) -> str | None:
-    git = root / ".git"
-    if git.is_file():
-        text = git.read_text().strip()
-        if not text.startswith("gitdir:"):
-            return None
-        git = (root / text.split(":", 1)[1].strip()).resolve()
-    if not (git / "HEAD").is_file():
-        return None
-    head = (git / "HEAD").read_text().strip()
-    if not head.startswith("ref:"):
-        return head or None
-    ref = head.split(":", 1)[1].strip()
-    common = git
-    if (git / "commondir").is_file():
-        common = (git / (git / "commondir").read_text().strip()).resolve()
-    for base in (git, common):
-        path = base / ref
-        if path.is_file():
-            return path.read_text().strip() or None
-    packed = common / "packed-refs"
-    if packed.is_file():
-        for line in packed.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1] == ref:
-                return parts[0]
-    return None
-
-
-def git_revision() -> str | None:
-    """The commit of the kvstream source tree, when it is a git checkout (else None)."""
-    root = Path(__file__).resolve().parent.parent.parent
-    try:
-        found = _read_git_dir(root)
-    except OSError:
-        found = None
-    if found:
-        return found
-    if not (root / ".git").exists():
-        return None
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def _resolve_task(task: Any) -> Any:
@@ -638,36 +300,23 @@ def _resolve_task(task: Any) -> Any:
     return task
 
 
-def _load_baseline(folder: Path, sample_ids: list[str]) -> pd.DataFrame | None:
-    rows_path, meta_path = folder / "rows.csv", folder / "meta.json"
-    if not (rows_path.is_file() and meta_path.is_file()):
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("format") != FORMAT_VERSION or meta.get("samples") != sample_ids:
-        return None
-    return read_rows(rows_path)
-
-
 def run_eval(
     spec: EvalSpec,
     *,
     bundle: tuple[Any, Any] | None = None,
     progress: ProgressCallback | None = None,
-) -> EvalResult:
+) -> StoredRun:
     """Run ``spec`` with the quantized cache and the full-precision baseline; save and return the result.
 
     ``bundle=(model, tokenizer)`` skips loading ``spec.model``. The baseline rows are reused from
-    ``results_dir/_baseline/<key>`` when a run with the same task, model and options (and the same
+    the store's baseline slot when a run with the same task, model and options (and the same
     sample ids) made them. A task whose data is missing raises `TaskDataMissing` before any model runs.
     """
     from kvstream.engine import load_model
 
     started_at = _now()
     clock = time.perf_counter()
-    results_dir = Path(spec.results_dir)
+    store = ResultsStore(spec.results_dir)
     run_id = spec.run_id()
     task = _resolve_task(spec.task)
     name = task_name(task)
@@ -696,9 +345,8 @@ def run_eval(
         progress=progress,
     )
 
-    key = spec.baseline_key()
-    baseline_folder = results_dir / BASELINE_DIR / key
-    baseline = _load_baseline(baseline_folder, sample_ids)
+    slot = spec.baseline_slot()
+    baseline = store.read_baseline(slot, sample_ids)
     reused = baseline is not None
     b_info: dict[str, Any] = {}
     if baseline is None:
@@ -714,18 +362,18 @@ def run_eval(
             progress=progress,
         )
         meta = {
-            "format": FORMAT_VERSION,
-            "key": key,
+            "format": keys.FORMAT_VERSION,
+            "key": slot,
             "task": name,
             "model": spec.model,
-            "options": options_dict(spec.options),
+            "options": keys.options_dict(spec.options),
             "config": baseline_config.to_dict(),
             "samples": sample_ids,
             "computed_by": run_id,
             "created_at": _now(),
             "info": b_info,
         }
-        write_dir_atomic(baseline_folder, {"rows.csv": _csv_writer(baseline), "meta.json": _json_writer(meta)})
+        store.write_baseline(slot, baseline, meta)
     else:
         baseline = baseline.copy()
         baseline["run_id"] = run_id
@@ -736,15 +384,15 @@ def run_eval(
     summary = summarize(rows, seed=spec.options.seed)
     device = _model_device(model)
     manifest = {
-        "format": FORMAT_VERSION,
+        "format": keys.FORMAT_VERSION,
         "run_id": run_id,
         "task": name,
         "model": spec.model,
-        "options": options_dict(spec.options),
+        "options": keys.options_dict(spec.options),
         "config": config.to_dict(),
         "config_hash": config.config_hash(),
         "baseline_config": baseline_config.to_dict(),
-        "baseline": {"key": key, "reused": reused, "path": str(baseline_folder)},
+        "baseline": {"key": slot, "reused": reused, "path": str(store.layout.baseline_dir(slot))},
         "samples": sample_ids,
         "n_samples": len(samples),
         "per_sample_metric": getattr(task, "per_sample_metric", None),
@@ -758,13 +406,5 @@ def run_eval(
         "finished_at": _now(),
         "duration_seconds": round(time.perf_counter() - clock, 3),
     }
-    folder = results_dir / run_id
-    write_dir_atomic(
-        folder,
-        {
-            "rows.csv": _csv_writer(rows),
-            "summary.csv": _csv_writer(summary),
-            "manifest.json": _json_writer(manifest),
-        },
-    )
-    return EvalResult(run_id=run_id, rows=rows, summary=summary, manifest=manifest, path=folder)
+    folder = store.write_run(run_id, rows, summary, manifest)
+    return StoredRun(run_id=run_id, rows=rows, summary=summary, manifest=manifest, path=folder)

@@ -1,4 +1,4 @@
-"""Tidy tables, plots and a markdown report built from the results store (`kvstream.eval.runner.load_results`)."""
+"""Tidy tables, plots and a markdown report built from the results store (`kvstream.results.ResultsStore.rows`)."""
 
 from kvstream.report.markdown import markdown_table, write_report
 from kvstream.report.tables import (

@@ -1,6 +1,6 @@
 """Tidy summary tables from the results store's rows.
 
-Input: the long table of `kvstream.eval.runner.load_results` (one observation per row: ``run_id,
+Input: the long table of `kvstream.results.ResultsStore.rows` (one observation per row: ``run_id,
 task, model, variant, cache, sample, metric, value``, every `CompressionConfig` field, ``extra``).
 ``variant`` is ``quantized`` or ``full_precision``; aggregate rows have no ``sample``.
 
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kvstream.config import CompressionConfig
+from kvstream.eval.stats import paired_bootstrap_delta
 from kvstream.schema import FULL_PRECISION, QUANTIZED, RESOURCE_METRICS
 
 COUNT_METRICS = ("tokens",)
@@ -27,8 +28,6 @@ COUNT_METRICS = ("tokens",)
 LOWER_IS_BETTER = {"perplexity", "nll", "loss", "error", *RESOURCE_METRICS}
 QUALITY_PREFERENCE = ("accuracy", "perplexity", "qa_f1", "rouge_l", "f1", "recall", "nll")
 CONFIG_FIELDS = tuple(f.name for f in fields(CompressionConfig))
-CI_LEVEL = 0.95
-BOOTSTRAP_RESAMPLES = 2000
 
 
 # --------------------------------------------------------------------------- metric helpers
@@ -179,27 +178,6 @@ def _is_aggregate(df: pd.DataFrame) -> pd.Series:
     return sample.isna() | (sample.astype(str).isin(["", "None", "nan"]))
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-def paired_bootstrap(
-    quantized: np.ndarray, full: np.ndarray, *, seed: int = 0, level: float = CI_LEVEL
-) -> tuple[float, float, float]:
-    """Mean paired difference (quantized - full) and its percentile bootstrap interval."""
-    diff = np.asarray(quantized, dtype=float) - np.asarray(full, dtype=float)
-    diff = diff[~np.isnan(diff)]
-    if diff.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(diff.mean())
-    if diff.size < 2 or np.all(diff == diff[0]):
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, diff.size, size=(BOOTSTRAP_RESAMPLES, diff.size))
-    means = diff[picks].mean(axis=1)
-    alpha = (1 - level) / 2
-    return mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
 # --------------------------------------------------------------------------- per-run values
 
 
@@ -325,7 +303,8 @@ def delta_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
         q = values.get((run_id, QUANTIZED, metric), math.nan)
         fp = values.get((run_id, FULL_PRECISION, metric), math.nan)
         if QUANTIZED in paired.columns and FULL_PRECISION in paired.columns and len(paired):
-            _, low, high = paired_bootstrap(paired[QUANTIZED].to_numpy(), paired[FULL_PRECISION].to_numpy(), seed=seed)
+            ci = paired_bootstrap_delta(paired[QUANTIZED].to_numpy(), paired[FULL_PRECISION].to_numpy(), seed=seed)
+            low, high = ci.low, ci.high
             n = len(paired)
         else:
             low = high = math.nan

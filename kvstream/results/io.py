@@ -1,0 +1,77 @@
+"""Writing a results folder in one rename, and reading its CSV and JSON files back with their types."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvstream.schema import STRING_COLUMNS
+
+Writer = Callable[[Path], None]
+"""Writes one file at the path it is given."""
+
+
+def write_dir_atomic(target: Path, files: dict[str, Writer]) -> None:
+    """Create ``target`` holding ``files`` (name -> writer of that path) in one rename.
+
+    The files are written into a temporary sibling folder first, so an interrupted write leaves
+    nothing that looks finished; an existing ``target`` is moved aside and deleted only once the
+    new folder is in place.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for name, writer in files.items():
+            writer(tmp / name)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def json_writer(data: Any) -> Writer:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+    return write
+
+
+def csv_writer(frame: pd.DataFrame) -> Writer:
+    def write(path: Path) -> None:
+        frame.to_csv(path, index=False)
+
+    return write
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    """A ``rows.csv`` back as the tidy frame (empty strings kept, ids kept as text)."""
+    frame = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS})
+    for column in STRING_COLUMNS:
+        if column in frame.columns:
+            frame[column] = frame[column].fillna("").astype(str)
+    if "value" in frame.columns:
+        frame["value"] = frame["value"].astype(float)
+    return frame
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """A ``summary.csv`` back (identity columns as text)."""
+    return pd.read_csv(path, dtype={"run_id": str, "task": str, "model": str, "metric": str})
