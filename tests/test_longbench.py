@@ -68,9 +68,12 @@ class FakeGenerate:
     def __init__(self, text: str) -> None:
         self.text = text
         self.calls: list[tuple[list[int], int]] = []
+        self.rules: list[dict] = []
+        """The keyword arguments (stop ids, minimum length) of each call."""
 
-    def __call__(self, prompt_ids, max_new_tokens):
+    def __call__(self, prompt_ids, max_new_tokens, **rules):
         self.calls.append((list(prompt_ids), max_new_tokens))
+        self.rules.append(rules)
         return self.text
 
 
@@ -292,10 +295,149 @@ def test_longbench_e_reads_its_own_file_and_buckets(tmp_path):
     samples = lb.hotpotqa_e.samples(TaskOptions(data_dir=str(tmp_path)), tok)
     assert [s.meta["bucket"] for s in samples] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
     ctx = fake_context(tok, "answer 5")
-    rows = [row for s in samples for row in lb.hotpotqa_e.run(ctx, s)]
-    assert [r.extra["bucket"] for r in rows] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
-    assert [r.value for r in rows] == [50.0] * 5 + [100.0]  # "answer 5" vs "answer i": F1 1/2 unless i = 5
+    runs = [lb.hotpotqa_e.run(ctx, s) for s in samples]
+    # each sample: its qa_f1 row, then the same score under its bucket's metric (what summaries group by)
+    assert [[r.metric for r in rows] for rows in runs] == [
+        ["qa_f1", "qa_f1[0-4k]"],
+        ["qa_f1", "qa_f1[0-4k]"],
+        ["qa_f1", "qa_f1[4-8k]"],
+        ["qa_f1", "qa_f1[4-8k]"],
+        ["qa_f1", "qa_f1[8k+]"],
+        ["qa_f1", "qa_f1[8k+]"],
+    ]
+    assert [r.extra["bucket"] for r, _ in runs] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
+    assert [r.value for r, _ in runs] == [50.0] * 5 + [100.0]  # "answer 5" vs "answer i": F1 1/2 unless i = 5
+    assert all(bucket.value == row.value and bucket.sample == row.sample for row, bucket in runs)
     assert lb.hotpotqa_e.name == "hotpotqa_e" and lb.hotpotqa_e.metric == "qa_f1"
+    assert lb.hotpotqa_e.per_sample_metric == "qa_f1"
+    # LongBench v1 tasks have no buckets
+    write_jsonl(tmp_path, "hotpotqa", [record(0, length=9000)])
+    (sample,) = lb.hotpotqa.samples(TaskOptions(data_dir=str(tmp_path)), tok)
+    assert [r.metric for r in lb.hotpotqa.run(ctx, sample)] == ["qa_f1"]
+
+
+def test_longbench_e_buckets_reach_the_summary_and_the_report(tmp_path):
+    """A LongBench-E run: the summary and the report's delta table carry each bucket's mean and sample count."""
+    from kvstream.config import CompressionConfig
+    from kvstream.eval.runner import EvalSpec, run_eval
+    from kvstream.report.tables import delta_table
+    from kvstream.testing import tiny_llama
+
+    lengths = [100, 5000, 5001, 9000]
+    write_jsonl(tmp_path / "data", "hotpotqa_e", [record(i, length=n) for i, n in enumerate(lengths)])
+    spec = EvalSpec(
+        task=lb.hotpotqa_e,
+        model="tiny",
+        config=CompressionConfig(chunk_size=16, value_quant_groups=16),
+        options=TaskOptions(data_dir=str(tmp_path / "data"), length=120),
+        results_dir=tmp_path / "results",
+    )
+    result = run_eval(spec, bundle=(tiny_llama(vocab_size=VOCAB), CharTokenizer(chat=False)))
+    summary = result.summary.set_index("metric")
+    assert summary.loc["qa_f1", "n"] == 4
+    assert {m: int(summary.loc[m, "n"]) for m in ("qa_f1[0-4k]", "qa_f1[4-8k]", "qa_f1[8k+]")} == {
+        "qa_f1[0-4k]": 1,
+        "qa_f1[4-8k]": 2,
+        "qa_f1[8k+]": 1,
+    }
+    per_sample = result.rows[(result.rows["metric"] == "qa_f1") & (result.rows["sample"] != "")]
+    for variant in ("quantized", "full_precision"):
+        scores = per_sample[per_sample["variant"] == variant].set_index("sample")["value"]
+        assert summary.loc["qa_f1[4-8k]", variant] == pytest.approx(scores[["id1", "id2"]].mean())
+        assert summary.loc["qa_f1[8k+]", variant] == pytest.approx(scores["id3"])
+    report = delta_table(result.rows).set_index("metric")
+    assert {"qa_f1", "qa_f1[0-4k]", "qa_f1[4-8k]", "qa_f1[8k+]"} <= set(report.index)
+    assert report.loc["qa_f1[4-8k]", "n"] == 2
+
+
+# samsum: LongBench's pred.py generates it with min_length = prompt + 1 and the newline token as a second EOS
+
+
+class EosCharTokenizer(CharTokenizer):
+    """`CharTokenizer` with an EOS token (id 2), skipped on decode like any special token."""
+
+    eos_token_id = 2
+
+
+VOCAB = 160
+"""Model vocabulary covering `CharTokenizer`'s ids of printable ASCII."""
+NEWLINE = ord("\n") + OFFSET
+LETTER_A = ord("a") + OFFSET
+
+
+def rigged_model(bias: dict[int, float]):
+    """A tiny Llama whose next-token logits are ``bias`` whatever the input: a constant LM head."""
+    import torch
+
+    from kvstream.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=VOCAB)
+    head = torch.nn.Linear(model.config.hidden_size, VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for token, value in bias.items():
+            head.bias[token] = value
+    model.lm_head = head
+    return model
+
+
+def test_greedy_generate_min_new_tokens_suppresses_the_stop_ids_at_first():
+    import torch
+
+    from kvstream.cache.full import FullPrecisionCache
+    from kvstream.config import CompressionConfig
+    from kvstream.engine import greedy_generate
+
+    model = rigged_model({NEWLINE: 3.0, EosCharTokenizer.eos_token_id: 2.0, LETTER_A: 1.0})
+    ids = torch.tensor([[BOS, 50, 60, 70]])
+
+    def run(**rules):
+        cache = FullPrecisionCache.from_model(model, CompressionConfig(cache="full"))
+        return greedy_generate(model, ids, cache, 5, 16, **rules)[0].tolist()
+
+    assert run() == [NEWLINE] * 5
+    assert run(eos_token_ids={NEWLINE}) == [NEWLINE]
+    assert run(eos_token_ids={NEWLINE, 2}, min_new_tokens=1) == [LETTER_A, NEWLINE]
+    assert run(eos_token_ids={NEWLINE, 2}, min_new_tokens=2) == [LETTER_A, LETTER_A, NEWLINE]
+
+
+@pytest.mark.parametrize(
+    ("bias", "expected"),
+    [
+        # the model opens with a newline: forbidden as the first token, then it stops the answer
+        ({NEWLINE: 3.0, LETTER_A: 1.0}, "a\n"),
+        # the model opens with EOS: forbidden too, then EOS ends the answer
+        ({EosCharTokenizer.eos_token_id: 3.0, NEWLINE: 2.0, LETTER_A: 1.0}, "a"),
+    ],
+)
+def test_samsum_first_token_and_newline_stop(tmp_path, bias, expected):
+    from kvstream.config import CompressionConfig
+    from kvstream.eval.runner import make_context
+
+    tok = EosCharTokenizer(chat=False)
+    write_jsonl(tmp_path, "samsum", [record(0, answers=["a"], dataset="samsum")])
+    write_jsonl(tmp_path, "samsum_e", [record(0, answers=["a"], dataset="samsum")])
+    for task in (lb.samsum, lb.samsum_e):
+        (sample,) = task.samples(TaskOptions(data_dir=str(tmp_path)), tok)
+        ctx = make_context(rigged_model(bias), tok, CompressionConfig(cache="full", chunk_size=16))
+        (row, *_) = task.run(ctx, sample)
+        assert row.extra["prediction"] == expected
+        assert row.value == pytest.approx(100.0, abs=1e-5)  # "a" against the gold "a"
+
+
+def test_newline_stop_only_for_samsum(tmp_path):
+    tok = EosCharTokenizer(chat=False)
+    assert lb.generation_rules("samsum", tok) == {"eos_token_ids": {2, NEWLINE}, "min_new_tokens": 1}
+    assert lb.generation_rules("samsum_e", tok) == lb.generation_rules("samsum", tok)
+    for name in lb.TASKS:
+        if lb.base_task(name) != "samsum":
+            assert lb.generation_rules(name, tok) == {}, name
+    write_jsonl(tmp_path, "triviaqa", [record(0, answers=["Paris"], dataset="triviaqa")])
+    (sample,) = lb.triviaqa.samples(TaskOptions(data_dir=str(tmp_path)), tok)
+    ctx = fake_context(tok, "Paris")
+    lb.triviaqa.run(ctx, sample)
+    assert ctx.generate.rules == [{}]
 
 
 # end to end

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import pytest
 
@@ -11,7 +13,7 @@ from kvstream.tasks.metrics import (
     METRICS,
     TASK_METRIC,
     base_task,
-    bucket_scores,
+    bucket_metric,
     classification_score,
     code_sim_score,
     count_score,
@@ -208,7 +210,7 @@ def test_code_sim_only_the_first_code_line_counts():
 
 
 def test_code_sim_fuzzy_ratio_rounded_to_a_percent():
-    # Indel ratio: LCS("abcd", "abce") = 3 -> 2 * 3 / 8 = 0.75
+    # difflib matching blocks: "abc" of "abcd" / "abce" -> 2 * 3 / 8 = 0.75
     assert code_sim_score("abcd", "abce") == 0.75
     # 2 * 2 / 6 = 66.67% -> 67% -> 0.67
     assert code_sim_score("abc", "abd") == 0.67
@@ -216,6 +218,22 @@ def test_code_sim_fuzzy_ratio_rounded_to_a_percent():
 
 def test_code_sim_without_code_line_scores_empty_string():
     assert code_sim_score("# only a comment", "x = 1") == 0.0
+    assert code_sim_score("# only a comment", "") == 1.0  # fuzzywuzzy: equal strings score 100 before any check
+
+
+def test_code_sim_is_difflib_not_edit_distance():
+    # The gold line has 200+ characters, so difflib's autojunk heuristic drops its frequent characters
+    # (spaces, letters) from matching: LongBench's fuzzywuzzy gives 41 where an edit-distance ratio gives 81.
+    prediction = (
+        "        return self._session.request(method, url, params=params, data=data, headers=headers, "
+        "cookies=cookies, files=files, auth=auth, timeout=timeout, allow_redirects=allow_redirects, proxies=proxies)"
+    )
+    gold = (
+        "        return self.session.request(method=method, url=url, params=params, data=data, "
+        "headers=self._merge_headers(headers), cookies=cookies, files=files, auth=auth or self.auth, "
+        "timeout=timeout or self.timeout, allow_redirects=True)"
+    )
+    assert code_sim_score(prediction, gold) == 0.41
 
 
 # score_prediction
@@ -281,7 +299,111 @@ def test_aggregates():
     assert length_bucket(4000) == "4-8k"
     assert length_bucket(7999) == "4-8k"
     assert length_bucket(8000) == "8k+"
-    buckets = bucket_scores([100.0, 0.0, 50.0], [100, 200, 9000])
-    assert buckets["0-4k"] == 50.0
-    assert math.isnan(buckets["4-8k"])
-    assert buckets["8k+"] == 50.0
+    assert bucket_metric("qa_f1", "8k+") == "qa_f1[8k+]"
+
+
+# cross-checks against the packages LongBench's metrics.py calls (test-only dependencies, pinned in `dev`)
+
+CODE_PAIRS = [
+    ("        if not os.path.exists(path):", "        if os.path.isdir(path) and not os.listdir(path):"),
+    ("    def forward(self, x):", "    def forward(self, hidden_states, attention_mask=None):"),
+    (
+        "        self.conv1 = nn.Conv2d(3, 64, kernel_size=3)",
+        "        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)",
+    ),
+    ("            result.append(item)", "            results.extend(items)"),
+    (
+        "return new ArrayList<>(map.values());",
+        "        return Collections.unmodifiableList(new ArrayList<String>(this.values));",
+    ),
+    ("public void setName(String name) {", "    public void setName(final String newName) {"),
+    ("for (int i = 0; i < n; i++) {", "for (int j = 0; j < count; ++j) {"),
+    ("x = np.zeros((n, m))", "x = np.ones((m, n), dtype=np.float32)"),
+    ("import torch", "import torch"),
+    ("", "import torch"),
+    (
+        "        return self._session.request(method, url, params=params, data=data, headers=headers, "
+        "cookies=cookies, files=files, auth=auth, timeout=timeout, allow_redirects=allow_redirects, proxies=proxies)",
+        "        return self.session.request(method=method, url=url, params=params, data=data, "
+        "headers=self._merge_headers(headers), cookies=cookies, files=files, auth=auth or self.auth, "
+        "timeout=timeout or self.timeout, allow_redirects=True)",
+    ),
+]
+
+SUMMARIES = [
+    (
+        "Amanda baked cookies and will bring Jerry some tomorrow.",
+        "Amanda baked cookies and will bring Jerry some tomorrow.",
+    ),
+    ("Amanda will bring Jerry cookies tomorrow.", "Amanda baked cookies and will bring Jerry some tomorrow."),
+    (
+        "Olivia and Olivier are voting for liberals. They think the election is close.",
+        "Olivia and Olivier are voting for liberals in this election.",
+    ),
+    (
+        "The report finds that DOD did not fully assess the costs. GAO recommends that DOD update its estimates. "
+        "DOD concurred with the recommendation",
+        "GAO found that DOD has not assessed the full costs of the program. GAO recommends that DOD update its "
+        "cost estimates and report them to Congress. DOD concurred.",
+    ),
+    ("Tim is late again\nhe missed the bus", "Tim missed the bus and is late again."),
+    ("   ", "Kim has to finish the project by Friday."),
+    ("...", "Kim has to finish the project by Friday."),
+    ("Kim, Kim, Kim. Kim! Kim?", "Kim has to finish the project by Friday. Kim is stressed."),
+]
+
+
+def _fuzzywuzzy() -> Any:
+    """``fuzzywuzzy.fuzz``, imported without its warning about the missing python-Levenshtein."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fuzzywuzzy import fuzz
+    return fuzz
+
+
+def _official_code_sim(prediction: str, gold: str) -> float:
+    """LongBench's code_sim_score, from its definition: first line without '`', '#', '//' after
+    leading newlines, then fuzzywuzzy's ratio / 100."""
+    fuzz = _fuzzywuzzy()
+    lines = prediction.lstrip("\n").split("\n")
+    code = next((line for line in lines if "`" not in line and "#" not in line and "//" not in line), "")
+    return fuzz.ratio(code, gold) / 100
+
+
+def _official_rouge(prediction: str, gold: str) -> float:
+    """LongBench's rouge_score: the ``rouge`` package's ROUGE-L F of one pair, 0 when it raises."""
+    from rouge import Rouge
+
+    try:
+        return Rouge().get_scores([prediction], [gold], avg=True)["rouge-l"]["f"]
+    except Exception:  # LongBench's bare except: empty and all-dot texts score 0
+        return 0.0
+
+
+def test_reference_fuzzywuzzy_runs_as_in_longbench():
+    """LongBench's requirements install fuzzywuzzy without python-Levenshtein: its ratio is difflib's."""
+    import difflib
+
+    assert _fuzzywuzzy().SequenceMatcher is difflib.SequenceMatcher, (
+        "uninstall python-Levenshtein to compare with LongBench"
+    )
+
+
+@pytest.mark.parametrize(("prediction", "gold"), CODE_PAIRS)
+def test_code_sim_matches_fuzzywuzzy(prediction, gold):
+    assert code_sim_score(prediction, gold) == _official_code_sim(prediction, gold)
+    fenced = f"\n```python\n# next line\n{prediction}\n```"
+    assert code_sim_score(fenced, gold) == _official_code_sim(fenced, gold)
+    for task in ("lcc", "repobench-p_e"):
+        assert score_prediction(task, fenced, [gold, "pass"]) == pytest.approx(
+            100 * max(_official_code_sim(fenced, gold), _official_code_sim(fenced, "pass"))
+        )
+
+
+@pytest.mark.parametrize(("prediction", "gold"), SUMMARIES)
+def test_rouge_l_matches_the_rouge_package(prediction, gold):
+    assert rouge_l_score(prediction, gold) == pytest.approx(_official_rouge(prediction, gold), abs=1e-12)
+    assert score_prediction("gov_report", prediction, [gold]) == pytest.approx(100 * _official_rouge(prediction, gold))
+    # samsum: LongBench's eval.py scores the first line (after leading newlines) only
+    first = prediction.lstrip("\n").split("\n")[0]
+    assert score_prediction("samsum", "\n" + prediction, [gold]) == pytest.approx(100 * _official_rouge(first, gold))

@@ -55,7 +55,9 @@ class RunContext:
     make_cache: Callable[[], Cache]
     chunk_size: int
     generate: Callable[..., str]
-    """``generate(prompt_ids: list[int], max_new_tokens: int) -> str``: chunked prefill + greedy decode."""
+    """``generate(prompt_ids, max_new_tokens, eos_token_ids=None, min_new_tokens=0) -> str``: chunked
+    prefill + greedy decode. ``eos_token_ids`` replaces the tokenizer's EOS as the stop set; the stop
+    ids are forbidden for the first ``min_new_tokens`` tokens (``generate``'s ``min_length`` rule)."""
     perplexity: Callable[..., Any]
     """``perplexity(input_ids) -> PerplexityResult``: streaming loss over a token sequence."""
     on_cache: Callable[[Cache], None] | None = None

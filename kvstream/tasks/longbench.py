@@ -24,8 +24,13 @@ generation length minus the tokens the chat template adds around the message, so
 answer fit the context.
 
 Greedy decoding for ``DATASET2MAXLEN[task]`` new tokens is the engine's job (`RunContext.generate`).
-LongBench also stops samsum at a newline; here samsum generates its full 128 tokens and only the
-first line is scored, which gives the same score whenever the first line is the same.
+samsum (and samsum_e) is generated as ``pred.py`` generates it (`generation_rules`): the newline
+token is a second EOS and neither EOS nor newline may be the first token, so a model that would open
+with a newline writes its first line instead of being scored on an empty one.
+
+A LongBench-E sample's score is also given under its length bucket's metric (``qa_f1[4-8k]``, see
+`kvstream.tasks.metrics.bucket_metric`): the run summary and ``kvstream report`` then carry each
+bucket's mean and sample count, as ``eval.py --e`` reports them (empty buckets have no row).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstream.tasks.base import Row, RunContext, Sample, TaskDataMissing, TaskOptions
-from kvstream.tasks.metrics import TASK_METRIC, base_task, length_bucket, score_prediction
+from kvstream.tasks.metrics import TASK_METRIC, base_task, bucket_metric, length_bucket, score_prediction
 
 LONGBENCH_TASKS: tuple[str, ...] = (
     "narrativeqa",
@@ -225,6 +230,10 @@ DATASET2MAXLEN: dict[str, int] = {
 NO_CHAT_TEMPLATE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
 """Tasks whose prompt is given to the model as raw text even when it is a chat model (LongBench)."""
 
+NEWLINE_STOP_TASKS = frozenset({"samsum"})
+"""Tasks ``pred.py`` generates with the newline token as a second EOS and ``min_length`` one past the
+prompt (its guard against models that endlessly repeat "\\nDialogue"); for LongBench-E too."""
+
 DEFAULT_CONTEXT = 8192
 """Model context assumed when the tokenizer does not state a sane ``model_max_length``."""
 
@@ -394,6 +403,26 @@ def middle_truncate_ids(ids: list[int], budget: int) -> list[int]:
     return list(ids[:half]) + list(ids[len(ids) - half :])
 
 
+def newline_token_id(tokenizer: Any) -> int:
+    """The stop token ``pred.py`` adds for samsum: the last id of ``"\\n"`` encoded without special tokens."""
+    return tokenizer.encode("\n", add_special_tokens=False)[-1]
+
+
+def generation_rules(task_name: str, tokenizer: Any) -> dict[str, Any]:
+    """The keyword arguments of `RunContext.generate` that LongBench's ``pred.py`` sets for a task.
+
+    samsum: stop at the tokenizer's EOS or at the newline token, neither allowed as the first new
+    token (``eos_token_id=[eos, newline]`` with ``min_length=context_length + 1``). Others: none.
+    """
+    if base_task(task_name) not in NEWLINE_STOP_TASKS:
+        return {}
+    stops = {newline_token_id(tokenizer)}
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        stops.add(eos)
+    return {"eos_token_ids": stops, "min_new_tokens": 1}
+
+
 @dataclass
 class BuiltPrompt:
     """A LongBench prompt ready to prefill."""
@@ -485,10 +514,11 @@ class LongBenchTask:
         return samples
 
     def run(self, ctx: RunContext, sample: Sample) -> list[Row]:
-        """Generate the answer greedily and score it: one row of the task's metric, 0-100.
+        """Generate the answer greedily (with `generation_rules`) and score it: a row of the task's metric, 0-100.
 
         ``extra`` holds the prediction, the gold answers (JSON), the prompt size, whether it was
-        truncated, the sample's ``length`` and its LongBench-E ``bucket``.
+        truncated, the sample's ``length`` and its LongBench-E ``bucket``. A LongBench-E task adds
+        the same score under the bucket's metric (``qa_f1[0-4k]``), so summaries group by bucket.
         """
         ids = sample.meta.get("prompt_ids")
         if ids is None:
@@ -498,7 +528,7 @@ class LongBenchTask:
                 ids = ctx.tokenizer.encode(sample.prompt)
         ids = list(ids)
         max_new_tokens = int(sample.meta.get("max_new_tokens", self.max_new_tokens))
-        prediction = ctx.generate(ids, max_new_tokens)
+        prediction = ctx.generate(ids, max_new_tokens, **generation_rules(self.task, ctx.tokenizer))
         value = score_prediction(self.task, prediction, sample.answers, sample.meta.get("all_classes"))
         extra = {
             "task": self.name,
@@ -510,7 +540,13 @@ class LongBenchTask:
             "length": sample.meta.get("length"),
             "bucket": sample.meta.get("bucket"),
         }
-        return [Row(metric=self.metric, value=value, sample=sample.id, extra=extra)]
+        rows = [Row(metric=self.metric, value=value, sample=sample.id, extra=extra)]
+        if self.longbench_e and extra["bucket"] is not None:
+            by_bucket = {"bucket": extra["bucket"], "length": extra["length"]}
+            rows.append(
+                Row(metric=bucket_metric(self.metric, extra["bucket"]), value=value, sample=sample.id, extra=by_bucket)
+            )
+        return rows
 
 
 narrativeqa = LongBenchTask("narrativeqa")

@@ -7,8 +7,10 @@ Long Context Understanding", github THUDM/LongBench: ``LongBench/metrics.py`` an
 - token F1 is computed on `normalize_answer` tokens, counted as multisets;
 - ROUGE-L is the summary-level score of the ``rouge`` package that LongBench calls (see
   `rouge_l_score`), not the textbook sentence-level LCS F1;
+- code similarity is ``fuzzywuzzy``'s ratio as LongBench installs it, difflib based (`fuzzy_ratio`);
 - for trec, triviaqa, samsum and lsht only the first line of the prediction is scored;
-- a sample's score is the maximum over its gold answers.
+- a sample's score is the maximum over its gold answers;
+- LongBench-E groups samples by their ``length`` field into 0-4k, 4-8k and 8k+ (`length_bucket`).
 
 Scale: every ``*_score`` function scores one (prediction, gold answer) pair in [0, 1].
 `score_prediction` returns one sample's score in [0, 100] (the max over gold answers, times 100),
@@ -17,13 +19,12 @@ so the plain mean of per-sample scores (`task_score`) is the number LongBench ta
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-
-from rapidfuzz import fuzz
 
 __all__ = [
     "FIRST_LINE_TASKS",
@@ -31,11 +32,12 @@ __all__ = [
     "METRICS",
     "TASK_METRIC",
     "base_task",
-    "bucket_scores",
+    "bucket_metric",
     "classification_score",
     "code_sim_score",
     "count_score",
     "first_line",
+    "fuzzy_ratio",
     "lcs_length",
     "length_bucket",
     "normalize_answer",
@@ -214,17 +216,32 @@ def count_score(prediction: str, ground_truth: str) -> float:
     return _share_equal(prediction, str(ground_truth))
 
 
+def fuzzy_ratio(a: str, b: str) -> int:
+    """``fuzzywuzzy.fuzz.ratio`` as LongBench runs it, in whole percent (0-100).
+
+    LongBench's requirements install ``fuzzywuzzy`` without ``python-Levenshtein``, so its ratio is
+    difflib's: ``SequenceMatcher(None, a, b).ratio()`` (matching blocks, with the autojunk heuristic
+    for a ``b`` of 200+ characters), times 100, rounded with Python's ``round``. Equal strings score
+    100 and otherwise an empty string scores 0, checked in that order as fuzzywuzzy does. This is
+    not an edit-distance ratio: on long lines the two can differ by tens of points.
+    """
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+
+
 def code_sim_score(prediction: str, ground_truth: str) -> float:
     """lcc and repobench-p, in [0, 1]: fuzzy ratio of the first code line of the prediction to the gold line.
 
     After leading newlines are stripped, the first line containing none of '`', '#' and '//'
     (anywhere in the line, as in LongBench's reference code) is compared; with no such line the
-    empty string is. The ratio is ``rapidfuzz.fuzz.ratio`` (normalized Indel similarity), rounded
-    to a whole percent as ``fuzzywuzzy.fuzz.ratio`` (which LongBench calls) rounds it, then / 100.
+    empty string is. The ratio is `fuzzy_ratio` (LongBench's ``fuzz.ratio``) / 100.
     """
     lines = prediction.lstrip("\n").split("\n")
     code = next((line for line in lines if "`" not in line and "#" not in line and "//" not in line), "")
-    return round(fuzz.ratio(code, ground_truth)) / 100
+    return fuzzy_ratio(code, ground_truth) / 100
 
 
 METRICS: dict[str, Callable[..., float]] = {
@@ -315,18 +332,15 @@ LENGTH_BUCKETS = ("0-4k", "4-8k", "8k+")
 """LongBench-E length intervals, by the sample's ``length`` field (words for English data)."""
 
 
-def length_bucket(length: int) -> str:
-    """LongBench-E bucket of a sample: under 4000 -> "0-4k", under 8000 -> "4-8k", else "8k+"."""
+def length_bucket(length: float) -> str:
+    """LongBench-E bucket of a sample: under 4000 -> "0-4k", under 8000 -> "4-8k", else "8k+" (eval.py --e)."""
     if length < 4000:
-        return "0-4k"
+        return LENGTH_BUCKETS[0]
     if length < 8000:
-        return "4-8k"
-    return "8k+"
+        return LENGTH_BUCKETS[1]
+    return LENGTH_BUCKETS[2]
 
 
-def bucket_scores(sample_scores: Iterable[float], lengths: Iterable[int]) -> dict[str, float]:
-    """LongBench-E scores: the mean per-sample score (0-100) in each length bucket (NaN when empty)."""
-    grouped: dict[str, list[float]] = {bucket: [] for bucket in LENGTH_BUCKETS}
-    for score, length in zip(sample_scores, lengths, strict=True):
-        grouped[length_bucket(length)].append(score)
-    return {bucket: task_score(values) for bucket, values in grouped.items()}
+def bucket_metric(metric: str, bucket: str) -> str:
+    """The name under which a LongBench-E sample's score is repeated for its bucket: ``qa_f1[0-4k]``."""
+    return f"{metric}[{bucket}]"
