@@ -26,6 +26,20 @@ def test_invalid_values_name_the_field(changes, field):
         CompressionConfig(**changes)
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"key_bits_normal": 8, "key_bits_sink_outlier": 4}, "key_bits_sink_outlier"),
+        ({"value_bits_normal": 16}, "value_bits_sink_outlier"),
+        ({"key_bits_normal": 4, "key_bits_sink_outlier": 3}, "key_bits_sink_outlier"),
+    ],
+)
+def test_high_bits_must_not_be_below_normal_bits(changes, field):
+    with pytest.raises(ConfigError, match=f"{field}.*>= the normal one.*NORMAL/HIGH"):
+        CompressionConfig(**changes)
+    CompressionConfig(key_bits_normal=8, key_bits_sink_outlier=8, value_bits_normal=2, value_bits_sink_outlier=16)
+
+
 def test_group_must_divide_head_dim():
     with pytest.raises(ConfigError, match="value_quant_groups"):
         CompressionConfig(value_quant_groups=48).validate(head_dim=64)
@@ -59,6 +73,12 @@ def test_bits_grammar():
     assert parse_bits("3") == {"key_bits_normal": 3, "value_bits_normal": 3}
     for bad in ("4/", "x", "5", "4/8/16", "/8", ""):
         with pytest.raises(ConfigError, match="--bits"):
+            parse_bits(bad)
+    assert parse_bits("8/8")["key_bits_sink_outlier"] == 8
+    for bad, example in (("4/3", "4/8"), ("16/8", "16/16"), ("8/2", "8/8")):
+        with pytest.raises(
+            ConfigError, match=f"--bits: {bad} reads as NORMAL/HIGH .* HIGH must be >= NORMAL.*{example}"
+        ):
             parse_bits(bad)
 
 
