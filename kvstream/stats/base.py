@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +27,19 @@ class StatsManager(Protocol):
         ...
 
     def reset(self) -> None: ...
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (any order, repeats allowed) of every layer's per-row statistics, so
+        later blocks of a selected row quantize as they would have for that row (beam search)."""
+        ...
+
+    def layer_state(self, layer: int) -> Any:
+        """A copy of ``layer``'s running statistics, to put back with `restore_layer_state`."""
+        ...
+
+    def restore_layer_state(self, layer: int, state: Any) -> None:
+        """Put back what `layer_state` returned: the statistics before a block that is being dropped (crop)."""
+        ...
 
     def snapshot(self) -> dict[int, dict[str, float]]:
         """Per layer: ``key_outlier_ratio`` and ``value_outlier_ratio`` (share of channels / groups)."""

@@ -85,6 +85,12 @@ class KiviLayer(PackedLayer):
     def clear_packed(self) -> None:
         self.blocks = []
 
+    def select_packed_rows(self, index: torch.Tensor) -> None:
+        self.blocks = [
+            KiviBlock(block.start, block.length, block.keys.select_rows(0, index), block.values.select_rows(0, index))
+            for block in self.blocks
+        ]
+
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner = self.owner
         cfg = owner.config

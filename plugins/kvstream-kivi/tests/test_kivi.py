@@ -229,3 +229,17 @@ def test_padded_batch_with_generate(tiny_model, make_ids):
     assert cache.valid[1, :20].sum() == 0 and bool(cache.valid[0].all())
     # the unpadded row is stored exactly as in a batch of one
     assert torch.equal(batched[0], single[0])
+
+
+@pytest.mark.parametrize("mode", [dict(num_beams=3, num_return_sequences=2), dict(prompt_lookup_num_tokens=3)])
+def test_beam_search_and_assisted_decoding_at_sixteen_bits_match_dynamic_cache(tiny_model, make_ids, mode):
+    """Beam rows are selected block by block; rejected candidates are cropped from the residual window."""
+    ids = make_ids(60, seed=5).clamp_min(1)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, **mode)
+    with torch.inference_mode():
+        want = tiny_model.generate(ids, cache=DynamicCache(config=tiny_model.config), **kwargs)
+        full = _cfg(16, key_bits_sink_outlier=16, value_bits_sink_outlier=16)
+        cache = KiviCache.from_model(tiny_model, full, group_size=8, residual_length=8)
+        got = tiny_model.generate(ids, cache=cache, **kwargs)
+    assert torch.equal(got, want)
+    assert cache.layers[0].blocks
