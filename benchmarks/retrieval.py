@@ -3,8 +3,9 @@
 Runs passkey and the single needle at several context lengths, the multi-key, multi-value and
 multi-query needles at 4k, and perplexity on the Wikipedia sample, for normal bits 4, 3 and 2
 (sinks and outliers at 8) against the full-precision cache on the same samples. Each run is
-persisted by `run_eval` as it finishes, so an interrupted benchmark resumes where it stopped;
-the Markdown table is rebuilt from every recorded run.
+persisted as it finishes, so an interrupted benchmark resumes where it stopped: a stored run is
+skipped only when its key (prompts, model files, dtype, device, library versions) still matches,
+else it is run again. The Markdown table is rebuilt from every intact recorded run.
 
     python benchmarks/retrieval.py --results results/bench --out docs/benchmarks-retrieval.md
 """
@@ -20,7 +21,7 @@ import torch
 
 import kvstream
 from kvstream import CompressionConfig
-from kvstream.eval.runner import EvalSpec, run_eval
+from kvstream.eval.runner import EvalSpec, plan_eval, run_plan
 from kvstream.results import ResultsStore
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 from kvstream.tasks.base import TaskOptions
@@ -69,10 +70,13 @@ def main() -> None:
             for b in widths:
                 config = CompressionConfig(key_bits_normal=b, value_bits_normal=b)
                 spec = EvalSpec(task=task, model=args.model, config=config, options=options, results_dir=args.results)
-                if ResultsStore(args.results).has_run(spec.run_id()):
+                planned = plan_eval(spec, bundle)
+                if planned.stored.reusable:  # skipped only when its full key (prompts, model, versions, ...) matches
                     continue
+                for line in planned.notes():
+                    print(line, flush=True)
                 start = time.perf_counter()
-                run_eval(spec, bundle=bundle)
+                run_plan(planned)
                 print(f"{task} {length} {b}-bit: {time.perf_counter() - start:.0f}s", flush=True)
     write_report(args.results, args.out, args.threads)
 
@@ -103,7 +107,7 @@ def interval(ci: tuple[float, float]) -> str:
 
 def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
     """Samples right in full precision and wrong quantized (lost), and the reverse (gained)."""
-    per_sample = rows[(rows["metric"] == metric) & rows["sample"].notna()]
+    per_sample = rows[(rows["metric"] == metric) & (rows["sample"] != "")]  # aggregate rows have no sample
     table = per_sample.pivot_table(index="sample", columns="variant", values="value")
     if QUANTIZED not in table or FULL_PRECISION not in table:
         return 0, 0
@@ -111,9 +115,18 @@ def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
     return int((fp & ~quantized).sum()), int((quantized & ~fp).sum())
 
 
+def revision(recorded: dict) -> str:
+    """A run's code revision as ``abc1234``, ``abc1234+dirty`` or ``unknown``."""
+    commit = recorded["commit"]
+    return commit[:7] + ("+dirty" if recorded["dirty"] is True else "") if commit != "unknown" else commit
+
+
 def write_report(results: Path, out: Path, threads: int) -> None:
     store = ResultsStore(results)
-    stored = [store.read_run(run_id) for run_id in store.run_ids()]
+    intact, damaged = store.scan()
+    for broken in damaged:
+        print(f"damaged run {broken.run_id}: {broken.problem} (left out; the next run of the benchmark redoes it)")
+    stored = [store.read_run(run_id) for run_id in intact]
     runs = {s.run_id: s.manifest for s in stored}
     rows = []
     for s in stored:
@@ -144,7 +157,7 @@ def write_report(results: Path, out: Path, threads: int) -> None:
                     bpe=float(bpe["quantized"].iloc[0]) if not bpe.empty else float("nan"),
                 )
             )
-    revisions = sorted({(run.get("git_revision") or "?")[:7] for run in runs.values()})
+    revisions = sorted({revision(run["revision"]) for run in runs.values()})
     started = min(run["started_at"] for run in runs.values())[:16].replace("T", " ")
     finished = max(run["finished_at"] for run in runs.values())[:16].replace("T", " ")
     torch_versions = sorted({run["versions"].get("torch") or "?" for run in runs.values()})

@@ -31,6 +31,7 @@ TIDY_COLUMNS: tuple[str, ...] = (
     "run_id",
     "task",
     "model",
+    "baseline",
     "variant",
     "cache",
     "sample",
@@ -39,7 +40,8 @@ TIDY_COLUMNS: tuple[str, ...] = (
     *CONFIG_COLUMNS,
     "extra",
 )
-"""Columns of a run's ``rows.csv``, one observation per row; ``cache`` is the config's strategy, its fields follow."""
+"""Columns of a run's ``rows.csv``, one observation per row. ``baseline`` is the digest of the key of the
+full-precision baseline the run pairs with; ``cache`` is the config's strategy, its other fields follow."""
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "run_id",
@@ -60,6 +62,8 @@ _TEXT_FIELDS = (
     f.name for f in dataclasses.fields(CompressionConfig) if f.type in ("str", str) or "Literal" in str(f.type)
 )
 STRING_COLUMNS: tuple[str, ...] = tuple(
-    dict.fromkeys(("run_id", "task", "model", "variant", "cache", "sample", "metric", "extra", *_TEXT_FIELDS))
+    dict.fromkeys(
+        ("run_id", "task", "model", "baseline", "variant", "cache", "sample", "metric", "extra", *_TEXT_FIELDS)
+    )
 )
 """Columns read back as text (empty strings kept: an aggregate row's ``sample`` is ``""``)."""

@@ -383,6 +383,29 @@ def test_eval_table_json_and_csv(fake_model, tasks_registered, tmp_path):
     assert fake_model.loads == ["smollm2-135m"] * 3
 
 
+def test_eval_reruns_a_run_whose_prompts_changed(fake_model, tasks_registered, tmp_path, monkeypatch):
+    from kvstream.tasks.synthetic import passkey
+
+    results = tmp_path / "results"
+    first = invoke("eval", *TASK_ARGS, "--results", results)
+    assert first.exit_code == 0, first.output
+    (run_dir,) = [d for d in results.iterdir() if not d.name.startswith(("_", "."))]
+    same = invoke("eval", *TASK_ARGS, "--results", results)
+    assert f"run {run_dir.name} is stored with the same key: this run replaces it" in " ".join(same.stdout.split())
+    assert json.loads((run_dir / "manifest.json").read_text())["baseline"]["reused"] is True
+
+    monkeypatch.setattr(passkey, "instruction", passkey.instruction.replace("important", "essential"))
+    changed = invoke("eval", *TASK_ARGS, "--results", results)
+    assert changed.exit_code == 0, changed.output
+    lines = [line for line in changed.stdout.splitlines() if "since it was stored" in line]
+    assert lines == [
+        f"re-run {run_dir.name}: prompts changed since it was stored",
+        f"recompute baseline {next((results / '_baseline').iterdir()).name}: prompts changed since it was stored",
+    ]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["baseline"]["reused"] is False
+
+
 def test_eval_missing_data_is_one_line(fake_model, tasks_registered, tmp_path):
     results = tmp_path / "results"
     line = assert_user_error(
@@ -409,16 +432,16 @@ def test_ablate_interrupted_and_resumed_matches_one_sweep(fake_model, tasks_regi
     assert expected["best"].sum() <= 1
     assert {"quantized", "full_precision", "delta", "bits_per_element", "pareto"} <= set(expected.columns)
 
-    real = eval_runner.run_eval
+    real = eval_runner.run_plan
     calls = []
 
-    def flaky(spec, **kwargs):
-        calls.append(spec.config.chunk_size)
+    def flaky(plan, **kwargs):
+        calls.append(plan.spec.config.chunk_size)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(spec, **kwargs)
+        return real(plan, **kwargs)
 
-    monkeypatch.setattr(eval_runner, "run_eval", flaky)
+    monkeypatch.setattr(eval_runner, "run_plan", flaky)
     results = tmp_path / "resumed"
     interrupted = invoke(*ABLATE_ARGS, "--results", results)
     assert interrupted.exit_code == 130
@@ -426,7 +449,7 @@ def test_ablate_interrupted_and_resumed_matches_one_sweep(fake_model, tasks_regi
     assert "Traceback" not in interrupted.output
     assert len([d for d in results.iterdir() if not d.name.startswith(("_", "."))]) == 2
 
-    monkeypatch.setattr(eval_runner, "run_eval", real)
+    monkeypatch.setattr(eval_runner, "run_plan", real)
     loads_before = len(fake_model.loads)
     resumed = invoke(*ABLATE_ARGS, "--results", results)
     assert resumed.exit_code == 0, resumed.output
@@ -436,7 +459,8 @@ def test_ablate_interrupted_and_resumed_matches_one_sweep(fake_model, tasks_regi
 
     again = invoke(*ABLATE_ARGS, "--results", results)
     assert again.exit_code == 0 and again.stderr.count("skip ") == 3
-    assert len(fake_model.loads) == loads_before + 1  # nothing to run: the model is not even loaded
+    assert "re-run" not in again.stderr and "recompute" not in again.stderr
+    assert len(fake_model.loads) == loads_before + 2  # loaded to check the stored keys, nothing run
 
 
 def test_ablate_table_and_preset(fake_model, tasks_registered, tmp_path):

@@ -9,10 +9,14 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from kvstream.config import CompressionConfig
 from kvstream.eval import EvalSpec, MemoryMonitor, bootstrap_ci, paired_bootstrap_delta, run_eval
+from kvstream.eval.runner import plan_eval, run_plan
 from kvstream.results import ResultsStore
+from kvstream.results.fingerprint import model_fingerprint
+from kvstream.results.provenance import code_revision
 from kvstream.schema import FULL_PRECISION, QUANTIZED, SUMMARY_COLUMNS, TIDY_COLUMNS
 from kvstream.tasks.base import Row, RunContext, TaskDataMissing, TaskOptions
 from kvstream.tasks.perplexity import corpus_windows, perplexity
@@ -26,6 +30,7 @@ from kvstream.tasks.synthetic import (
     score_answers,
     split_sentences,
 )
+from kvstream.testing import tiny_llama
 
 ESSAY = (
     "Startups are odd things. Most of them fail, and the ones that succeed often look doomed at first. "
@@ -416,6 +421,14 @@ def test_run_eval_end_to_end_and_baseline_reuse(tiny_model, tmp_path):
     assert manifest["config"] == spec.config.to_dict()
     assert manifest["baseline"]["reused"] is False
     assert set(manifest["versions"]) >= {"torch", "transformers", "kvstream"}
+    assert set(manifest["revision"]) == {"commit", "dirty"}
+    assert manifest["revision"]["dirty"] in (True, False, "unknown")
+    assert manifest["revision"] == code_revision()
+    key = manifest["key"]
+    assert (key["dtype"], key["device"], key["baseline_chunk_size"]) == ("float32", "cpu", 256)
+    assert key["config"] == spec.config.config_hash() and key["model"] == model_fingerprint(tiny_model)
+    assert set(rows["baseline"]) == {manifest["baseline"]["digest"]}
+    assert set(manifest["files"]) == {"rows.csv", "summary.csv"}
     assert manifest["started_at"] <= manifest["finished_at"]
     store = ResultsStore(tmp_path)
     assert store.has_run(spec.run_id())
@@ -449,6 +462,51 @@ def test_run_eval_end_to_end_and_baseline_reuse(tiny_model, tmp_path):
     spec3.results_dir = tmp_path
     run_eval(spec3, bundle=(tiny_model, tok))
     assert task.calls == {"StreamingQuantizedCache": 8, "FullPrecisionCache": 5}
+
+
+class RewordedTask(CountingTask):
+    """A task whose prompt text can be changed between runs (same name, options and sample ids)."""
+
+    def __init__(self, inner, word: str = "") -> None:
+        super().__init__(inner)
+        self.word = word
+
+    def samples(self, options, tokenizer):
+        samples = self.inner.samples(options, tokenizer)
+        for sample in samples:
+            sample.prompt = f"{self.word} {sample.prompt}".strip()
+            sample.meta["prompt_ids"] = tokenizer.encode(sample.prompt)
+        return samples
+
+
+def test_changed_prompts_recompute_the_baseline_and_the_run(tiny_model, tmp_path):
+    tok = WordTokenizer()
+    task = RewordedTask(passkey)
+    spec = EvalSpec(task=task, model="tiny", config=tiny_config(), options=TaskOptions(samples=2, length=100))
+    spec.results_dir = tmp_path
+    first = run_eval(spec, bundle=(tiny_model, tok))
+    plan = plan_eval(spec, (tiny_model, tok))
+    assert (plan.stored.state, plan.baseline.state) == ("same", "same") and plan.notes() == []
+
+    task.word = "Please:"
+    plan = plan_eval(spec, (tiny_model, tok))
+    assert (plan.stored.state, plan.stored.reason) == ("changed", "prompts changed")
+    assert (plan.baseline.state, plan.baseline.reason) == ("changed", "prompts changed")
+    assert plan.notes() == [
+        f"re-run {spec.run_id()}: prompts changed since it was stored",
+        f"recompute baseline {spec.baseline_slot()}: prompts changed since it was stored",
+    ]
+    second = run_plan(plan)
+    assert task.calls == {"StreamingQuantizedCache": 4, "FullPrecisionCache": 4}
+    assert second.manifest["baseline"]["reused"] is False
+    assert second.manifest["key"]["prompts"] != first.manifest["key"]["prompts"]
+    assert plan_eval(spec, (tiny_model, tok)).stored.reusable
+
+    other = spec.config.replace(key_bits_normal=2)
+    spec_bf16 = EvalSpec(task=task, model="tiny", config=other, options=spec.options, results_dir=tmp_path)
+    plan = plan_eval(spec_bf16, (tiny_llama(max_position_embeddings=512).to(torch.bfloat16), tok))
+    assert plan.stored.state == "missing"
+    assert plan.baseline.state == "changed" and "dtype changed (float32 -> bfloat16)" in plan.baseline.reason
 
 
 def test_run_eval_looks_tasks_up_in_the_registry(tiny_model, tmp_path, monkeypatch):

@@ -67,9 +67,10 @@ EPILOG = (
     "Presets (configs/ablations/): chunk-size, ema-decay, bits, sink-size, outliers, rope. The "
     "pseudo-field bits=N/M,... sweeps --bits.\n"
     "\n"
-    "Each run is stored as it finishes: running the same command again skips finished runs, so an "
-    "interrupted sweep resumes where it stopped. The summary marks the best quality per effective bit"
-    " (★) and the runs no other run beats on both quality and bits (◆)."
+    "Each run is stored as it finishes: running the same command again skips finished runs whose key "
+    "(prompts, model files, dtype, device, versions) still matches, so an interrupted sweep resumes where "
+    "it stopped. The summary marks the best quality per effective bit (★) and the runs no other run beats "
+    "on both quality and bits (◆)."
 )
 
 
@@ -286,7 +287,6 @@ def ablate_command(
     specs = [runner.EvalSpec(task=task, model=model, config=c, options=options, results_dir=results) for c in configs]
     run_ids = [s.run_id() for s in specs]
     store = ResultsStore(results)
-    done = [store.has_run(run_id) for run_id in run_ids]
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
@@ -294,29 +294,35 @@ def ablate_command(
     if sweep.description:
         heading += f": {sweep.description}"
     info.print(Text(heading, style="bold"), soft_wrap=True)
-    for spec, run_id, finished in zip(specs, run_ids, done, strict=True):
-        if finished:
-            note(Text(f"skip {run_id} ({_label(spec.config, sweep)}): already in {results}", style="dim"), console=info)
+    for spec in specs:
+        check_strategies(spec.config)
+    bundle = load_bundle(model, device, dtype)
+    for spec in specs:
+        check_config_for_model(spec.config, bundle[0])
+    with ProgressBars() as bars:
+        first = runner.plan_eval(specs[0], bundle, progress=bars.callback("sweep: "))
+    plans = [first] + [runner.plan_eval(spec, bundle, samples=first.samples) for spec in specs[1:]]
+    for plan in plans:
+        if plan.stored.reusable:
+            label = _label(plan.spec.config, sweep)
+            note(Text(f"skip {plan.run_id} ({label}): in {results} with the same key", style="dim"), console=info)
+    for line in dict.fromkeys(line for plan in plans for line in plan.notes()):
+        note(Text(line, style="yellow"), console=info)
 
-    todo = [(s, r) for s, r, d in zip(specs, run_ids, done, strict=True) if not d]
+    todo = [plan for plan in plans if not plan.stored.reusable]
     if todo:
-        for spec, _ in todo:
-            check_strategies(spec.config)
-        bundle = load_bundle(model, device, dtype)
-        for spec, _ in todo:
-            check_config_for_model(spec.config, bundle[0])
         finished = len(specs) - len(todo)
         try:
             with ProgressBars() as bars:
                 bars.update("runs", finished, len(specs))
-                for spec, run_id in todo:
-                    label = _label(spec.config, sweep)
+                for plan in todo:
+                    label = _label(plan.spec.config, sweep)
                     start = time.perf_counter()
-                    runner.run_eval(spec, bundle=bundle, progress=bars.callback(f"{label}: "))
+                    runner.run_plan(plan, progress=bars.callback(f"{label}: "))
                     bars.remove_prefix(f"{label}: ")
                     finished += 1
                     bars.update("runs", finished, len(specs))
-                    note(f"done {run_id} ({label}) in {time.perf_counter() - start:.1f} s", console=info)
+                    note(f"done {plan.run_id} ({label}) in {time.perf_counter() - start:.1f} s", console=info)
         except KeyboardInterrupt:
             note(
                 Text(
@@ -352,7 +358,7 @@ def sweep_summary(store: Any, run_ids: list[str]) -> pd.DataFrame:
     """The sweep table of ``run_ids`` from a `kvstream.results.ResultsStore`."""
     from kvstream.report.tables import sweep_table
 
-    return sweep_table(store.rows(), run_ids)
+    return sweep_table(store.rows(run_ids), run_ids)
 
 
 def _label(config: CompressionConfig, sweep: Sweep) -> str:

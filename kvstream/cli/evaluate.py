@@ -96,18 +96,21 @@ def eval_command(
     options = task_options(samples, length, seed, corpus, depth, data_dir)
     check_task(task)
     check_strategies(effective)
-    from kvstream.eval.runner import EvalSpec, run_eval
-    from kvstream.results import ResultsStore
+    from kvstream.eval.runner import EvalSpec, plan_eval, run_plan
 
     spec = EvalSpec(task=task, model=model, config=effective, options=options, results_dir=results)
     info = out() if fmt is OutputFormat.table else err()
     show_config(effective, config, console=info)
-    if ResultsStore(results).has_run(spec.run_id()):
-        note(Text(f"run {spec.run_id()} is already stored: this run replaces it", style="dim"), console=info)
     bundle = load_bundle(model, device, dtype)
     check_config_for_model(effective, bundle[0])
     with ProgressBars() as bars:
-        result = run_eval(spec, bundle=bundle, progress=bars.callback(f"{task}: "))
+        plan = plan_eval(spec, bundle, progress=bars.callback(f"{task}: "))
+    if plan.stored.reusable:
+        note(Text(f"run {plan.run_id} is stored with the same key: this run replaces it", style="dim"), console=info)
+    for line in plan.notes():
+        note(Text(line, style="yellow"), console=info)
+    with ProgressBars() as bars:
+        result = run_plan(plan, progress=bars.callback(f"{task}: "))
 
     console = out()
     if fmt is OutputFormat.table:

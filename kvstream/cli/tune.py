@@ -54,7 +54,8 @@ EPILOG = (
     "(--chunk-size, --bits, ...) is fixed instead.\n"
     "\n"
     "Every trial is an eval run stored in --results (so `kvstream report` shows it); a config already"
-    " stored is not run again. Trials that break the constraint are penalised. --min-quality is a "
+    " stored with the same key (prompts, model files, dtype, device, versions) is not run again. Trials "
+    "that break the constraint are penalised. --min-quality is a "
     "floor for higher-is-better metrics and a ceiling for perplexity."
 )
 
@@ -167,20 +168,24 @@ def tune_command(
     )
 
     bundle: list[Any] = []
+    samples_built: list[Any] = []
     bars = ProgressBars()
 
     def evaluate(candidate: CompressionConfig) -> Measurement:
-        spec = runner.EvalSpec(task=task, model=model, config=candidate, options=options, results_dir=results)
-        run_id = spec.run_id()
-        if store.has_run(run_id):
-            quality, bits_used, _ = _measure(store.read_run(run_id).rows, run_id, task)
-            return Measurement(run_id, quality, bits_used, reused=True)
         if not bundle:
             bundle.append(load_bundle(model, device, dtype))
         check_config_for_model(candidate, bundle[0][0])
-        result = runner.run_eval(spec, bundle=bundle[0], progress=bars.callback("trial: "))
-        quality, bits_used, _ = _measure(result.rows, run_id, task)
-        return Measurement(run_id, quality, bits_used)
+        spec = runner.EvalSpec(task=task, model=model, config=candidate, options=options, results_dir=results)
+        plan = runner.plan_eval(spec, bundle[0], samples=samples_built[0] if samples_built else None)
+        samples_built[:] = [plan.samples]
+        if plan.stored.reusable:
+            quality, bits_used, _ = _measure(store.read_run(plan.run_id).rows, plan.run_id, task)
+            return Measurement(plan.run_id, quality, bits_used, reused=True)
+        for line in plan.notes():
+            note(Text(line, style="yellow"), console=err())
+        result = runner.run_plan(plan, progress=bars.callback("trial: "))
+        quality, bits_used, _ = _measure(result.rows, plan.run_id, task)
+        return Measurement(plan.run_id, quality, bits_used)
 
     def on_trial(record: TrialRecord) -> None:
         bars.update("trials", record.number + 1, trials)

@@ -1,11 +1,13 @@
 """Running a task with the quantized cache and its full-precision baseline, on the same samples.
 
-`run_eval` builds the task's samples once, runs every sample through the cache strategy the
-config names (the *quantized* variant) and through `FullPrecisionCache` (the *full_precision*
-variant, ``cache="full"``), summarises both (`kvstream.eval.summary`) and stores the run in the
-results store (`kvstream.results`): tidy rows, summary and manifest. The full-precision rows are
-kept in a baseline slot of the store and reused by every later run of the same task, model and
-options (another bit width, chunk size, ...).
+`plan_eval` builds the task's samples once and works out the run's key (the prompts' token ids,
+the generation settings, the model's files, dtype, device, versions; `kvstream.results.keys`) and
+how the stored run and baseline stand against it. `run_plan` then runs every sample through the
+cache strategy the config names (the *quantized* variant) and, unless the stored baseline was
+measured on the same key, through `FullPrecisionCache` (the *full_precision* variant, prefilled in
+chunks of `EvalSpec.baseline_chunk_size` whatever the config's), summarises both
+(`kvstream.eval.summary`) and stores the run (`kvstream.results`): tidy rows, summary and manifest.
+One baseline serves every run of the same task, model and options (another bit width, chunk size, ...).
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from kvstream.config import CompressionConfig
 from kvstream.eval.memory import MemoryMonitor
 from kvstream.eval.summary import summarize
 from kvstream.results import keys
-from kvstream.results.provenance import git_revision, library_versions
-from kvstream.results.store import ResultsStore, StoredRun
+from kvstream.results.fingerprint import model_device, model_dtype, model_fingerprint
+from kvstream.results.keys import ResultKey
+from kvstream.results.provenance import code_revision, library_versions
+from kvstream.results.store import Check, ResultsStore, StoredRun
 from kvstream.schema import CONFIG_COLUMNS, FULL_PRECISION, QUANTIZED, TIDY_COLUMNS
 from kvstream.tasks.base import Row, RunContext, Sample, TaskOptions
 
 DEFAULT_MODEL = "smollm2-135m"
+BASELINE_CHUNK_SIZE = CompressionConfig().chunk_size
+"""Prefill chunk of every full-precision baseline, so the runs of a chunk-size sweep share one."""
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(what, done, total)``."""
@@ -57,6 +63,7 @@ class EvalSpec:
     config: CompressionConfig = field(default_factory=CompressionConfig)
     options: TaskOptions = field(default_factory=TaskOptions)
     results_dir: Path = Path("results")
+    baseline_chunk_size: int = BASELINE_CHUNK_SIZE
 
     @property
     def task_name(self) -> str:
@@ -68,6 +75,10 @@ class EvalSpec:
 
     def baseline_slot(self) -> str:
         return keys.baseline_slot(self.task_name, self.model, self.options)
+
+    def baseline_config(self) -> CompressionConfig:
+        """The full-precision cache, prefilled in chunks of ``baseline_chunk_size``."""
+        return CompressionConfig(cache="full", chunk_size=self.baseline_chunk_size)
 
 
 # --------------------------------------------------------------------------- running one variant
@@ -186,15 +197,11 @@ def make_context(
     )
 
 
-def _row_dict(
-    run_id: str, task: str, model: str, variant: str, config: CompressionConfig, row: Row, sample: str
-) -> dict[str, Any]:
+def _row_dict(identity: dict[str, str], config: CompressionConfig, row: Row, sample: str) -> dict[str, Any]:
+    """One tidy row: ``identity`` (run id, task, model, baseline, variant), the config, the observation."""
     values = config.to_dict()
     out: dict[str, Any] = {
-        "run_id": run_id,
-        "task": task,
-        "model": model,
-        "variant": variant,
+        **identity,
         "cache": config.cache,
         "sample": sample,
         "metric": row.metric,
@@ -245,11 +252,21 @@ def run_variant(
     *,
     run_id: str,
     model_name: str,
+    baseline: str,
     variant: str,
     progress: ProgressCallback | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Tidy rows of every sample with ``config``'s cache, plus the variant's aggregate rows."""
-    name = task_name(task)
+    """Tidy rows of every sample with ``config``'s cache, plus the variant's aggregate rows.
+
+    ``baseline`` is the digest of the baseline's key, the same on the rows of both variants.
+    """
+    identity = {
+        "run_id": run_id,
+        "task": task_name(task),
+        "model": model_name,
+        "baseline": baseline,
+        "variant": variant,
+    }
     recorder = _Recorder()
     records: list[dict[str, Any]] = []
     per_sample: dict[str, list[float]] = {}
@@ -262,16 +279,16 @@ def run_variant(
             ctx = make_context(model, tokenizer, config, recorder)
             for row in task.run(ctx, sample):
                 sample_id = row.sample if row.sample is not None else sample.id
-                records.append(_row_dict(run_id, name, model_name, variant, config, row, str(sample_id)))
+                records.append(_row_dict(identity, config, row, str(sample_id)))
                 per_sample.setdefault(row.metric, []).append(float(row.value))
             if progress:
                 progress(variant, done, len(samples))
     for metric, values in per_sample.items():
         value = _mean(values)
         aggregate = Row(metric=metric, value=math.nan if value is None else value, extra={"n": len(values)})
-        records.append(_row_dict(run_id, name, model_name, variant, config, aggregate, ""))
+        records.append(_row_dict(identity, config, aggregate, ""))
     for row in _resource_rows(recorder, monitor):
-        records.append(_row_dict(run_id, name, model_name, variant, config, row, ""))
+        records.append(_row_dict(identity, config, row, ""))
     info = {"seconds": time.perf_counter() - started, "memory": monitor.as_dict(), "caches": len(recorder.reports)}
     return _frame(records), info
 
@@ -300,105 +317,187 @@ def _resolve_task(task: Any) -> Any:
     return task
 
 
+def build_samples(
+    task: Any, options: TaskOptions, tokenizer: Any, progress: ProgressCallback | None = None
+) -> list[Sample]:
+    """The task's samples for ``options``; duplicate sample ids are refused (runs pair samples by id)."""
+    if progress:
+        progress("samples", 0, 1)
+    samples = task.samples(options, tokenizer)
+    if progress:
+        progress("samples", 1, 1)
+    sample_ids = [str(s.id) for s in samples]
+    if len(set(sample_ids)) != len(sample_ids):
+        raise ValueError(f"task {task_name(task)!r} produced duplicate sample ids")
+    return samples
+
+
+def prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
+    """The token ids a sample feeds the model: its own ``prompt_ids``/``input_ids``, else its prompt encoded."""
+    ids = sample.meta.get("prompt_ids", sample.meta.get("input_ids"))
+    return [int(i) for i in (ids if ids is not None else tokenizer.encode(sample.prompt))]
+
+
+def result_key(spec: EvalSpec, task: Any, samples: list[Sample], model: Any, tokenizer: Any) -> ResultKey:
+    """What a run of ``spec`` on these samples is measured on (see `kvstream.results.keys.ResultKey`)."""
+    versions = library_versions()
+    default_budget = getattr(task, "max_new_tokens", None)
+    generation = {
+        "decoding": "greedy",
+        "eos_token_ids": sorted(eos_ids(tokenizer)),
+        "skip_special_tokens": True,
+        "max_new_tokens": [s.meta.get("max_new_tokens", default_budget) for s in samples],
+    }
+    return ResultKey(
+        task=task_name(task),
+        prompts=keys.digest([[str(s.id), prompt_ids(s, tokenizer), list(s.answers)] for s in samples]),
+        generation=keys.digest(generation),
+        model=model_fingerprint(model),
+        dtype=model_dtype(model),
+        device=model_device(model),
+        baseline_chunk_size=spec.baseline_chunk_size,
+        torch=versions["torch"],
+        transformers=versions["transformers"],
+        kvstream=versions["kvstream"],
+        config=spec.config.config_hash(),
+    )
+
+
+@dataclass
+class EvalPlan:
+    """A run worked out before it runs: its task, model, samples and key, and how the stored copies stand."""
+
+    spec: EvalSpec
+    task: Any
+    model: Any
+    tokenizer: Any
+    samples: list[Sample]
+    key: ResultKey
+    stored: Check
+    """The run stored under the spec's run id against ``key``: reusable only when ``same``."""
+    baseline: Check
+    """The baseline stored in the spec's slot against ``key.baseline()``."""
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id()
+
+    def notes(self) -> list[str]:
+        """One line for the stored run and one for the stored baseline when they will be replaced, saying why."""
+        lines = []
+        if self.stored.state in ("changed", "damaged"):
+            lines.append(f"re-run {self.run_id}: {self.stored.why()}")
+        if self.baseline.state in ("changed", "damaged"):
+            lines.append(f"recompute baseline {self.spec.baseline_slot()}: {self.baseline.why()}")
+        return lines
+
+
+def plan_eval(
+    spec: EvalSpec,
+    bundle: tuple[Any, Any] | None = None,
+    *,
+    samples: list[Sample] | None = None,
+    progress: ProgressCallback | None = None,
+) -> EvalPlan:
+    """Resolve the task, load the model (unless ``bundle`` is given), build the samples (unless given),
+    compute the run's key and check the stored run and baseline against it. Nothing runs yet."""
+    from kvstream.engine import load_model
+
+    task = _resolve_task(spec.task)
+    model, tokenizer = bundle if bundle is not None else load_model(spec.model)
+    samples = samples if samples is not None else build_samples(task, spec.options, tokenizer, progress)
+    key = result_key(spec, task, samples, model, tokenizer)
+    store = ResultsStore(spec.results_dir)
+    return EvalPlan(
+        spec=spec,
+        task=task,
+        model=model,
+        tokenizer=tokenizer,
+        samples=samples,
+        key=key,
+        stored=store.check_run(spec.run_id(), key),
+        baseline=store.check_baseline(spec.baseline_slot(), key.baseline()),
+    )
+
+
 def run_eval(
     spec: EvalSpec,
     *,
     bundle: tuple[Any, Any] | None = None,
     progress: ProgressCallback | None = None,
 ) -> StoredRun:
-    """Run ``spec`` with the quantized cache and the full-precision baseline; save and return the result.
+    """Plan ``spec`` (`plan_eval`) and run it (`run_plan`); ``bundle=(model, tokenizer)`` skips loading the model."""
+    return run_plan(plan_eval(spec, bundle, progress=progress), progress)
 
-    ``bundle=(model, tokenizer)`` skips loading ``spec.model``. The baseline rows are reused from
-    the store's baseline slot when a run with the same task, model and options (and the same
-    sample ids) made them. A task whose data is missing raises `TaskDataMissing` before any model runs.
+
+def run_plan(plan: EvalPlan, progress: ProgressCallback | None = None) -> StoredRun:
+    """Run ``plan`` with the quantized cache and the full-precision baseline; store and return the run.
+
+    The baseline rows are reused from the store's slot when they are intact and were measured on
+    the run's key (prompts, model, dtype, device, versions, ...), else computed and stored. A task
+    whose data is missing has raised `TaskDataMissing` in `plan_eval`, before any model ran.
     """
-    from kvstream.engine import load_model
-
     started_at = _now()
     clock = time.perf_counter()
+    spec, task, samples, model, tokenizer = plan.spec, plan.task, plan.samples, plan.model, plan.tokenizer
     store = ResultsStore(spec.results_dir)
     run_id = spec.run_id()
-    task = _resolve_task(spec.task)
     name = task_name(task)
-    config = spec.config
-    baseline_config = config.replace(cache="full")
-
-    model, tokenizer = bundle if bundle is not None else load_model(spec.model)
-    if progress:
-        progress("samples", 0, 1)
-    samples = task.samples(spec.options, tokenizer)
-    if progress:
-        progress("samples", 1, 1)
     sample_ids = [str(s.id) for s in samples]
-    if len(set(sample_ids)) != len(sample_ids):
-        raise ValueError(f"task {name!r} produced duplicate sample ids")
+    baseline_key = plan.key.baseline()
+    shared = dict(run_id=run_id, model_name=spec.model, baseline=baseline_key.digest(), progress=progress)
 
-    quantized, q_info = run_variant(
-        task,
-        samples,
-        model,
-        tokenizer,
-        config,
-        run_id=run_id,
-        model_name=spec.model,
-        variant=QUANTIZED,
-        progress=progress,
-    )
+    quantized, q_info = run_variant(task, samples, model, tokenizer, spec.config, variant=QUANTIZED, **shared)
 
     slot = spec.baseline_slot()
-    baseline = store.read_baseline(slot, sample_ids)
-    reused = baseline is not None
+    reused = store.check_baseline(slot, baseline_key).reusable
     b_info: dict[str, Any] = {}
-    if baseline is None:
-        baseline, b_info = run_variant(
-            task,
-            samples,
-            model,
-            tokenizer,
-            baseline_config,
-            run_id=run_id,
-            model_name=spec.model,
-            variant=FULL_PRECISION,
-            progress=progress,
-        )
+    if reused:
+        baseline = store.read_baseline(slot)[0].assign(run_id=run_id)
+        if progress:
+            progress(f"{FULL_PRECISION} (cached)", len(samples), len(samples))
+    else:
+        config = spec.baseline_config()
+        baseline, b_info = run_variant(task, samples, model, tokenizer, config, variant=FULL_PRECISION, **shared)
         meta = {
             "format": keys.FORMAT_VERSION,
-            "key": slot,
+            "slot": slot,
+            "key": baseline_key.as_dict(),
+            "digest": baseline_key.digest(),
             "task": name,
             "model": spec.model,
             "options": keys.options_dict(spec.options),
-            "config": baseline_config.to_dict(),
+            "config": config.to_dict(),
             "samples": sample_ids,
             "computed_by": run_id,
             "created_at": _now(),
             "info": b_info,
         }
         store.write_baseline(slot, baseline, meta)
-    else:
-        baseline = baseline.copy()
-        baseline["run_id"] = run_id
-        if progress:
-            progress(f"{FULL_PRECISION} (cached)", len(samples), len(samples))
 
     rows = pd.concat([quantized, baseline], ignore_index=True)[list(TIDY_COLUMNS)]
     summary = summarize(rows, seed=spec.options.seed)
-    device = _model_device(model)
     manifest = {
         "format": keys.FORMAT_VERSION,
         "run_id": run_id,
         "task": name,
         "model": spec.model,
         "options": keys.options_dict(spec.options),
-        "config": config.to_dict(),
-        "config_hash": config.config_hash(),
-        "baseline_config": baseline_config.to_dict(),
-        "baseline": {"key": slot, "reused": reused, "path": str(store.layout.baseline_dir(slot))},
+        "config": spec.config.to_dict(),
+        "config_hash": spec.config.config_hash(),
+        "key": plan.key.as_dict(),
+        "digest": plan.key.digest(),
+        "baseline": {
+            "slot": slot,
+            "digest": baseline_key.digest(),
+            "reused": reused,
+            "config": spec.baseline_config().to_dict(),
+        },
         "samples": sample_ids,
         "n_samples": len(samples),
         "per_sample_metric": getattr(task, "per_sample_metric", None),
         "versions": library_versions(),
-        "git_revision": git_revision(),
-        "device": str(device),
+        "revision": code_revision(),
         "platform": platform.platform(),
         "argv": list(sys.argv),
         "variants": {QUANTIZED: q_info, FULL_PRECISION: b_info or {"reused": True}},

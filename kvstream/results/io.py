@@ -1,7 +1,8 @@
-"""Writing a results folder in one rename, and reading its CSV and JSON files back with their types."""
+"""Writing a results folder in one rename with each file's size and checksum, and reading its files back typed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,16 +44,41 @@ def write_dir_atomic(target: Path, files: dict[str, Writer]) -> None:
         raise
 
 
-def json_writer(data: Any) -> Writer:
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """A frame as the bytes of its CSV file (no index)."""
+    return frame.to_csv(index=False).encode("utf-8")
+
+
+def bytes_writer(data: bytes) -> Writer:
     def write(path: Path) -> None:
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        path.write_bytes(data)
 
     return write
 
 
-def csv_writer(frame: pd.DataFrame) -> Writer:
+def file_record(data: bytes) -> dict[str, Any]:
+    """Size and SHA-256 of a file's bytes, as a manifest records them."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def file_problem(path: Path, record: Any) -> str | None:
+    """What is wrong with ``path`` against its `file_record` (missing, truncated, altered), or None."""
+    if not isinstance(record, dict):
+        return f"{path.name} has no size and checksum in the manifest"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return f"{path.name} missing"
+    if len(data) < record.get("bytes", 0):
+        return f"{path.name} truncated ({len(data)} of {record['bytes']} bytes)"
+    if file_record(data) != {"bytes": record.get("bytes"), "sha256": record.get("sha256")}:
+        return f"{path.name} altered (its checksum differs from the manifest's)"
+    return None
+
+
+def json_writer(data: Any) -> Writer:
     def write(path: Path) -> None:
-        frame.to_csv(path, index=False)
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
     return write
 

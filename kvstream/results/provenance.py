@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
+
+UNKNOWN = "unknown"
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return md.version(distribution)
-    except md.PackageNotFoundError:
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
+def library_versions() -> dict[str, str]:
     """Versions of kvstream, torch, transformers, pandas, numpy and Python."""
     import numpy as np
     import pandas as pd
@@ -25,7 +20,7 @@ def library_versions() -> dict[str, str | None]:
     import kvstream
 
     return {
-        "kvstream": getattr(kvstream, "__version__", None) or _version("kvstream"),
+        "kvstream": kvstream.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "pandas": pd.__version__,
@@ -34,52 +29,27 @@ def library_versions() -> dict[str, str | None]:
     }
 
 
-def _read_git_dir(root: Path) -> str | None:
-    git = root / ".git"
-    if git.is_file():
-        text = git.read_text().strip()
-        if not text.startswith("gitdir:"):
+def code_revision(package_dir: Path | None = None) -> dict[str, Any]:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding the kvstream package.
+
+    ``dirty`` is whether any file under the package differs from the commit (untracked ones
+    included). Both are ``"unknown"`` when the package is not tracked by git (an installed wheel)
+    or git cannot be run.
+    """
+    import kvstream
+
+    folder = package_dir or Path(kvstream.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
             return None
-        git = (root / text.split(":", 1)[1].strip()).resolve()
-    if not (git / "HEAD").is_file():
-        return None
-    head = (git / "HEAD").read_text().strip()
-    if not head.startswith("ref:"):
-        return head or None
-    ref = head.split(":", 1)[1].strip()
-    common = git
-    if (git / "commondir").is_file():
-        common = (git / (git / "commondir").read_text().strip()).resolve()
-    for base in (git, common):
-        path = base / ref
-        if path.is_file():
-            return path.read_text().strip() or None
-    packed = common / "packed-refs"
-    if packed.is_file():
-        for line in packed.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1] == ref:
-                return parts[0]
-    return None
+        return done.stdout.strip() if done.returncode == 0 else None
 
-
-def git_revision() -> str | None:
-    """The commit of the kvstream source tree, when it is a git checkout (else None)."""
-    root = Path(__file__).resolve().parent.parent.parent
-    try:
-        found = _read_git_dir(root)
-    except OSError:
-        found = None
-    if found:
-        return found
-    if not (root / ".git").exists():
-        return None
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
+    tracked = git("ls-files", "--", "__init__.py")
+    commit = git("rev-parse", "HEAD") if tracked else None
+    if not commit:
+        return {"commit": UNKNOWN, "dirty": UNKNOWN}
+    status = git("status", "--porcelain", "--", ".")
+    return {"commit": commit, "dirty": UNKNOWN if status is None else bool(status)}
