@@ -115,6 +115,10 @@ def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
     return int((fp & ~quantized).sum()), int((quantized & ~fp).sum())
 
 
+BITS = ("bits_per_element", "bits_per_element_min", "bits_per_element_max", "prefill_bits_per_element")
+"""The effective-bits figures of a run's summary the table shows."""
+
+
 def revision(recorded: dict) -> str:
     """A run's code revision as ``abc1234``, ``abc1234+dirty`` or ``unknown``."""
     commit = recorded["commit"]
@@ -132,7 +136,8 @@ def write_report(results: Path, out: Path, threads: int) -> None:
     for s in stored:
         run, group, per_sample = s.manifest, s.summary, s.rows
         config, options = run["config"], run["options"]
-        bpe = group[group["metric"] == "bits_per_element"]
+        quantized_value = group.set_index("metric")["quantized"].to_dict()
+        bits_of = {name: float(quantized_value.get(name, float("nan"))) for name in BITS}
         metrics = ["perplexity"] if run["task"] == "perplexity" else ["accuracy", "recall"]
         for metric in metrics:
             line = group[group["metric"] == metric]
@@ -154,7 +159,7 @@ def write_report(results: Path, out: Path, threads: int) -> None:
                     ci=(line["ci_low"], line["ci_high"]) if n > 1 else (float("nan"), float("nan")),
                     lost=lost,
                     gained=gained,
-                    bpe=float(bpe["quantized"].iloc[0]) if not bpe.empty else float("nan"),
+                    **bits_of,
                 )
             )
     revisions = sorted({revision(run["revision"]) for run in runs.values()})
@@ -177,17 +182,17 @@ def write_report(results: Path, out: Path, threads: int) -> None:
         f"_Runs recorded {started} to {finished} UTC at revision(s) {', '.join(f'`{r}`' for r in revisions)}, "
         f"torch {', '.join(torch_versions)}, {threads} CPU threads._",
         "",
-        "Effective bits are those of the last sample's cache at the end of its generation: every byte held, "
-        "including the full-precision tail (the last partial prefill chunk and the decoded tokens, kept exact "
-        "until a chunk fills, `decode_storage: buffered`), so they move with the prompt length modulo the "
-        "chunk size.",
+        "Effective bits are the mean over the samples' caches at the end of generation, with the per-sample "
+        "range: every byte held, including the full-precision tail (the last partial prefill chunk and the "
+        "decoded tokens, kept exact until a chunk fills, `decode_storage: buffered`), so they move with the "
+        "prompt length modulo the chunk size. Prefill bits are the same mean at the end of prefill.",
         "",
         "Lost / gained count the samples the full-precision cache answers and the quantized one does not, and the "
         "reverse: where the model is at the edge of its ability, small perturbations flip answers both ways.",
         "",
         "| task | context | bits | samples | metric | full precision | quantized | delta | 95% CI | lost / gained | "
-        "within one sample | effective bits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "within one sample | effective bits (range) | prefill bits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines[-2:-2] = [verdict(frame[(frame["metric"] == "accuracy") & (frame["bits"] == b)], b) for b in (4, 3)] + [""]
     for r in frame.itertuples():
@@ -199,7 +204,9 @@ def write_report(results: Path, out: Path, threads: int) -> None:
                 within = "yes" if abs(r.delta) * r.n <= 1 + 1e-9 else "**no**"
         lines.append(
             f"| {r.task} | {r.length} | {r.bits} | {r.n} | {r.metric} | {r.fp:.4g} | {r.quantized:.4g} | "
-            f"{r.delta:+.4g}{relative} | {interval(r.ci)} | {changed} | {within} | {r.bpe:.2f} |"
+            f"{r.delta:+.4g}{relative} | {interval(r.ci)} | {changed} | {within} | "
+            f"{r.bits_per_element:.2f} ({r.bits_per_element_min:.2f}-{r.bits_per_element_max:.2f}) | "
+            f"{r.prefill_bits_per_element:.2f} |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

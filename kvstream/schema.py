@@ -13,6 +13,11 @@ VARIANTS = (QUANTIZED, FULL_PRECISION)
 
 RESOURCE_METRICS: tuple[str, ...] = (
     "bits_per_element",
+    "bits_per_element_min",
+    "bits_per_element_max",
+    "prefill_bits_per_element",
+    "prefill_bits_per_element_min",
+    "prefill_bits_per_element_max",
     "ratio_to_fp16",
     "cache_bytes",
     "peak_cache_bytes",
@@ -24,7 +29,10 @@ RESOURCE_METRICS: tuple[str, ...] = (
     "key_outlier_ratio",
     "value_outlier_ratio",
 )
-"""Aggregate-only rows (``sample == ""``) of each variant, besides the task's own quality metrics."""
+"""Aggregate-only rows (``sample == ""``) of each variant, besides the task's own quality metrics.
+
+``bits_per_element`` is the mean over the samples' caches when each is done (after generation),
+``prefill_bits_per_element`` the same at the end of prefill; ``_min`` / ``_max`` give their range."""
 
 CONFIG_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CompressionConfig) if f.name != "cache")
 TIDY_COLUMNS: tuple[str, ...] = (

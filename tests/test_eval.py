@@ -509,6 +509,30 @@ def test_changed_prompts_recompute_the_baseline_and_the_run(tiny_model, tmp_path
     assert plan.baseline.state == "changed" and "dtype changed (float32 -> bfloat16)" in plan.baseline.reason
 
 
+def test_effective_bits_are_a_mean_over_samples_with_their_range(tiny_model, tmp_path):
+    options = TaskOptions(samples=3, length=120, depths=[0.0, 0.5, 1.0])
+    lengths = {"passkey-120-000": 70, "passkey-120-001": 100, "passkey-120-002": 120}
+
+    class Uneven(CountingTask):
+        """Prompts of different lengths, so each sample's cache holds a different share of full-precision tail."""
+
+        def samples(self, options, tokenizer):
+            samples = self.inner.samples(options, tokenizer)
+            for sample in samples:
+                sample.meta["prompt_ids"] = sample.meta["prompt_ids"][: lengths[sample.id]]
+            return samples
+
+    spec = EvalSpec(task=Uneven(passkey), model="tiny", config=tiny_config(), options=options, results_dir=tmp_path)
+    rows = run_eval(spec, bundle=(tiny_model, WordTokenizer())).rows
+    agg = rows[(rows["sample"] == "") & (rows["variant"] == QUANTIZED)].set_index("metric")["value"]
+    low, mean, high = agg["bits_per_element_min"], agg["bits_per_element"], agg["bits_per_element_max"]
+    assert low < mean < high
+    assert agg["prefill_bits_per_element_min"] <= agg["prefill_bits_per_element"] <= agg["prefill_bits_per_element_max"]
+    assert agg["prefill_bits_per_element"] != agg["bits_per_element"]  # the decoded tokens change the figure
+    extra = json.loads(rows[(rows["metric"] == "bits_per_element") & (rows["variant"] == QUANTIZED)]["extra"].iloc[0])
+    assert extra == {"n": 3}
+
+
 def test_run_eval_looks_tasks_up_in_the_registry(tiny_model, tmp_path, monkeypatch):
     from kvstream import registry
 

@@ -21,18 +21,24 @@ from kvstream.report.tables import (
 )
 
 
-def tidy_run(run_id, task, config, quantized, full, *, bits, tokens=300, metric="accuracy", peak=1000.0):
+def tidy_run(
+    run_id, task, config, quantized, full, *, bits, tokens=300, metric="accuracy", peak=1000.0, baseline="b" * 16
+):
     """Rows in the results store's layout for one run: per-sample scores plus aggregates per variant."""
     fields = config.to_dict()
     rows = []
     for variant, scores, cache in (("quantized", quantized, config.cache), ("full_precision", full, "full")):
-        base = {"run_id": run_id, "task": task, "model": "tiny", "variant": variant, "cache": cache, **fields}
+        base = {"run_id": run_id, "task": task, "model": "tiny", "baseline": baseline, "variant": variant}
+        base.update({"cache": cache, **fields})
         for i, score in enumerate(scores):
             extra = json.dumps({"prompt_tokens": tokens})
             rows.append({**base, "sample": f"s{i}", "metric": metric, "value": score, "extra": extra})
         aggregate = {
             metric: sum(scores) / len(scores),
             "bits_per_element": bits if variant == "quantized" else 32.0,
+            "bits_per_element_min": bits - 0.1 if variant == "quantized" else 32.0,
+            "bits_per_element_max": bits + 0.1 if variant == "quantized" else 32.0,
+            "prefill_bits_per_element": bits - 0.5 if variant == "quantized" else 32.0,
             "peak_cache_bytes": peak if variant == "quantized" else peak * 8,
             "cache_bytes": peak * 0.9 if variant == "quantized" else peak * 7,
             "fp16_bytes": peak * 4,
@@ -108,6 +114,36 @@ def test_ablation_table(results_frame):
     chunk = tables.ablations[(tables.ablations["task"] == "passkey") & (tables.ablations["field"] == "chunk_size")]
     assert chunk["value"].tolist() == ["128", "256", "512"]
     assert chunk["quantized"].tolist() == pytest.approx([0.75, 1.0, 0.5])
+
+
+def test_effective_bits_mean_range_and_prefill_in_the_tables(results_frame):
+    tables = build_tables(results_frame)
+    row = tables.quality.set_index("run_id").loc["r128"]
+    assert (row["bits_per_element"], row["bits_min"], row["bits_max"]) == pytest.approx((4.6, 4.5, 4.7))
+    assert row["prefill_bits_per_element"] == pytest.approx(4.1)
+    assert tables.memory_speed.set_index("run_id").loc["r128", "prefill_bits_per_element"] == pytest.approx(4.1)
+
+
+def test_runs_of_different_baselines_are_never_compared(tmp_path):
+    """Same task and model, but measured against two baselines (other prompts): two tables, no shared ablation."""
+    base = CompressionConfig()
+    rows = tidy_run("a4", "passkey", base, [1, 1], [1, 1], bits=4.5, baseline="1" * 16)
+    rows += tidy_run("a2", "passkey", base.replace(key_bits_normal=2), [0, 1], [1, 1], bits=2.5, baseline="1" * 16)
+    rows += tidy_run("b8", "passkey", base.replace(key_bits_normal=8), [1, 0], [0, 0], bits=8.5, baseline="2" * 16)
+    tables = build_tables(pd.DataFrame(rows))
+    quality = tables.quality
+    assert quality.groupby("baseline")["run_id"].agg(set).to_dict() == {"1" * 16: {"a4", "a2"}, "2" * 16: {"b8"}}
+    assert set(tables.ablations["baseline"]) == {"1" * 16}  # the 8-bit run is in no ablation with the others
+    assert set(tables.ablations["value"]) == {"2", "4"}
+
+    files = write_report(pd.DataFrame(rows), tmp_path / "rep", tables=tables)
+    md = files.markdown.read_text()
+    assert md.count("#### baseline ") == 2 and "#### baseline 11111111 (tiny, ~300 tokens)" in md
+    first, second = md.split("#### baseline 11111111")[1].split("#### baseline 22222222")
+    assert "| a4 |" in first and "| a2 |" in first and "| b8 |" not in first
+    assert "| b8 |" in second.split("## Deltas")[0] and "| a4 |" not in second.split("## Deltas")[0]
+    names = {p.name for p in files.plots}
+    assert {"quality_vs_bits_passkey_11111111.png", "quality_vs_bits_passkey_22222222.png"} <= names
 
 
 def test_markdown_table_escapes_and_aligns():
@@ -195,10 +231,13 @@ def test_report_command_writes_markdown_and_plots(results_dir, tmp_path):
     for rec in runs.to_dict("records"):
         assert rec["run_id"] in md
         assert f"{rec['bits_per_element']:.2f}" in md
-    for name in ("quality_vs_bits_passkey.png", "memory_vs_context.png", "ablation_passkey_chunk_size.png"):
+    per_baseline = sorted(p.name for p in out.glob("quality_vs_bits_passkey_*.png"))
+    assert len(per_baseline) == 2 and md.count("#### baseline ") == 2  # 300 and 420 tokens: other prompts
+    for name in (*per_baseline, "memory_vs_context.png", "ablation_passkey_chunk_size.png"):
         png = out / name
         assert png.is_file() and png.stat().st_size > 1000, name
         assert f"]({name})" in md
+    assert "| bits_min | bits_max | prefill_bits_per_element |" in md
 
     exported = invoke("report", "--results", results_dir, "--out", out, "--format", "json")
     assert exported.exit_code == 0, exported.output
@@ -209,6 +248,33 @@ def test_report_command_writes_markdown_and_plots(results_dir, tmp_path):
     only = invoke("report", "--results", results_dir, "--out", tmp_path / "one", "--bits", "2/8", "-F", "csv")
     assert only.exit_code == 0, only.output
     assert len(pd.read_csv(tmp_path / "one" / "runs.csv")) == 2
+
+
+def test_a_truncated_run_is_reported_damaged_and_eval_runs_it_again(results_dir, tmp_path):
+    from kvstream.report.tables import run_table
+    from kvstream.results import ResultsStore
+
+    store = ResultsStore(results_dir)
+    run_id = next(r for r in store.scan()[0] if store.read_run(r).manifest["options"]["length"] == 420)
+    rows_csv = results_dir / run_id / "rows.csv"
+    data = rows_csv.read_bytes()
+    rows_csv.write_bytes(data[: len(data) // 2])
+
+    report = invoke("report", "--results", results_dir, "--out", tmp_path / "rep")
+    assert report.exit_code == 0, report.output
+    problem = f"rows.csv truncated ({len(data) // 2} of {len(data)} bytes)"
+    assert f"damaged run {run_id}: {problem}" in " ".join(report.stderr.split())
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Damaged runs" in md and f"- `{run_id}`: {problem}" in md
+    assert run_id not in md.split("## Quality vs effective bits")[1]
+    assert len(run_table(store.rows())) == 3
+
+    base = [arg for arg in TASK_ARGS if arg not in ("--length", "300")]
+    again = invoke("eval", *base, "--length", "420", "--results", results_dir)
+    assert again.exit_code == 0, again.output
+    assert f"re-run {run_id}: damaged: {problem}" in " ".join(again.output.split())
+    assert "recompute baseline" not in again.output
+    assert store.scan()[1] == [] and len(run_table(store.rows())) == 4
 
 
 def test_report_filters_that_match_nothing(results_dir, tmp_path):

@@ -22,7 +22,7 @@ from kvstream.cli.common import (
 )
 from kvstream.cli.render import OutputFormat, frame_table, with_short_ids
 from kvstream.config import parse_bits, resolve_config_path
-from kvstream.report.tables import ReportTables, build_tables, format_metric
+from kvstream.report.tables import BASELINE_SHOWN, ReportTables, baseline_label, build_tables, format_metric
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 
 EPILOG = (
@@ -100,22 +100,32 @@ def report_command(
     from kvstream.report.markdown import write_report
     from kvstream.results import ResultsStore
 
-    df = ResultsStore(results).rows()
+    store = ResultsStore(results)
+    intact, damaged = store.scan()
+    df = store.rows(intact)
     if task:
         df = df[df["task"].isin(task)] if not df.empty else df
     df = _filter_config(df, config, bits) if not df.empty else df
     if df.empty:
         what = f" for task(s) {', '.join(task)}" if task else ""
         what += " with that config" if config or bits else ""
+        if damaged:
+            what += f" ({len(damaged)} damaged, {damaged[0].run_id}: {damaged[0].problem})"
         raise CliError(f"no runs in {results}{what}: run `kvstream eval` or `kvstream ablate` first")
+    for broken in damaged:
+        note(
+            Text(
+                f"damaged run {broken.run_id}: {broken.problem} (left out; `kvstream eval` or `ablate` re-runs it)",
+                style="yellow",
+            )
+        )
 
     console = out()
     if config or bits:
         show_config(build_config(config, bits), config, console=console)
     tables = build_tables(df)
-    files = write_report(
-        df, out_dir, tables=tables, source=results, export=None if fmt is OutputFormat.table else fmt.value
-    )
+    export = None if fmt is OutputFormat.table else fmt.value
+    files = write_report(df, out_dir, tables=tables, source=results, export=export, damaged=damaged)
 
     render_tables(console, tables)
     console.print(
@@ -131,6 +141,7 @@ MEMORY_COLUMNS = {
     "task": "task",
     "context_tokens": "tokens",
     "bits_per_element": "bits",
+    "prefill_bits_per_element": "prefill bits",
     "peak_cache_bytes": "peak cache",
     "fp_peak_cache_bytes": "fp peak",
     "peak_ratio": "peak ratio",
@@ -141,24 +152,37 @@ MEMORY_COLUMNS = {
 }
 
 
+def _bits_range(low: float, high: float) -> str:
+    """The per-sample range of a run's effective bits, ``4.41-4.62`` (``-`` when not recorded)."""
+    return f"{low:.2f}-{high:.2f}" if pd.notna(low) and pd.notna(high) else "-"
+
+
 def render_tables(console: Any, tables: ReportTables) -> None:
-    """The report's tables in the terminal: short run ids (config hashes), compact config labels."""
+    """The report's tables in the terminal: short run ids (config hashes), compact config labels, one quality
+    table per task and baseline (runs measured against different baselines are not compared)."""
     quality = tables.quality
-    for t in sorted(quality["task"].dropna().unique()):
-        sub = with_short_ids(quality[quality["task"] == t].drop(columns=["task"]))
+    for (t, baseline), group in quality.groupby(["task", "baseline"], sort=True):
+        several = quality.loc[quality["task"] == t, "baseline"].nunique() > 1
+        sub = with_short_ids(group.drop(columns=["task", "baseline"]))
         if sub["model"].nunique() <= 1:
             sub = sub.drop(columns=["model"])
         metric = str(sub["metric"].iloc[0])
-        sub = sub.drop(columns=["metric"]).rename(columns={"bits_per_element": "bits", "context_tokens": "tokens"})
+        ranges = [_bits_range(low, high) for low, high in zip(sub["bits_min"], sub["bits_max"], strict=True)]
+        sub = sub.assign(range=ranges).drop(columns=["metric", "bits_min", "bits_max"])
+        sub = sub.rename(
+            columns={"bits_per_element": "bits", "prefill_bits_per_element": "prefill bits", "context_tokens": "tokens"}
+        )
+        own = f" ({baseline_label(tables.runs[tables.runs['baseline'] == baseline])})" if several else ""
         console.print(
             frame_table(
                 sub,
-                title=f"{t}: {metric} vs effective bits",
+                title=f"{t}: {metric} vs effective bits{own}",
                 formatters={
                     QUANTIZED: lambda v, m=metric: format_metric(m, v),
                     FULL_PRECISION: lambda v, m=metric: format_metric(m, v),
                     "delta": lambda v, m=metric: format_metric(m, v, signed=True),
                     "bits": lambda v: f"{v:.2f}",
+                    "prefill bits": lambda v: f"{v:.2f}",
                     "tokens": lambda v: f"{v:.0f}",
                 },
             )
@@ -182,6 +206,7 @@ def render_tables(console: Any, tables: ReportTables) -> None:
     formatters = {
         "tokens": lambda v: f"{v:.0f}",
         "bits": lambda v: f"{v:.2f}",
+        "prefill bits": lambda v: f"{v:.2f}",
         "peak cache": lambda v: format_metric("peak_cache_bytes", v),
         "fp peak": lambda v: format_metric("peak_cache_bytes", v),
         "peak ratio": lambda v: f"{v:.3f}",
@@ -190,9 +215,10 @@ def render_tables(console: Any, tables: ReportTables) -> None:
         formatters[column] = lambda v: format_metric("prefill_seconds", v)
     console.print(frame_table(with_short_ids(memory), title="Memory and speed", formatters=formatters))
     if not tables.ablations.empty:
+        ablations = tables.ablations.assign(baseline=tables.ablations["baseline"].str[:BASELINE_SHOWN])
         console.print(
             frame_table(
-                tables.ablations,
+                ablations if ablations["baseline"].nunique() > 1 else ablations.drop(columns=["baseline"]),
                 title="Ablations (mean per value)",
                 formatters={"bits_per_element": lambda v: f"{v:.2f}"},
             )

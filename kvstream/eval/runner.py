@@ -86,12 +86,19 @@ class EvalSpec:
 
 @dataclass
 class _Recorder:
-    """Cache reports and timings collected while one variant runs."""
+    """Cache reports and timings collected while one variant runs: one report per cache (sample) at the end
+    of its prefill and one when it is done (after generation), so neither figure stands for the other."""
 
     reports: list[dict[str, Any]] = field(default_factory=list)
+    prefill_reports: list[dict[str, Any]] = field(default_factory=list)
     outliers: list[dict[int, dict[str, float]]] = field(default_factory=list)
     prefill_seconds: list[float] = field(default_factory=list)
     decode_seconds_per_token: list[float] = field(default_factory=list)
+
+    def prefill_done(self, cache: Any) -> None:
+        report = getattr(cache, "memory_report", None)
+        if callable(report):
+            self.prefill_reports.append(dict(report()))
 
     def cache_done(self, cache: Any) -> None:
         report = getattr(cache, "memory_report", None)
@@ -150,6 +157,8 @@ def make_context(
         def prefill_done() -> None:
             _sync(device)
             marks["prefill"] = time.perf_counter()
+            recorder.prefill_done(cache)
+            marks["decode"] = time.perf_counter()
 
         _sync(device)
         start = time.perf_counter()
@@ -165,11 +174,10 @@ def make_context(
         )
         _sync(device)
         end = time.perf_counter()
-        prefilled = marks.get("prefill", end)
-        recorder.prefill_seconds.append(prefilled - start)
+        recorder.prefill_seconds.append(marks.get("prefill", end) - start)
         steps = out.shape[1] - 1
         if steps > 0:
-            recorder.decode_seconds_per_token.append((end - prefilled) / steps)
+            recorder.decode_seconds_per_token.append((end - marks.get("decode", end)) / steps)
         recorder.cache_done(cache)
         return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
@@ -183,6 +191,7 @@ def make_context(
         result = streaming_perplexity(model, ids, cache, config.chunk_size)
         _sync(device)
         recorder.prefill_seconds.append(time.perf_counter() - start)
+        recorder.prefill_done(cache)
         recorder.cache_done(cache)
         return result
 
@@ -217,29 +226,46 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def _mean_by_key(dicts: list[dict[str, float]], absent: float | None = None) -> dict[str, float]:
+    """Per key, the mean over ``dicts``: a dict lacking the key counts as ``absent``, or is left out when None."""
+    names = sorted({name for d in dicts for name in d})
+    means = {name: _mean([d.get(name, absent) for d in dicts]) for name in names}
+    return {name: value for name, value in means.items() if value is not None}
+
+
 def _resource_rows(recorder: _Recorder, monitor: MemoryMonitor) -> list[Row]:
+    """A variant's aggregate rows: effective bits as the mean over its samples with their range, at the end of
+    prefill and at the end of generation apart; mean bytes, the peaks, mean timings and outlier shares."""
     rows: list[Row] = []
 
     def add(metric: str, value: float | None, extra: dict[str, Any] | None = None) -> None:
         if value is not None:
             rows.append(Row(metric=metric, value=float(value), extra=extra or {}))
 
-    if recorder.reports:
-        last = recorder.reports[-1]
-        add("bits_per_element", last.get("bits_per_element"))
-        add("ratio_to_fp16", last.get("ratio_to_fp16"))
-        add("cache_bytes", last.get("stored_bytes"), {"breakdown": last.get("breakdown", {})})
-        add("peak_cache_bytes", max(r.get("peak_stored_bytes", r.get("stored_bytes", 0)) for r in recorder.reports))
-        add("fp16_bytes", last.get("fp16_bytes"))
+    def spread(metric: str, reports: list[dict[str, Any]]) -> None:
+        """The mean of ``bits_per_element`` over the samples' caches, and its range as ``<metric>_min/_max``."""
+        values = [float(r["bits_per_element"]) for r in reports if "bits_per_element" in r]
+        if values:
+            add(metric, _mean(values), {"n": len(values)})
+            add(f"{metric}_min", min(values))
+            add(f"{metric}_max", max(values))
+
+    reports = recorder.reports
+    if reports:
+        spread("bits_per_element", reports)
+        spread("prefill_bits_per_element", recorder.prefill_reports)
+        add("ratio_to_fp16", _mean([r.get("ratio_to_fp16") for r in reports]))
+        extra = {"breakdown": _mean_by_key([r.get("breakdown", {}) for r in reports], absent=0.0)}
+        add("cache_bytes", _mean([r.get("stored_bytes") for r in reports]), extra)
+        add("peak_cache_bytes", max(r.get("peak_stored_bytes", r.get("stored_bytes", 0)) for r in reports))
+        add("fp16_bytes", _mean([r.get("fp16_bytes") for r in reports]))
     add("peak_rss_bytes", monitor.peak_rss_bytes or None)
     add("peak_accelerator_bytes", monitor.peak_accelerator_bytes)
     add("prefill_seconds", _mean(recorder.prefill_seconds))
     add("decode_seconds_per_token", _mean(recorder.decode_seconds_per_token))
-    if recorder.outliers and recorder.outliers[-1]:
-        layers = recorder.outliers[-1]
-        names = sorted({name for values in layers.values() for name in values})
-        for name in names:
-            add(name, _mean([float(values[name]) for values in layers.values() if name in values]))
+    per_cache = [_mean_by_key(list(layers.values())) for layers in recorder.outliers if layers]
+    for name, value in _mean_by_key(per_cache).items():
+        add(name, value)
     return rows
 
 

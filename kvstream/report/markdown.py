@@ -12,13 +12,16 @@ from typing import Any
 import pandas as pd
 
 from kvstream.report.tables import (
+    BASELINE_SHOWN,
     ReportTables,
+    baseline_label,
     build_tables,
     config_label,
     format_metric,
     label_legend,
     varying_fields,
 )
+from kvstream.results.store import Damaged
 from kvstream.schema import FULL_PRECISION, QUANTIZED, VARIANTS
 
 Formatter = Callable[[Any], str]
@@ -76,16 +79,23 @@ def _metric_formatters(df: pd.DataFrame, columns: list[str]) -> dict[str, Format
     return {}
 
 
+BITS = ("bits_per_element", "bits_min", "bits_max", "prefill_bits_per_element")
 BYTES = ("cache_bytes", "fp16_bytes", "peak_cache_bytes", "fp_peak_cache_bytes", "peak_rss_bytes")
 SECONDS = ("prefill_seconds", "fp_prefill_seconds", "decode_seconds_per_token", "fp_decode_seconds_per_token")
 
 
 def _memory_formatters() -> dict[str, Formatter]:
     out: dict[str, Formatter] = {c: (lambda v, c=c: format_metric(c, v)) for c in (*BYTES, *SECONDS)}
-    out["bits_per_element"] = lambda v: f"{v:.2f}"
+    for column in BITS:
+        out[column] = lambda v: f"{v:.2f}"
     out["peak_ratio"] = lambda v: f"{v:.3f}"
     out["context_tokens"] = lambda v: f"{v:.0f}"
     return out
+
+
+def _baseline_suffix(baseline: str, baselines: int) -> str:
+    """``_1a2b3c4d`` for the files and headings of one of a task's several baselines, else nothing."""
+    return f"_{str(baseline)[:BASELINE_SHOWN]}" if baselines > 1 else ""
 
 
 @dataclass
@@ -119,8 +129,12 @@ def write_report(
     tables: ReportTables | None = None,
     source: str | Path | None = None,
     export: str | None = None,
+    damaged: list[Damaged] | None = None,
 ) -> ReportFiles:
-    """Write ``report.md`` and its PNGs into ``out_dir`` (plus ``export`` = csv/json tables)."""
+    """Write ``report.md`` and its PNGs into ``out_dir`` (plus ``export`` = csv/json tables).
+
+    ``damaged`` runs of the store are listed with what is wrong with each, not left out unsaid.
+    """
     from kvstream.report import plots
 
     out_dir = Path(out_dir)
@@ -142,28 +156,44 @@ def write_report(
         "Every run evaluates one compression config on one task with the quantized cache and, on the same "
         "samples, with the full-precision cache. *Effective bits* count every byte the cache holds "
         "(codes, scales, zero-points, outlier indices, sinks, the full-precision tail) per cached key or "
-        "value element; fp16 is 16.",
+        "value element; fp16 is 16. `bits_per_element` is the mean over a run's samples at the end of generation "
+        "(`bits_min`/`bits_max` their range), `prefill_bits_per_element` the mean at the end of prefill.",
+        "",
+        "Runs measured against different full-precision baselines (other prompts, model files, dtype, device or "
+        "library versions) are never compared: each baseline of a task gets its own table and plot.",
         "",
     ]
+    if damaged:
+        md += ["## Damaged runs", ""]
+        md += ["Left out of every table below; `kvstream eval` or `kvstream ablate` runs them again.", ""]
+        md += [f"- `{d.run_id}`: {d.problem}" for d in damaged]
+        md.append("")
 
     md += ["## Quality vs effective bits", ""]
     if tables.quality.empty:
         md += ["_No runs._", ""]
     for task in tasks:
-        sub = tables.quality[tables.quality["task"] == task]
         md += [f"### {task}", ""]
-        fmts = _metric_formatters(sub, [QUANTIZED, FULL_PRECISION])
-        fmts["delta"] = lambda v, m=str(sub["metric"].iloc[0]): format_metric(m, v, signed=True)
-        fmts["bits_per_element"] = lambda v: f"{v:.2f}"
-        fmts["context_tokens"] = lambda v: f"{v:.0f}"
-        md.append(markdown_table(sub.drop(columns=["task"]), fmts))
-        legend = label_legend(varying_fields(runs[runs["task"] == task]))
-        if legend:
-            md += [f"Settings: {legend}.", ""]
-        png = plots.quality_vs_bits(runs, task, out_dir / f"quality_vs_bits_{plots.slug(task)}.png")
-        if png:
-            files.plots.append(png)
-            md += [f"![{task}: quality vs bits]({png.name})", ""]
+        groups = list(runs[runs["task"] == task].groupby("baseline", sort=True))
+        for baseline, group in groups:
+            suffix = _baseline_suffix(baseline, len(groups))
+            if suffix:
+                md += [f"#### {baseline_label(group)}", ""]
+            quality = tables.quality
+            sub = quality[(quality["task"] == task) & (quality["baseline"] == baseline)]
+            fmts = _metric_formatters(sub, [QUANTIZED, FULL_PRECISION])
+            fmts["delta"] = lambda v, m=str(sub["metric"].iloc[0]): format_metric(m, v, signed=True)
+            for column in BITS:
+                fmts[column] = lambda v: f"{v:.2f}"
+            fmts["context_tokens"] = lambda v: f"{v:.0f}"
+            md.append(markdown_table(sub.drop(columns=["task", "baseline"]), fmts))
+            legend = label_legend(varying_fields(group))
+            if legend:
+                md += [f"Settings: {legend}.", ""]
+            png = plots.quality_vs_bits(group, task, out_dir / f"quality_vs_bits_{plots.slug(task)}{suffix}.png")
+            if png:
+                files.plots.append(png)
+                md += [f"![{task}: quality vs bits]({png.name})", ""]
 
     md += ["## Deltas against full precision", ""]
     md += [
@@ -201,8 +231,11 @@ def write_report(
         md += ["_No config field varies between runs of the same task: run `kvstream ablate` for curves._", ""]
     else:
         md += ["Mean over the runs that share each value (other fields may vary as well).", ""]
-        for (task, name), sub in tables.ablations.groupby(["task", "field"], sort=True):
-            md += [f"### {task}: {name}", ""]
+        ablations = tables.ablations
+        for (task, baseline, name), sub in ablations.groupby(["task", "baseline", "field"], sort=True):
+            suffix = _baseline_suffix(baseline, ablations.loc[ablations["task"] == task, "baseline"].nunique())
+            own = f" ({baseline_label(runs[runs['baseline'] == baseline])})" if suffix else ""
+            md += [f"### {task}: {name}{own}", ""]
             metric = str(sub["metric"].iloc[0])
             fmts = {
                 QUANTIZED: lambda v, m=metric: format_metric(m, v),
@@ -210,9 +243,9 @@ def write_report(
                 "delta": lambda v, m=metric: format_metric(m, v, signed=True),
                 "bits_per_element": lambda v: f"{v:.2f}",
             }
-            md.append(markdown_table(sub.drop(columns=["task", "field"]), fmts))
+            md.append(markdown_table(sub.drop(columns=["task", "baseline", "field"]), fmts))
             png = plots.ablation_curve(
-                tables.ablations, task, name, out_dir / f"ablation_{plots.slug(task)}_{plots.slug(name)}.png"
+                sub, task, name, out_dir / f"ablation_{plots.slug(task)}_{plots.slug(name)}{suffix}.png"
             )
             if png:
                 files.plots.append(png)
@@ -226,6 +259,7 @@ def write_report(
                 "run_id": runs["run_id"],
                 "task": runs["task"],
                 "model": runs["model"],
+                "baseline": runs["baseline"].str[:BASELINE_SHOWN],
                 "settings": [config_label(r, shown_fields) for r in runs.to_dict("records")],
                 "metric": runs["metric"],
                 **{

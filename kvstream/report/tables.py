@@ -1,8 +1,12 @@
 """Tidy summary tables from the results store's rows.
 
 Input: the long table of `kvstream.results.ResultsStore.rows` (one observation per row: ``run_id,
-task, model, variant, cache, sample, metric, value``, every `CompressionConfig` field, ``extra``).
-``variant`` is ``quantized`` or ``full_precision``; aggregate rows have no ``sample``.
+task, model, baseline, variant, cache, sample, metric, value``, every `CompressionConfig` field,
+``extra``). ``variant`` is ``quantized`` or ``full_precision``; aggregate rows have no ``sample``;
+``baseline`` is the digest of the key of the full-precision baseline the run was measured against.
+
+Runs with different baselines (other prompts, model files, dtype, device or library versions) are
+never compared: the quality and ablation tables group runs by task *and* baseline.
 
 Output: small DataFrames, one row per run (or per run and metric), that the CLI renders with rich
 and `kvstream.report.markdown` writes as markdown, CSV or JSON.
@@ -182,12 +186,26 @@ def _is_aggregate(df: pd.DataFrame) -> pd.Series:
 
 
 def run_info(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: ``run_id, task, model`` and the config fields (from its quantized rows)."""
-    columns = [c for c in ("run_id", "task", "model") if c in df.columns] + config_columns(df)
+    """One row per run: ``run_id, task, model, baseline`` and the config fields (from its quantized rows)."""
+    df = df if "baseline" in df.columns else df.assign(baseline="")
+    columns = [c for c in ("run_id", "task", "model", "baseline") if c in df.columns] + config_columns(df)
     if df.empty:
         return pd.DataFrame(columns=columns)
     ordered = df.sort_values("variant", key=lambda s: s != QUANTIZED) if "variant" in df.columns else df
     return ordered[columns].drop_duplicates("run_id").reset_index(drop=True)
+
+
+BASELINE_SHOWN = 8
+"""Hex digits of a baseline's digest shown to the reader."""
+
+
+def baseline_label(runs: pd.DataFrame) -> str:
+    """``baseline 1a2b3c4d (tiny, ~300 tokens)``: one baseline's runs named by its digest, model and context."""
+    digest = str(runs["baseline"].iloc[0])[:BASELINE_SHOWN] or "unknown"
+    details = sorted(str(m) for m in runs["model"].dropna().unique())
+    if "context_tokens" in runs.columns and runs["context_tokens"].notna().any():
+        details.append(f"~{runs['context_tokens'].mean():.0f} tokens")
+    return f"baseline {digest} ({', '.join(details)})" if details else f"baseline {digest}"
 
 
 def aggregates(df: pd.DataFrame) -> pd.DataFrame:
@@ -241,12 +259,16 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         "run_id",
         "task",
         "model",
+        "baseline",
         *CONFIG_FIELDS,
         "metric",
         QUANTIZED,
         FULL_PRECISION,
         "delta",
         "bits_per_element",
+        "bits_min",
+        "bits_max",
+        "prefill_bits_per_element",
         "peak_cache_bytes",
         "fp_peak_cache_bytes",
         "context_tokens",
@@ -271,6 +293,9 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
                 FULL_PRECISION: fp,
                 "delta": q - fp,
                 "bits_per_element": values.get((run_id, QUANTIZED, "bits_per_element"), math.nan),
+                "bits_min": values.get((run_id, QUANTIZED, "bits_per_element_min"), math.nan),
+                "bits_max": values.get((run_id, QUANTIZED, "bits_per_element_max"), math.nan),
+                "prefill_bits_per_element": values.get((run_id, QUANTIZED, "prefill_bits_per_element"), math.nan),
                 "peak_cache_bytes": values.get((run_id, QUANTIZED, "peak_cache_bytes"), math.nan),
                 "fp_peak_cache_bytes": values.get((run_id, FULL_PRECISION, "peak_cache_bytes"), math.nan),
                 "context_tokens": lengths.get(run_id, math.nan),
@@ -332,6 +357,7 @@ def memory_speed_table(df: pd.DataFrame) -> pd.DataFrame:
         "task",
         "context_tokens",
         "bits_per_element",
+        "prefill_bits_per_element",
         "cache_bytes",
         "fp16_bytes",
         "peak_cache_bytes",
@@ -361,6 +387,7 @@ def memory_speed_table(df: pd.DataFrame) -> pd.DataFrame:
                 "task": rec.get("task"),
                 "context_tokens": lengths.get(run_id, math.nan),
                 "bits_per_element": get(QUANTIZED, "bits_per_element"),
+                "prefill_bits_per_element": get(QUANTIZED, "prefill_bits_per_element"),
                 "cache_bytes": get(QUANTIZED, "cache_bytes"),
                 "fp16_bytes": get(QUANTIZED, "fp16_bytes"),
                 "peak_cache_bytes": peak,
@@ -377,10 +404,15 @@ def memory_speed_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def quality_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Quality against effective bits per task: one row per run, sorted by task and bits."""
+    """Quality against effective bits per task and baseline: one row per run, sorted by task, baseline and bits.
+
+    ``bits_per_element`` is the mean over the run's samples, ``bits_min``/``bits_max`` their range, and
+    ``prefill_bits_per_element`` the mean at the end of prefill.
+    """
     columns = [
         "task",
         "model",
+        "baseline",
         "run_id",
         "settings",
         "context_tokens",
@@ -389,32 +421,47 @@ def quality_table(runs: pd.DataFrame) -> pd.DataFrame:
         QUANTIZED,
         FULL_PRECISION,
         "delta",
+        "bits_min",
+        "bits_max",
+        "prefill_bits_per_element",
     ]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     labels = pd.Series("", index=runs.index, dtype=object)
-    for _, group in runs.groupby("task", sort=False, dropna=False):
+    for _, group in runs.groupby(["task", "baseline"], sort=False, dropna=False):
         shown = varying_fields(group)
         labels[group.index] = [config_label(r, shown) for r in group.to_dict("records")]
     table = runs.assign(settings=labels)
-    table = table.sort_values(["task", "bits_per_element", "run_id"], na_position="last")
+    table = table.sort_values(["task", "baseline", "bits_per_element", "run_id"], na_position="last")
     return table[columns].reset_index(drop=True)
 
 
 def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """For each task and each config field that varies among its runs: the metric at every value of it.
+    """For each task, baseline and config field that varies among their runs: the metric at every value of it.
 
     Values are means over the runs sharing that value (other fields may vary too).
     """
-    columns = ["task", "metric", "field", "value", QUANTIZED, FULL_PRECISION, "delta", "bits_per_element", "runs"]
+    columns = [
+        "task",
+        "baseline",
+        "metric",
+        "field",
+        "value",
+        QUANTIZED,
+        FULL_PRECISION,
+        "delta",
+        "bits_per_element",
+        "runs",
+    ]
     out = []
-    for (task, metric), group in runs.groupby(["task", "metric"], sort=True, dropna=False):
+    for (task, baseline, metric), group in runs.groupby(["task", "baseline", "metric"], sort=True, dropna=False):
         for name in varying_fields(group):
             keyed = group.assign(_value=group[name].map(_short))
             for value, sub in keyed.groupby("_value", sort=False):
                 out.append(
                     {
                         "task": task,
+                        "baseline": baseline,
                         "metric": metric,
                         "field": name,
                         "value": value,
@@ -430,7 +477,7 @@ def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     table = pd.DataFrame(out)
     table["_key"] = table["_order"].map(lambda v: (0, float(v)) if _numeric(v) else (1, str(v)))
-    table = table.sort_values(["task", "field", "_key"], kind="stable")
+    table = table.sort_values(["task", "baseline", "field", "_key"], kind="stable")
     return table[columns].reset_index(drop=True)
 
 
