@@ -15,7 +15,6 @@ import datetime as dt
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from kvstream.data.texts import load_corpus
 from kvstream.engine.prefill import forward_hidden
 from kvstream.eval.allocator import AllocatorPeak
 from kvstream.registry import PluginError
+from kvstream.results.provenance import code_revision, short_revision
 
 FP = CompressionConfig(cache="full")
 TARGET_PPL = {4: 0.5, 3: 2.0, 2: 10.0}
@@ -300,9 +300,9 @@ SECTIONS = {"quality": "## Perplexity", "memory": "## Peak cache", "speed": "## 
 
 
 def provenance(args) -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = short_revision(code_revision())
     return (
-        f"_Measured {dt.datetime.now():%Y-%m-%d %H:%M} at revision `{rev or '?'}` on {platform.machine()} with "
+        f"_Measured {dt.datetime.now():%Y-%m-%d %H:%M} at revision `{rev}` on {platform.machine()} with "
         f"{args.threads} CPU threads, torch {torch.__version__}, model `{args.model}` (fp32 weights), "
         f"Paul Graham essays, chunk size {args.chunk}; the full-precision cache in the same run._"
     )

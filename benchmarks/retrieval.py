@@ -23,6 +23,7 @@ import kvstream
 from kvstream import CompressionConfig
 from kvstream.eval.runner import EvalSpec, plan_eval, run_plan
 from kvstream.results import ResultsStore
+from kvstream.results.provenance import short_revision
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 from kvstream.tasks.base import TaskOptions
 
@@ -119,12 +120,6 @@ BITS = ("bits_per_element", "bits_per_element_min", "bits_per_element_max", "pre
 """The effective-bits figures of a run's summary the table shows."""
 
 
-def revision(recorded: dict) -> str:
-    """A run's code revision as ``abc1234``, ``abc1234+dirty`` or ``unknown``."""
-    commit = recorded["commit"]
-    return commit[:7] + ("+dirty" if recorded["dirty"] is True else "") if commit != "unknown" else commit
-
-
 def write_report(results: Path, out: Path, threads: int) -> None:
     store = ResultsStore(results)
     intact, damaged = store.scan()
@@ -162,7 +157,7 @@ def write_report(results: Path, out: Path, threads: int) -> None:
                     **bits_of,
                 )
             )
-    revisions = sorted({revision(run["revision"]) for run in runs.values()})
+    revisions = sorted({short_revision(run["revision"]) for run in runs.values()})
     started = min(run["started_at"] for run in runs.values())[:16].replace("T", " ")
     finished = max(run["finished_at"] for run in runs.values())[:16].replace("T", " ")
     torch_versions = sorted({run["versions"].get("torch") or "?" for run in runs.values()})

@@ -8,7 +8,7 @@ import pytest
 
 from kvstream.results import fingerprint
 from kvstream.results.keys import ResultKey
-from kvstream.results.provenance import code_revision
+from kvstream.results.provenance import code_revision, short_revision
 from kvstream.testing import tiny_llama
 
 
@@ -95,11 +95,14 @@ def test_code_revision_of_a_checkout_clean_and_dirty(tmp_path):
     git(tmp_path / "repo", "commit", "-q", "-m", "one")
     clean = code_revision(package)
     assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    assert short_revision(clean) == clean["commit"][:7]
     (package / "__init__.py").write_text("x = 2\n")
     assert code_revision(package) == {"commit": clean["commit"], "dirty": True}
+    assert short_revision(code_revision(package)) == clean["commit"][:7] + "+dirty"
     outside = tmp_path / "plain"
     outside.mkdir()
     assert code_revision(outside) == {"commit": "unknown", "dirty": "unknown"}
+    assert short_revision(code_revision(outside)) == "unknown"
 
 
 def test_code_revision_of_this_package():

@@ -53,3 +53,11 @@ def code_revision(package_dir: Path | None = None) -> dict[str, Any]:
         return {"commit": UNKNOWN, "dirty": UNKNOWN}
     status = git("status", "--porcelain", "--", ".")
     return {"commit": commit, "dirty": UNKNOWN if status is None else bool(status)}
+
+
+def short_revision(revision: dict[str, Any]) -> str:
+    """A `code_revision` as people read it: ``abc1234``, ``abc1234+dirty`` or ``unknown``."""
+    commit = str(revision.get("commit", UNKNOWN))
+    if commit == UNKNOWN:
+        return UNKNOWN
+    return commit[:7] + ("+dirty" if revision.get("dirty") is True else "")
