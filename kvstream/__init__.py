@@ -19,6 +19,7 @@ _ENGINE = {
     "greedy_generate",
     "load_model",
     "make_cache",
+    "streaming_compare",
     "streaming_perplexity",
 }
 

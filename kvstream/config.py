@@ -63,6 +63,23 @@ class CompressionConfig:
     """Entry-point name in ``kvstream.stats``."""
     cache: str = "streaming"
     """Entry-point name in ``kvstream.caches``."""
+    value_quantizer: str = "same"
+    """Entry-point name in ``kvstream.quantizers`` for values; ``same``: the ``quantizer``."""
+    rotation: Literal["none", "values", "keys", "both"] = "none"
+    """A fixed random orthogonal transform per head (Hadamard with seeded signs) applied before quantization
+    to values, keys (after RoPE is inverted) or both, and undone tile by tile on read."""
+    rotation_seed: int = 0
+    """Seed of the rotation's signs (and of its matrix when the head size is not a power of two)."""
+    key_token_group: int = 0
+    """Tokens sharing one key range per channel; 0: the whole block (``chunk_size``). Must divide it."""
+    recent_window: int = 0
+    """The last tokens kept exact in the full-precision tail (besides the chunk being filled), counted in the bits."""
+    sparse_outlier_fraction: float = 0.0
+    """Share of each 2-4 bit block's entries, those furthest from their slice's mean in standard deviations,
+    kept apart in fp16 with their positions (dense-and-sparse); 0 disables."""
+    bit_budget: float = 0.0
+    """Target effective bits per element; > 0 lets layers take 2, 3 or 4 normal bits, chosen from the first
+    prefill chunk's statistics so the cache spends the budget where quantization errs most."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +110,14 @@ class CompressionConfig:
         ):
             if getattr(self, name) not in ALLOWED_BITS:
                 raise ConfigError(f"{name}: {getattr(self, name)} bits is not one of {ALLOWED_BITS}")
+        for kind in ("key", "value"):
+            normal, high = getattr(self, f"{kind}_bits_normal"), getattr(self, f"{kind}_bits_sink_outlier")
+            if high < normal:
+                raise ConfigError(
+                    f"{kind}_bits_sink_outlier: {high} bits is below {kind}_bits_normal ({normal}); sinks and "
+                    f"outliers are kept at the high width, which must be >= the normal one "
+                    f"(--bits NORMAL/HIGH, for example {bits_example(normal)})"
+                )
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size: must be at least 1, got {self.chunk_size}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -105,6 +130,17 @@ class CompressionConfig:
             raise ConfigError(f"attention_sink_size: must be >= 0, got {self.attention_sink_size}")
         if self.value_quant_groups < 1:
             raise ConfigError(f"value_quant_groups: must be >= 1, got {self.value_quant_groups}")
+        if self.key_token_group < 0 or (self.key_token_group and self.chunk_size % self.key_token_group):
+            raise ConfigError(
+                f"key_token_group: {self.key_token_group} must be 0 (whole block) "
+                f"or divide chunk_size {self.chunk_size}"
+            )
+        if not 0.0 <= self.sparse_outlier_fraction <= 0.1:
+            raise ConfigError(f"sparse_outlier_fraction: must lie in [0, 0.1], got {self.sparse_outlier_fraction}")
+        if self.recent_window < 0:
+            raise ConfigError(f"recent_window: must be >= 0, got {self.recent_window}")
+        if self.bit_budget < 0 or 0 < self.bit_budget < 2:
+            raise ConfigError(f"bit_budget: must be 0 (off) or at least 2 bits per element, got {self.bit_budget}")
         if head_dim is not None and head_dim % self.value_quant_groups:
             raise ConfigError(
                 f"value_quant_groups: {self.value_quant_groups} does not divide the model's head_dim {head_dim}"
@@ -195,6 +231,11 @@ def parse_value(name: str, text: str) -> Any:
     return text
 
 
+def bits_example(normal: int) -> str:
+    """A valid ``--bits NORMAL/HIGH`` for a normal width: sinks and outliers at 8 bits, or at the normal width above."""
+    return f"{normal}/{max(normal, 8)}"
+
+
 def parse_bits(spec: str) -> dict[str, int]:
     """``"N/M"`` or ``"N"`` -> field overrides: N for normal keys and values, M for sinks and outliers."""
     parts = spec.split("/")
@@ -207,6 +248,11 @@ def parse_bits(spec: str) -> dict[str, int]:
     for n in numbers:
         if n not in ALLOWED_BITS:
             raise ConfigError(f"--bits: {n} is not one of {ALLOWED_BITS}")
+    if len(numbers) == 2 and numbers[1] < numbers[0]:
+        raise ConfigError(
+            f"--bits: {spec} reads as NORMAL/HIGH (normal entries / sinks and outliers) and HIGH must be "
+            f">= NORMAL, but {numbers[1]} < {numbers[0]}; for example {bits_example(numbers[0])}"
+        )
     out = {"key_bits_normal": numbers[0], "value_bits_normal": numbers[0]}
     if len(numbers) == 2:
         out.update(key_bits_sink_outlier=numbers[1], value_bits_sink_outlier=numbers[1])

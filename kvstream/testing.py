@@ -1,4 +1,4 @@
-"""Small fixtures for tests of kvstream and of its plugins: a tiny random Llama and token ids."""
+"""Small fixtures for tests of kvstream and of its plugins: tiny random decoders and token ids."""
 
 from __future__ import annotations
 
@@ -24,6 +24,57 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     )
     params.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**params)).eval()
+
+
+ROPE_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "llama-yarn": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+    },
+    "mistral": {"sliding_window": 40},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma3_text": {
+        "sliding_window": 24,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "num_hidden_layers": 3,
+        "query_pre_attn_scalar": 16,
+    },
+    "phi3": {"partial_rotary_factor": 0.5, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+    "gpt_neox": {"partial_rotary_factor": 0.25},
+    "stablelm": {"partial_rotary_factor": 0.25},
+    "cohere": {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+}
+"""Tiny configurations of the RoPE decoders transformers ships, by family (``model_type``, then a variant):
+per-layer-type tables and sliding windows (Gemma-3, Mistral), partial rotary (Phi-3, GPT-NeoX,
+StableLM), interleaved pairs (Cohere), a scaled variant (YaRN) and the plain Llama / Qwen kind."""
+
+
+def tiny_decoder(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+    """A 2-3 layer random decoder of ``family`` (a key of `ROPE_FAMILIES`): 4 query / 2 KV heads of 16."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    params.update(ROPE_FAMILIES[family])
+    params.update(overrides)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family.split("-")[0], **params)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
 
 
 def random_ids(n: int, seed: int = 1, batch: int = 1, vocab: int = 128) -> torch.Tensor:

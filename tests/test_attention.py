@@ -98,7 +98,8 @@ def test_decode_kernel_matches_reference_on_padded_batches(tiny_model, bits, chu
 
 @pytest.mark.parametrize("bits", [2, 4, 16])
 def test_flash_tiles_match_reference(tiny_model, bits):
-    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_bits_normal=bits, value_bits_normal=bits)
+    high = dict(key_bits_sink_outlier=16, value_bits_sink_outlier=16) if bits == 16 else {}
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_bits_normal=bits, value_bits_normal=bits, **high)
     cache, mask = prefilled_cache(tiny_model, cfg, 70, batch=2, pads=(0, 19))
     layer = cache.layers[0]
     q = torch.randn(2, 2, 10, 16, generator=torch.Generator().manual_seed(5))  # 2 heads x 5 queries per KV head

@@ -199,6 +199,30 @@ def test_restored_history_counts_its_copy_in_the_peak(tiny_model):
     assert over[512] > 1.8 * over[256]  # a full-precision copy of the whole history, growing with it
 
 
+def test_kl_and_top1_against_a_direct_computation(tiny_model):
+    """`streaming_compare` in lockstep: the reference's own figures, and KL(ref || 2-bit) and top-1 agreement
+    equal to those computed from two full-sequence forwards through each cache."""
+    from kvstream import streaming_compare
+
+    ids = _ids(100)
+    cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2)
+    caches = {"fp": DynamicCache(config=tiny_model.config), "q2": make_cache(tiny_model, cfg)}
+    results = streaming_compare(tiny_model, ids, caches, 32, reference="fp")
+    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)[0, :-1].log_softmax(-1)
+    q2 = _logits_with(tiny_model, make_cache(tiny_model, cfg), ids, 32)[0, :-1].log_softmax(-1)
+    kl = (ref.exp() * (ref - q2)).sum(-1)
+    top1 = (ref.argmax(-1) == q2.argmax(-1)).float()
+    nll = -q2.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    got = results["q2"]
+    assert got.tokens == 99 and got.compared and not results["fp"].compared
+    assert got.mean_kl == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert got.top1_agreement == pytest.approx(top1.mean().item())
+    assert 0 < got.top1_agreement < 1 and got.mean_kl > 0
+    assert got.nll == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert sum(got.chunk_tokens) == 99 and len(got.chunk_kl) == 4
+    assert results["fp"].nll == pytest.approx((-ref.gather(-1, ids[0, 1:, None])).mean().item(), rel=1e-5)
+
+
 def test_streaming_perplexity_matches_full_forward(tiny_model):
     ids = _ids(100)
     with torch.inference_mode():
@@ -239,8 +263,8 @@ def test_rotary_apply_matches_transformers_and_inverts(tiny_model):
     positions = torch.arange(10).expand(2, 10) + torch.tensor([[0], [7]])
     cos, sin = rotary.cos_sin(x, positions)
     ref, _ = apply_rotary_pos_emb(x, x, cos.squeeze(1), sin.squeeze(1))
-    torch.testing.assert_close(Rotary.apply(x, cos, sin), ref)
-    torch.testing.assert_close(Rotary.invert(Rotary.apply(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotary.apply(x, cos, sin), ref)
+    torch.testing.assert_close(rotary.invert(rotary.apply(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)
 
 
 def test_uneven_left_padding_keeps_every_sink_copy(tiny_model):

@@ -555,8 +555,13 @@ def test_run_eval_perplexity(tiny_model, tmp_path, corpus):
     spec = EvalSpec(task=perplexity, model="tiny", config=tiny_config(), options=options, results_dir=tmp_path)
     result = run_eval(spec, bundle=(tiny_model, WordTokenizer()))
     per = result.rows[result.rows["sample"] != ""]
-    assert set(per["metric"]) == {"nll", "perplexity", "tokens"}
+    by_variant = per.groupby("variant")["metric"].agg(set)
+    assert by_variant[FULL_PRECISION] == {"nll", "perplexity", "tokens"}
+    assert by_variant[QUANTIZED] == {"nll", "perplexity", "tokens", "kl_divergence", "top1_agreement"}
     values = per.set_index(["variant", "sample", "metric"])["value"]
+    for sample in per["sample"].unique():
+        assert values[(QUANTIZED, sample, "kl_divergence")] > 0
+        assert 0 < values[(QUANTIZED, sample, "top1_agreement")] <= 1
     for variant in (QUANTIZED, FULL_PRECISION):
         for sample in per["sample"].unique():
             nll = values[(variant, sample, "nll")]

@@ -57,6 +57,21 @@ def test_outlier_thresholds_and_cap():
     assert not outlier_mask(score, 0.0, 0.0, 1.0).any()
 
 
+def test_value_groups_of_a_whole_head_can_fire_with_the_default_cap():
+    """One value group per head (groups = head_dim) and the default fraction 0.125: the per-head cap
+    rounds to zero, so the cap is taken over the row's heads and the planted outlier head is flagged."""
+    cfg = CompressionConfig(value_quant_groups=16)
+    stats = StreamingStatisticsManager(cfg)
+    keys, values = torch.ones(2, 3, 4, 16), torch.ones(2, 3, 4, 16)
+    values[0, 1] = 20.0  # row 0: head 1's values far above the rest
+    values[1, :, :, 0] = 9.0  # row 1: every head over the absolute threshold, one may be kept
+    stats.update(0, keys, values, torch.ones(2, 4, dtype=torch.bool))
+    flagged = stats.value_outliers(0)
+    assert flagged.shape == (2, 3, 1)
+    assert flagged[0, :, 0].tolist() == [False, True, False]
+    assert int(flagged[1].sum()) == 1
+
+
 def test_reset_and_snapshot():
     cfg = CompressionConfig(value_quant_groups=2, outlier_threshold_abs=1.5, max_outlier_fraction=0.5)
     stats = StreamingStatisticsManager(cfg)

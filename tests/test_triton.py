@@ -93,7 +93,7 @@ def test_triton_partials_of_blocks_only(tiny_model):
     cache, _ = prefilled_cache(tiny_model, cfg, 64)
     layer = cache.layers[0]
     q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(1))
-    visible, _ = visibility(cache, layer.packed_length, None, None)
+    visible, _ = visibility(layer, None, None)
     state = OnlineSoftmax()
     triton_decode.decode_history(layer, q, visible, state)
     want, _ = _history(reference_history, layer, q, None)

@@ -39,8 +39,13 @@ def kvstream_attention(
         raise RuntimeError(
             "kvstream attention was handed keys that are not the cache's tail; the model is not supported"
         )
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise NotImplementedError("kvstream attention does not handle sliding windows or logit soft-capping yet")
+    if kwargs.get("softcap"):
+        raise NotImplementedError("kvstream attention does not apply logit soft-capping; use attention: restore")
+    if kwargs.get("sliding_window") and kwargs["sliding_window"] != layer.window:
+        raise RuntimeError(
+            f"layer {layer.layer_idx} attends to a window of {kwargs['sliding_window']} tokens but its cache "
+            f"layer was built for {layer.window}; build the cache with make_cache(model, config)"
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = packed_attention(layer, query, key, value, attention_mask, scaling, history_reader(layer, query))

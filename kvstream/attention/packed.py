@@ -83,7 +83,7 @@ def reference_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_
     b, hkv, rows, d = q.shape
     for start, keys, values in layer.history_tiles(tile_tokens(b, hkv, rows, d, scores=True)):
         scores = q @ keys.transpose(-1, -2)
-        apply_mask(scores, mask, start, n_rep)
+        apply_mask(scores, mask, start - layer.offset, n_rep)
         state.add(scores, values)
         state.peak_transient += tensor_bytes(keys)
 
@@ -91,15 +91,19 @@ def reference_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_
 def flash_history(layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax) -> None:
     """Fold the history into ``state`` through torch's CPU flash kernel, tile by tile.
 
-    Every query of a chunk sees the same history columns (causal and padding masks; sliding
-    windows are refused upstream), so a tile's mask is one row per batch row: ``[B, 1, 1, n]``.
+    Under causal and padding masks every query of a chunk sees the same history columns, so a
+    tile's mask is one row per batch row (``[B, 1, 1, n]``); under a sliding window each query
+    has its own row, repeated for the query heads stacked under a KV head.
     """
     b, hkv, rows, d = q.shape
     for start, keys, values in layer.history_tiles(tile_tokens(b, hkv, rows, d, scores=False), fused=True):
         n = keys.shape[-2]
         tile_mask = None
         if mask is not None:
-            visible = visible_columns(mask[:, :1, -1:], slice(start, start + n))
+            columns = slice(start - layer.offset, start - layer.offset + n)
+            visible = visible_columns(mask[:, :1] if layer.is_sliding else mask[:, :1, -1:], columns)
+            if visible.shape[2] > 1:
+                visible = visible.repeat(1, 1, n_rep, 1)
             tile_mask = additive(visible)
         # the CPU flash kernel misreads keys whose last two dimensions are transposed: give it dense tiles
         keys, values = keys.contiguous(), values.contiguous()
@@ -120,7 +124,7 @@ def read_tail(
     q_len: int,
     state: OnlineSoftmax,
 ) -> None:
-    """Fold the exact tail (tokens ``start:`` of the layer) into ``state``: causal for the new queries."""
+    """Fold the exact tail (mask columns ``start:``) into ``state``: causal for the new queries."""
     if tail_keys.shape[-2] == 0:
         return
     tail_k, tail_v = tail_keys.float(), tail_values.float()
@@ -191,7 +195,8 @@ def packed_attention(
     else:
         reader(layer, q, mask, n_rep, state)
         tail = flash_tail if reader is flash_history else read_tail
-        tail(q, tail_keys, tail_values, mask, layer.length - tail_keys.shape[-2], n_rep, q_len, state)
+        tail_column = layer.length - tail_keys.shape[-2] - layer.offset
+        tail(q, tail_keys, tail_values, mask, tail_column, n_rep, q_len, state)
     out = state.result()
     layer.owner.note_transient(state.peak_transient + tensor_bytes(q, state.acc, state.m, state.norm, out))
     return out.view(b, hq, q_len, d).transpose(1, 2).to(query.dtype)

@@ -9,7 +9,8 @@ and the byte ledger with its peak. The streaming cache and plugin caches (KIVI-s
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,20 +23,44 @@ from kvstream.config import CompressionConfig
 from kvstream.quant.base import tensor_bytes
 
 
+def row_index(indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Batch rows to keep as a long index: ``indices`` given as row numbers or as a bool mask over the rows."""
+    indices = torch.as_tensor(indices)
+    return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
+
+
+@dataclass
+class PackCheckpoint:
+    """What `PackedLayer.crop` needs to take back the block packed last: its first token, its exact keys and
+    values (``[batch, heads, tokens, head_dim]``), and the subclass's `packing_state` from before it was packed."""
+
+    start: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    state: Any
+
+
 class PackedLayer(CacheLayerMixin):
     """One decoder layer: packed history (the subclass's) and the full-precision tail ``keys``/``values``."""
 
     is_compileable = False
-    is_croppable = False
-    is_sliding = False
+    is_croppable = True
+    """`crop` cuts the exact tail, and while past recording is on also the block packed last (see `crop`)."""
 
-    def __init__(self, owner: PackedCache, layer_idx: int) -> None:
+    def __init__(self, owner: PackedCache, layer_idx: int, window: int | None = None) -> None:
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
+        self.window = window
+        """Sliding-window size of the layer's attention (queries see the last ``window`` tokens), or None."""
+        self.is_sliding = window is not None
         self.length = 0
+        self.offset = 0
+        """Tokens before this index are no longer held (a sliding-window layer frees what no query can reach)."""
         self.awaiting_read = 0
         """Tokens of the last update that attention has not read yet (packed once it has)."""
+        self._record_past = False
+        self._checkpoint: PackCheckpoint | None = None
 
     # -- what a subclass provides ----------------------------------------------------------------
     @abstractmethod
@@ -59,6 +84,22 @@ class PackedLayer(CacheLayerMixin):
 
     @abstractmethod
     def clear_packed(self) -> None: ...
+
+    def select_packed_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` of the packed history, bytes as stored (never re-quantized)."""
+        raise NotImplementedError(
+            f"{type(self.owner).__name__} cannot select batch rows of its packed history, which beam search "
+            "and batch expansion need"
+        )
+
+    def packing_state(self) -> Any:
+        """What packing a block changes besides the tail (statistics, say), taken just before a block is
+        packed so that `crop` can take the block back (`rewind_packing`); None when the subclass cannot."""
+        return None
+
+    def rewind_packing(self, start: int, state: Any) -> None:
+        """Drop the packed blocks from token ``start`` on and put back ``state`` (from `packing_state`)."""
+        raise NotImplementedError(f"{type(self.owner).__name__} cannot take packed blocks back")
 
     @abstractmethod
     def packed_nbytes(self) -> int: ...
@@ -116,14 +157,21 @@ class PackedLayer(CacheLayerMixin):
         self.owner.layer_updated(self.layer_idx)
 
     def take_tail(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Remove and return the oldest ``n`` tail tokens (keys, values)."""
+        """Remove and return the oldest ``n`` tail tokens (keys, values), about to be packed.
+
+        While past recording is on, an exact copy of them and the subclass's `packing_state` are kept
+        (replacing the previous ones), so that `crop` can take this block back exactly.
+        """
         keys, values = self.keys[..., :n, :], self.values[..., :n, :]
+        state = self.packing_state() if self._record_past else None
+        if state is not None:
+            self._checkpoint = PackCheckpoint(self.length - self.keys.shape[-2], keys.clone(), values.clone(), state)
         self.keys = self.keys[..., n:, :].clone()
         self.values = self.values[..., n:, :].clone()
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.length - self.offset + query_length, self.offset
 
     def get_seq_length(self) -> int:
         return self.length
@@ -133,21 +181,119 @@ class PackedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.clear_packed()
+        self._checkpoint = None
         self.awaiting_read = 0
         self.length = 0
+        self.offset = 0
         self.keys = self.values = None
         self.is_initialized = False
 
+    # -- batch rows (beam search, batch expansion) -------------------------------------------------
+    # The layer's own rows; the cache's shared tables (positions, statistics) move with the methods of
+    # the same name on `PackedCache`, which are the ones transformers calls.
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError(f"{type(self.owner).__name__} does not support beam search (num_beams > 1)")
+        self.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(row_index(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (any order, repeats allowed) of the packed history and the exact tail.
+
+        Packed blocks are copied row by row as stored, never re-quantized. A crop checkpoint is dropped
+        (after a row selection only the exact tail can be cropped).
+        """
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.select_packed_rows(index)
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+        self._checkpoint = None
+
+    # -- cropping (assisted decoding) ----------------------------------------------------------------
+    @property
+    def record_past(self) -> bool:
+        """Whether the block packed last is kept exactly as well, so that `crop` can take it back.
+
+        transformers turns this on for assisted decoding (`activate_past_recording`); it costs one
+        chunk of full-precision keys and values per layer (counted as ``crop_checkpoint``).
+        """
+        return self._record_past
+
+    @record_past.setter
+    def record_past(self, on: bool) -> None:
+        self._record_past = on
+        if not on:
+            self._checkpoint = None
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+
+    def crop_length(self, tokens_to_remove: int) -> int:
+        """The length `crop` leaves (``tokens_to_remove`` < 0 drops that many from the end), or one line why not."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        keep = max(self.length + tokens_to_remove, 0)
+        if not self.is_initialized:
+            return keep
+        floor = self.length - self.keys.shape[-2]
+        if self._checkpoint is not None:
+            floor = min(floor, self._checkpoint.start)
+        if keep < floor:
+            raise ValueError(
+                f"{type(self.owner).__name__} cannot crop layer {self.layer_idx} to {keep} tokens: tokens before "
+                f"{floor} are packed and cutting into a packed block would re-quantize it; only the full-precision "
+                "tail can be cut, and while past recording is on (assisted decoding) the block packed last"
+            )
+        return keep
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens exactly, leaving the layer as if they had never come.
+
+        Tokens in the exact tail are cut. A block packed by the same append as the dropped tokens
+        (assisted decoding verifies its candidates in one append, which may fill a chunk) is taken
+        back while past recording is on: the block is dropped, the statistics from before it are put
+        back and its kept tokens return to the tail with their exact values, so the next append packs
+        them bit for bit as a cache that never saw the dropped tokens would. Returning dequantized
+        values instead would keep attention's view but not the stored bytes of later blocks (their
+        ranges and statistics would differ); anything older than that block is refused (`crop_length`).
+        """
+        keep = self.crop_length(tokens_to_remove)
+        if not self.is_initialized or keep == self.length:
+            return
+        first = self.length - self.keys.shape[-2]
+        keys, values = self.keys, self.values
+        if keep < first:
+            checkpoint, self._checkpoint = self._checkpoint, None
+            self.rewind_packing(checkpoint.start, checkpoint.state)
+            keys = torch.cat([checkpoint.keys, keys], dim=-2)
+            values = torch.cat([checkpoint.values, values], dim=-2)
+            first = checkpoint.start
+        self.keys = keys[..., : keep - first, :].clone()
+        self.values = values[..., : keep - first, :].clone()
+        self.length = keep
+        self.pack_tail(0)
+        self.owner.layer_updated(self.layer_idx)
 
     # -- accounting ------------------------------------------------------------------------------
+    def _checkpoint_tensors(self) -> tuple[torch.Tensor, ...]:
+        return () if self._checkpoint is None else (self._checkpoint.keys, self._checkpoint.values)
+
     def nbytes(self) -> int:
-        return self.packed_nbytes() + tensor_bytes(self.keys, self.values)
+        return self.packed_nbytes() + tensor_bytes(self.keys, self.values, *self._checkpoint_tensors())
 
     def ledger(self, ledger: MemoryLedger) -> None:
         self.ledger_packed(ledger)
         ledger.add("full_precision_tail", self.keys, self.values)
+        ledger.add("crop_checkpoint", *self._checkpoint_tensors())
 
 
 class PackedCache(Cache):
@@ -247,6 +393,48 @@ class PackedCache(Cache):
         super().reset()
         self._reset_tracking()
 
+    # -- batch rows and cropping, for every generation mode of transformers ------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(row_index(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(torch.arange(self.positions.shape[0]).repeat_interleave(repeats))
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (any order, repeats allowed) of everything the cache holds per row.
+
+        Every layer's packed blocks (copied row by row as stored) and exact tail, the positions and
+        padding; tables built for the old batch are dropped and rebuilt on their next use.
+        """
+        if self.positions.shape[0] == 0:
+            return
+        index = index.to(self.positions.device)
+        self.positions = self.positions.index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        if self._padding is not None:
+            self._padding = self._padding.index_select(0, index.to(self._padding.device))
+        for i, layer in enumerate(self.layers):
+            layer.select_rows(index)
+            self.layer_updated(i)
+        self.forget_tables()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens of every layer (see `PackedLayer.crop`); when one layer
+        cannot, the cache is left as it was."""
+        for layer in self.layers:
+            layer.crop_length(tokens_to_remove)
+        super().crop(tokens_to_remove)
+        length = self.get_seq_length()
+        self.positions, self.valid = self.positions[:, :length], self.valid[:, :length]
+        self.forget_tables()
+
+    def forget_tables(self) -> None:
+        """Drop tables built for the current batch and length (the decode visibility); rebuilt on next use."""
+        self._last_visibility = None
+
     def memory_report(self) -> MemoryReport:
         """Bytes of every tensor held, effective bits per cached element, and the ratio to fp16."""
         ledger = MemoryLedger()
@@ -254,12 +442,33 @@ class PackedCache(Cache):
             layer.ledger(ledger)
         for kind, tensors in self.shared_tensors().items():
             ledger.add(kind, *tensors)
-        return ledger.report(self._element_count(), self.peak_stored_bytes)
+        held, seen = self._element_counts()
+        report = ledger.report(held, self.peak_stored_bytes, seen)
+        report["layer_types"] = self._layer_type_report()
+        return report
 
-    def _element_count(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, h, _, d = layer.keys.shape
-                total += 2 * b * h * d * layer.length
-        return total
+    def _layer_elements(self, layer: PackedLayer) -> tuple[int, int]:
+        """Key and value elements of the tokens ``layer`` holds, and of every token it has seen."""
+        if not layer.is_initialized:
+            return 0, 0
+        b, h, _, d = layer.keys.shape
+        return 2 * b * h * d * (layer.length - layer.offset), 2 * b * h * d * layer.length
+
+    def _element_counts(self) -> tuple[int, int]:
+        counts = [self._layer_elements(layer) for layer in self.layers]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def _layer_type_report(self) -> dict[str, dict[str, int | float]]:
+        """Per kind of layer (full attention, sliding window of W): layers, bytes held, and fp16 bytes of every
+        token seen, so the saving of freeing what a window no longer reaches shows beside quantization's."""
+        out: dict[str, dict[str, int | float]] = {}
+        for i, layer in enumerate(self.layers):
+            kind = "full_attention" if layer.window is None else f"sliding_window_{layer.window}"
+            entry = out.setdefault(kind, {"layers": 0, "stored_bytes": 0, "fp16_bytes_all_tokens": 0})
+            entry["layers"] += 1
+            entry["stored_bytes"] += self._current_bytes[i]
+            entry["fp16_bytes_all_tokens"] += 2 * self._layer_elements(layer)[1]
+        for entry in out.values():
+            fp16 = entry["fp16_bytes_all_tokens"]
+            entry["ratio_to_fp16"] = entry["stored_bytes"] / fp16 if fp16 else 0.0
+        return out

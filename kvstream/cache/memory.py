@@ -10,8 +10,10 @@ import torch
 from kvstream.quant.base import QuantizedTensor, tensor_bytes
 
 MemoryReport = dict[str, Any]
-"""``stored_bytes``, ``fp16_bytes``, ``bits_per_element``, ``ratio_to_fp16``, ``peak_stored_bytes``,
-``elements`` and ``breakdown`` (bytes per kind of tensor)."""
+"""``stored_bytes``, ``fp16_bytes`` (of every token seen), ``bits_per_element`` (per element held),
+``ratio_to_fp16``, ``peak_stored_bytes``, ``elements`` (held), ``breakdown`` (bytes per kind of tensor),
+``by_device`` (bytes per device holding them) and, from `PackedCache.memory_report`, ``layer_types``
+(the same per kind of attention layer)."""
 
 
 class MemoryLedger:
@@ -19,9 +21,14 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self.by_kind: dict[str, int] = defaultdict(int)
+        self.by_device: dict[str, int] = defaultdict(int)
+        """The same bytes by the device holding them: a model spread over devices spreads its cache too."""
 
     def add(self, kind: str, *tensors: torch.Tensor | None) -> None:
         self.by_kind[kind] += tensor_bytes(*tensors)
+        for tensor in tensors:
+            if tensor is not None:
+                self.by_device[str(tensor.device)] += tensor_bytes(tensor)
 
     def add_quantized(self, q: QuantizedTensor, kind: str | None = None) -> None:
         if kind is not None:
@@ -32,9 +39,11 @@ class MemoryLedger:
         self.add("zero_points", q.zero)
         self.add("codebooks", *q.extra.values())
 
-    def report(self, elements: int, peak_stored_bytes: int) -> MemoryReport:
+    def report(self, elements: int, peak_stored_bytes: int, seen_elements: int | None = None) -> MemoryReport:
+        """Figures for ``elements`` held; the fp16 comparison counts ``seen_elements`` (every token a layer has
+        seen, which differs from those held where a sliding window freed some), by default the same."""
         stored = sum(self.by_kind.values())
-        fp16 = 2 * elements
+        fp16 = 2 * (elements if seen_elements is None else seen_elements)
         return {
             "stored_bytes": stored,
             "fp16_bytes": fp16,
@@ -43,4 +52,5 @@ class MemoryLedger:
             "peak_stored_bytes": max(peak_stored_bytes, stored),
             "elements": elements,
             "breakdown": {k: v for k, v in sorted(self.by_kind.items()) if v},
+            "by_device": {k: v for k, v in sorted(self.by_device.items()) if v},
         }

@@ -110,6 +110,22 @@ class SplitStore:
             position=None if self.position is None else self.position[first:last],
         )
 
+    def copy(self) -> SplitStore:
+        """The same store in storage of its own (see `QuantizedTensor.copy`)."""
+        return SplitStore(
+            high=None if self.high is None else self.high.copy(),
+            low=None if self.low is None else self.low.copy(),
+            position=None if self.position is None else self.position.clone(),
+        )
+
+    def select_rows(self, index: torch.Tensor) -> SplitStore:
+        """Batch rows ``index`` of every block, each row's codes, scales and unit layout as stored."""
+        return SplitStore(
+            high=None if self.high is None else self.high.select_rows(1, index),
+            low=None if self.low is None else self.low.select_rows(1, index),
+            position=None if self.position is None else self.position.index_select(1, index.to(self.position.device)),
+        )
+
     def high_units(self) -> torch.Tensor:
         """[S, B, H, N] bool: the units stored at the high bit width."""
         if self.position is None:
@@ -174,6 +190,14 @@ class SinkStore:
         for target, stored in ((keys, self.keys), (values, self.values)):
             sink = quantizer.dequantize(stored).to(target.dtype)
             target[rows, :, slots] = sink[rows, :, order]
+
+    def select_rows(self, index: torch.Tensor) -> SinkStore:
+        """Batch rows ``index`` of the sink copies and their slots, as stored."""
+        return SinkStore(
+            keys=self.keys.select_rows(0, index),
+            values=self.values.select_rows(0, index),
+            slots=self.slots.index_select(0, index.to(self.slots.device)),
+        )
 
     def nbytes(self) -> int:
         return self.keys.nbytes() + self.values.nbytes() + tensor_bytes(self.slots)

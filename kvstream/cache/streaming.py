@@ -20,11 +20,14 @@ from typing import Any
 import torch
 
 from kvstream.cache.base import PackedCache, PackedLayer
+from kvstream.cache.budget import BitBudget
 from kvstream.cache.memory import MemoryLedger
-from kvstream.cache.rope import BlockRope, Rotary
+from kvstream.cache.rope import BlockRope, Rotary, model_rotaries
 from kvstream.cache.store import SinkStore, SplitStore
-from kvstream.config import CompressionConfig
+from kvstream.config import CompressionConfig, ConfigError
 from kvstream.quant.base import Quantizer, tensor_bytes
+from kvstream.quant.rotation import HeadRotation
+from kvstream.quant.sparse import SparseOutliers
 from kvstream.stats.base import StatsManager
 
 
@@ -57,6 +60,28 @@ class BlockGroup:
         sinks = self.sinks + [(self.n_blocks + i, store) for i, store in other.sinks]
         return BlockGroup(self.start, self.block_len, self.n_blocks + other.n_blocks, keys, values, sinks)
 
+    def select_rows(self, index: torch.Tensor) -> BlockGroup:
+        """Batch rows ``index`` of every block and sink copy, as stored."""
+        keys, values = self.keys.select_rows(index), self.values.select_rows(index)
+        sinks = [(i, store.select_rows(index)) for i, store in self.sinks]
+        return BlockGroup(self.start, self.block_len, self.n_blocks, keys, values, sinks)
+
+    def first_blocks(self, n: int) -> BlockGroup:
+        """The group's first ``n`` blocks, as views of its bytes (freed with the next block packed after them)."""
+        sinks = [(i, store) for i, store in self.sinks if i < n]
+        return BlockGroup(self.start, self.block_len, n, self.keys.blocks(0, n), self.values.blocks(0, n), sinks)
+
+    def without_first(self, n: int) -> BlockGroup | None:
+        """The group less its first ``n`` blocks, in storage of its own so theirs is freed; None when
+        its blocks cannot be sliced (a format with extras), and the group is then kept whole."""
+        try:
+            keys = self.keys.blocks(n, self.n_blocks).copy()
+            values = self.values.blocks(n, self.n_blocks).copy()
+        except ValueError:
+            return None
+        sinks = [(i - n, store) for i, store in self.sinks if i >= n]
+        return BlockGroup(self.start + n * self.block_len, self.block_len, self.n_blocks - n, keys, values, sinks)
+
 
 def paste_tokens(
     keys: torch.Tensor,
@@ -78,15 +103,15 @@ def paste_tokens(
 class StreamingLayer(PackedLayer):
     """One decoder layer's packed block groups; the full-precision tail is ``keys``/``values``."""
 
-    def __init__(self, owner: StreamingQuantizedCache, layer_idx: int) -> None:
-        super().__init__(owner, layer_idx)
+    def __init__(self, owner: StreamingQuantizedCache, layer_idx: int, window: int | None = None) -> None:
+        super().__init__(owner, layer_idx, window)
         self.groups: list[BlockGroup] = []
+        self.packed_length = 0
+        """Index of the first token not packed (the tail's first); blocks before `offset` may be freed."""
         self.tail_frozen = False
-        self._sink_read: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
-
-    @property
-    def packed_length(self) -> int:
-        return self.groups[-1].start + self.groups[-1].length if self.groups else 0
+        self._sink_read: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
+        self.normal_bits = (owner.config.key_bits_normal, owner.config.value_bits_normal)
+        """Normal key and value widths of this layer's next blocks (a bit budget may change them)."""
 
     @property
     def n_blocks(self) -> int:
@@ -97,13 +122,60 @@ class StreamingLayer(PackedLayer):
         if n_new == 1 and self.owner.config.decode_storage == "full_precision":
             self.tail_frozen = True
         chunk = self.owner.config.chunk_size
-        while not self.tail_frozen and self.keys.shape[-2] >= chunk:
+        keep = self.owner.config.recent_window
+        while not self.tail_frozen and self.keys.shape[-2] >= chunk + keep:
             self._pack(*self.take_tail(chunk))
+        if self.window is not None:
+            self.free_unreachable()
+
+    def free_unreachable(self) -> None:
+        """Free the whole blocks a sliding window no longer reaches: every later query sits at index
+        ``length`` or beyond and sees tokens after ``query - window`` only (the model's own mask)."""
+        horizon = self.length - self.window + 1
+        while self.groups:
+            group = self.groups[0]
+            n = min(group.n_blocks, max(0, (horizon - group.start) // group.block_len))
+            if n == 0:
+                break
+            rest = None if n == group.n_blocks else group.without_first(n)
+            if rest is None and n < group.n_blocks:
+                break
+            self.groups[:1] = [] if rest is None else [rest]
+        self.offset = self.groups[0].start if self.groups else self.packed_length
 
     def clear_packed(self) -> None:
         self.groups = []
+        self.packed_length = 0
         self.tail_frozen = False
         self._sink_read = None
+
+    def select_packed_rows(self, index: torch.Tensor) -> None:
+        self.groups = [group.select_rows(index) for group in self.groups]
+        if self._sink_read is not None and self._sink_read[1] is not None:
+            self._sink_read = (self._sink_read[0], tuple(t.index_select(0, index) for t in self._sink_read[1]))
+
+    def packing_state(self) -> tuple[Any] | None:
+        """The layer's statistics before the next block, as a 1-tuple (the statistics may be None before the
+        first block); None when the stats manager cannot hand its state out, so no block can be taken back."""
+        if not callable(getattr(self.owner.stats, "layer_state", None)):
+            return None
+        return (self.owner.stats.layer_state(self.layer_idx),)
+
+    def rewind_packing(self, start: int, state: tuple[Any]) -> None:
+        kept = [group for group in self.groups if group.start < start]
+        if kept and kept[-1].start + kept[-1].length > start:
+            kept[-1] = kept[-1].first_blocks((start - kept[-1].start) // kept[-1].block_len)
+        self.groups = kept
+        self.packed_length = start
+        self.owner.stats.restore_layer_state(self.layer_idx, state[0])
+        self._sink_read = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """`PackedLayer.crop`; a crop also means decoding has begun (assisted decoding crops after every
+        verification, whose appends hold several tokens), so ``decode_storage: full_precision`` packs no more."""
+        super().crop(tokens_to_remove)
+        if self.owner.config.decode_storage == "full_precision":
+            self.tail_frozen = True
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner, cfg = self.owner, self.owner.config
@@ -114,38 +186,25 @@ class StreamingLayer(PackedLayer):
         sinks = valid & (positions < cfg.attention_sink_size)
         counted = valid & ~sinks
         if cfg.key_rope == "pre":
-            cos, sin = owner.rotary.cos_sin(keys, positions)
-            keys = Rotary.invert(keys, cos, sin)
+            rotary = owner.rotaries[self.layer_idx]
+            keys = rotary.invert(keys, *rotary.cos_sin(keys, positions))
+        sink_keys, sink_values = keys, values
+        rotation = owner.rotation(self.layer_idx)
+        if rotation is not None:
+            keys = rotation.rotate(keys) if cfg.rotation in ("keys", "both") else keys
+            values = rotation.rotate(values) if cfg.rotation in ("values", "both") else values
         owner.stats.update(self.layer_idx, keys, values, counted)
 
-        b, h, t, d = values.shape
-        group = cfg.value_quant_groups
-        key_store = SplitStore.build(
-            keys.transpose(-1, -2)[None, ..., None],
-            owner.stats.key_outliers(self.layer_idx),
-            cfg.key_bits_sink_outlier,
-            cfg.key_bits_normal,
-            reduce_dim=4,
-            symmetric=cfg.key_symmetric,
-            quantizer=owner.quantizer,
-            mask=counted[None, :, None, None, :, None],
-        )
-        value_store = SplitStore.build(
-            values.reshape(b, h, t, d // group, group).transpose(2, 3)[None],
-            owner.stats.value_outliers(self.layer_idx),
-            cfg.value_bits_sink_outlier,
-            cfg.value_bits_normal,
-            reduce_dim=5,
-            symmetric=cfg.value_symmetric,
-            quantizer=owner.quantizer,
-            mask=None,
-        )
+        t = values.shape[2]
+        key_store, value_store = self.build_stores(keys, values, counted, self.normal_bits)
+        if cfg.bit_budget and not self.groups and self.packed_length == 0:
+            owner.budget.measure(self, keys, values, counted)
         sink_store = None
         # sinks are kept out of the block's key ranges, so they need their own copy unless nothing is quantized
         if not all(bits == 16 for bits in (cfg.key_bits_normal, cfg.key_bits_sink_outlier, cfg.value_bits_normal)):
             sink_store = SinkStore.build(
-                keys,
-                values,
+                sink_keys,
+                sink_values,
                 sinks,
                 cfg.key_bits_sink_outlier,
                 cfg.value_bits_sink_outlier,
@@ -154,23 +213,60 @@ class StreamingLayer(PackedLayer):
                 owner.quantizer,
             )
         block = BlockGroup(start, t, 1, key_store, value_store, [(0, sink_store)] if sink_store else [])
+        self.packed_length = end
         merged = self.groups[-1].absorb(block) if self.groups else None
         if merged is not None:
             self.groups[-1] = merged
         else:
             self.groups.append(block)
 
+    def build_stores(
+        self, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor, bits: tuple[int, int]
+    ) -> tuple[SplitStore, SplitStore]:
+        """One block's key and value stores (keys as stored: pre-RoPE and rotated where configured) at the
+        normal widths ``bits`` (keys, values); the statistics name the outlier units."""
+        owner, cfg = self.owner, self.owner.config
+        b, h, t, d = values.shape
+        group = cfg.value_quant_groups
+        span = cfg.key_token_group or t
+        key_store = SplitStore.build(
+            keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span),
+            owner.stats.key_outliers(self.layer_idx),
+            cfg.key_bits_sink_outlier,
+            bits[0],
+            reduce_dim=5,
+            symmetric=cfg.key_symmetric,
+            quantizer=owner.quantizer,
+            mask=counted.reshape(1, b, 1, 1, t // span, span),
+        )
+        value_store = SplitStore.build(
+            values.reshape(b, h, t, d // group, group).transpose(2, 3)[None],
+            owner.stats.value_outliers(self.layer_idx),
+            cfg.value_bits_sink_outlier,
+            bits[1],
+            reduce_dim=5,
+            symmetric=cfg.value_symmetric,
+            quantizer=owner.value_quantizer,
+            mask=None,
+        )
+        return key_store, value_store
+
     def restore_blocks(self, group: BlockGroup, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks ``first:last`` of ``group`` dequantized in fp32, sinks pasted, keys as stored (pre-RoPE or not).
 
         ``[batch, heads, tokens, head_dim]`` each; only these blocks are materialised.
         """
-        quantizer = self.owner.quantizer
-        k = group.keys.blocks(first, last).restore(quantizer).float()  # [S, B, H, D, T, 1]
-        v = group.values.blocks(first, last).restore(quantizer).float()  # [S, B, H, G, T, group size]
-        s, b, h, d, t, _ = k.shape
-        k = k.squeeze(-1).permute(1, 2, 0, 4, 3).reshape(b, h, s * t, d)
+        owner, quantizer = self.owner, self.owner.quantizer
+        k = group.keys.blocks(first, last).restore(quantizer).float()  # [S, B, H, D, T / span, span]
+        v = group.values.blocks(first, last).restore(owner.value_quantizer).float()  # [S, B, H, G, T, group size]
+        s, b, h, d = k.shape[:4]
+        t = group.block_len
+        k = k.reshape(s, b, h, d, t).permute(1, 2, 0, 4, 3).reshape(b, h, s * t, d)
         v = v.permute(1, 2, 0, 4, 3, 5).reshape(b, h, s * t, d)
+        rotation = owner.rotation(self.layer_idx)
+        if rotation is not None:  # undone tile by tile, so the history is never un-rotated in full
+            k = rotation.unrotate(k) if owner.config.rotation in ("keys", "both") else k
+            v = rotation.unrotate(v) if owner.config.rotation in ("values", "both") else v
         for index, sinks in group.sinks:
             if first <= index < last:
                 span = slice((index - first) * t, (index - first + 1) * t)
@@ -199,7 +295,14 @@ class StreamingLayer(PackedLayer):
                     yield start, k, v
                 else:
                     k, v = self.restore_blocks(group, first, last)
-                    yield start, self.owner.rotate_keys(k, start), v
+                    yield start, self.rotate_keys(k, self.owner.positions[:, start : start + k.shape[-2]]), v
+
+    def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Stored keys at ``positions`` ([B, n]) as attention sees them: RoPE re-applied in fp32 if stored pre-RoPE."""
+        if self.owner.config.key_rope != "pre":
+            return keys
+        rotary = self.owner.rotaries[self.layer_idx]
+        return rotary.apply(keys, *rotary.cos_sin(keys, positions))
 
     def kernel_ready(self) -> bool:
         """True when a fused kernel can read every packed block of this layer (plain uniform codes)."""
@@ -207,7 +310,7 @@ class StreamingLayer(PackedLayer):
 
         return (
             bool(self.groups)
-            and self.owner.kernel_compatible(self.packed_length)
+            and self.owner.kernel_compatible(self)
             and all(g.block_len == self.owner.config.chunk_size for g in self.groups)
             and all(store_supported(g.keys) and store_supported(g.values) for g in self.groups)
         )
@@ -219,9 +322,9 @@ class StreamingLayer(PackedLayer):
         Built once per set of sink copies and kept (a few tokens per row; counted as ``sinks``), so a
         decode step does not dequantize and rotate them again.
         """
-        n_sink_sets = sum(len(g.sinks) for g in self.groups)
-        if self._sink_read is None or self._sink_read[0] != n_sink_sets:
-            self._sink_read = (n_sink_sets, self._read_sinks())
+        state = (sum(len(g.sinks) for g in self.groups), self.offset)
+        if self._sink_read is None or self._sink_read[0] != state:
+            self._sink_read = (state, self._read_sinks())
         return self._sink_read[1]
 
     def _read_sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -237,10 +340,7 @@ class StreamingLayer(PackedLayer):
             return None
         index_all = torch.cat(index, dim=1)
         keys_all = torch.cat(keys, dim=2)
-        if self.owner.config.key_rope == "pre":
-            positions = self.owner.positions.gather(1, index_all.clamp_min(0))
-            cos, sin = self.owner.rotary.cos_sin(keys_all, positions)
-            keys_all = Rotary.apply(keys_all, cos.float(), sin.float())
+        keys_all = self.rotate_keys(keys_all, self.owner.positions.gather(1, index_all.clamp_min(0)))
         return index_all, keys_all.contiguous(), torch.cat(values, dim=2).contiguous()
 
     def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -282,75 +382,124 @@ class StreamingQuantizedCache(PackedCache):
         self,
         config: CompressionConfig,
         num_layers: int,
-        rotary: Rotary | None,
+        rotaries: list[Rotary] | None,
         quantizer: Quantizer,
         stats: StatsManager,
+        windows: list[int | None] | None = None,
+        value_quantizer: Quantizer | None = None,
     ) -> None:
-        if config.key_rope == "pre" and rotary is None:
-            raise ValueError("key_rope='pre' needs the model's rotary embedding; use key_rope='post'")
-        self.rotary = rotary
+        if config.key_rope == "pre" and rotaries is None:
+            raise ConfigError("key_rope: pre needs the model's rotary embedding; use key_rope: post")
+        self.config = config  # the layers read it as they are built
+        self.rotaries = rotaries
         self.quantizer = quantizer
+        self.value_quantizer = quantizer if value_quantizer is None else value_quantizer
         self.stats = stats
-        self._block_rope: BlockRope | bool | None = None
-        super().__init__(config, [StreamingLayer(self, i) for i in range(num_layers)])
+        self._rotations: dict[int, HeadRotation] = {}
+        self.budget = BitBudget(config.bit_budget, num_layers)
+        self._block_ropes: dict[tuple[Any, ...], BlockRope | None] = {}
+        windows = windows or [None] * num_layers
+        super().__init__(config, [StreamingLayer(self, i, windows[i]) for i in range(num_layers)])
 
     @classmethod
     def from_model(cls, model: Any, config: CompressionConfig) -> StreamingQuantizedCache:
-        """Build the cache for ``model`` with the quantizer and stats manager ``config`` names."""
+        """Build the cache for ``model`` with the quantizer and stats manager ``config`` names; a model whose
+        rotary or attention kvstream cannot reproduce exactly is refused (`ConfigError`, one line)."""
         from kvstream import registry
-        from kvstream.engine.model import model_geometry, rotary_module
+        from kvstream.engine.model import attention_windows, check_attention, model_geometry
 
         geometry = model_geometry(model)
         config.validate(head_dim=geometry.head_dim)
-        rotary = rotary_module(model)
+        check_attention(model, config)
+        rotaries = model_rotaries(model) if config.key_rope == "pre" else None
         quantizer = registry.get("quantizers", config.quantizer)()
+        value_quantizer = (
+            None if config.value_quantizer == "same" else registry.get("quantizers", config.value_quantizer)()
+        )
+        if config.sparse_outlier_fraction:
+            quantizer = SparseOutliers(quantizer, config.sparse_outlier_fraction)
+            value_quantizer = (
+                None if value_quantizer is None else SparseOutliers(value_quantizer, config.sparse_outlier_fraction)
+            )
         stats = registry.get("stats", config.stats)(config)
-        cache = cls(config, geometry.num_layers, Rotary(rotary) if rotary is not None else None, quantizer, stats)
+        windows = attention_windows(model)
+        cache = cls(config, geometry.num_layers, rotaries, quantizer, stats, windows, value_quantizer)
         if config.attention == "packed":
             cache.attach(model)
         return cache
 
-    def rotate_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Stored keys of tokens ``start:`` as attention sees them: RoPE re-applied in fp32 when stored pre-RoPE."""
-        if self.config.key_rope != "pre":
-            return keys
-        positions = self.positions[:, start : start + keys.shape[-2]].to(keys.device)
-        cos, sin = self.rotary.cos_sin(keys.float(), positions)
-        return Rotary.apply(keys.float(), cos.float(), sin.float())
-
-    def kernel_compatible(self, packed: int) -> bool:
-        """True when the fused kernels can read this cache: a plain uniform quantizer and, for pre-RoPE
-        keys, a rotary that the block-wise angle-addition rule reproduces (checked on a probe)."""
+    def kernel_compatible(self, layer: StreamingLayer) -> bool:
+        """True when the fused kernels can read ``layer``: a plain uniform quantizer and, for pre-RoPE keys,
+        a rotary in the kernels' layout that the block-wise angle-addition rule reproduces (checked on a probe)."""
         from kvstream.quant.uniform import UniformQuantizer
 
-        if type(self.quantizer) is not UniformQuantizer:
+        cfg = self.config
+        if {type(self.quantizer), type(self.value_quantizer)} != {UniformQuantizer}:
+            return False
+        if cfg.rotation != "none" or cfg.key_token_group not in (0, cfg.chunk_size):
             return False
         if self.config.key_rope != "pre":
             return True
-        rope = self.block_rope(packed)
+        rope = self.block_rope(layer)
         return rope is not None and rope.all_exact
 
-    def block_rope(self, packed: int) -> BlockRope | None:
-        """The blocks' RoPE for the kernels (`BlockRope`), covering the first ``packed`` tokens; None if
-        the model's rotary is not position-only (dynamic NTK, say)."""
-        if self._block_rope is None:
-            device = self.positions.device
-            rope = BlockRope(self.rotary, self.config.chunk_size, device)
-            dynamic = "dynamic" in str(getattr(self.rotary.rotary_emb, "rope_type", "default"))
-            self._block_rope = rope if not dynamic and rope.check() else False
-        if self._block_rope is False:
+    def block_rope(self, layer: StreamingLayer) -> BlockRope | None:
+        """The blocks' RoPE for the kernels (`BlockRope`) of ``layer``'s rotary, covering its packed tokens;
+        None when the rotary is not the kernels' layout (partial or interleaved) or fails the probe."""
+        rotary = self.rotaries[layer.layer_idx]
+        if rotary.key not in self._block_ropes:
+            rope = BlockRope(rotary, self.config.chunk_size, self.positions.device)
+            full = rope.offsets[0].shape[0] == layer.keys.shape[-1]
+            self._block_ropes[rotary.key] = rope if rotary.kernel_layout and full and rope.check() else None
+        rope = self._block_ropes[rotary.key]
+        if rope is not None:
+            rope.extend(self.positions, self.valid, layer.packed_length // self.config.chunk_size)
+        return rope
+
+    def rotation(self, layer_idx: int) -> HeadRotation | None:
+        """Layer ``layer_idx``'s per-head rotation (built on first use), or None when ``rotation: none``."""
+        if self.config.rotation == "none":
             return None
-        self._block_rope.extend(self.positions, self.valid, packed // self.config.chunk_size)
-        return self._block_rope
+        if layer_idx not in self._rotations:
+            b, h, _, d = self.layers[layer_idx].keys.shape
+            self._rotations[layer_idx] = HeadRotation(h, d, self.config.rotation_seed, layer_idx, self.positions.device)
+        return self._rotations[layer_idx]
 
     def shared_tensors(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
-        rope = self._block_rope.tensors() if self._block_rope else ()
-        return {**super().shared_tensors(), "block_rope": rope}
+        rope = tuple(t for r in self._block_ropes.values() if r is not None for t in r.tensors())
+        rotations = [r.signs for r in self._rotations.values()]
+        matrices = {r.matrix.data_ptr(): r.matrix for r in self._rotations.values()}  # one per head size
+        return {**super().shared_tensors(), "block_rope": rope, "rotation": (*rotations, *matrices.values())}
 
     def reset(self) -> None:
         super().reset()
-        self._block_rope = None
+        self._block_ropes = {}
+        self._rotations = {}
+        self.budget = BitBudget(self.config.bit_budget, self.num_layers)
+        for layer in self.layers:
+            layer.normal_bits = (self.config.key_bits_normal, self.config.value_bits_normal)
         self.stats.reset()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """`PackedCache.select_rows`, and the statistics' rows too, so a selected row's later blocks quantize
+        as they would have for that row alone."""
+        if not callable(getattr(self.stats, "select_rows", None)):
+            raise NotImplementedError(
+                f"stats manager {type(self.stats).__name__} cannot select batch rows (select_rows), which beam "
+                "search and batch expansion need"
+            )
+        super().select_rows(index)
+        self.stats.select_rows(index)
+
+    def forget_tables(self) -> None:
+        super().forget_tables()
+        self._block_ropes = {}
+
+    def memory_report(self) -> dict[str, Any]:
+        report = super().memory_report()
+        if self.config.bit_budget:
+            report["bit_budget"] = self.budget.summary()
+        return report
 
     def outlier_snapshot(self) -> dict[int, dict[str, float]]:
         return self.stats.snapshot()

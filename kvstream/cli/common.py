@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -271,8 +274,28 @@ def field_docs() -> dict[str, str]:
             and isinstance(following.value, ast.Constant)
             and isinstance(following.value.value, str)
         ):
-            docs[node.target.id] = " ".join(following.value.value.split())
+            docs[node.target.id] = plain_text(following.value.value)
     return docs
+
+
+_RST_ROLES = re.compile(r":[a-z]+:`([^`]+)`|``([^`]+)``")
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as one line of help: reStructuredText literals and roles (````x````, ``:class:`x```) as plain x."""
+    return " ".join(_RST_ROLES.sub(lambda m: m.group(1) or m.group(2), doc).split())
+
+
+HELP_METAVAR_WIDTH = 8
+"""Widest metavar shown in --help: wider ones squeeze the option names of an 80-column panel."""
+
+
+def help_metavar(name: str) -> tuple[str, str]:
+    """The metavar of field ``name`` in --help, and what the help then adds (the choices it no longer lists)."""
+    metavar = field_metavar(name)
+    if len(metavar) <= HELP_METAVAR_WIDTH:
+        return metavar, ""
+    return "MODE", f" One of {', '.join(metavar.split('|'))}."
 
 
 def field_metavar(name: str) -> str:
@@ -320,11 +343,12 @@ def with_config_fields(func: F) -> F:
             raise RuntimeError(f"command parameter {f.name!r} clashes with a config field")
         default = getattr(defaults, f.name)
         shown = str(default).lower() if isinstance(default, bool) else default
+        metavar, choices = help_metavar(f.name)
         option = typer.Option(
             None,
             option_name(f.name),
-            metavar=field_metavar(f.name),
-            help=f"{field_docs().get(f.name, '')} [dim]\\[default: {shown}][/dim]".strip(),
+            metavar=metavar,
+            help=f"{field_docs().get(f.name, '')}{choices} [dim]\\[default: {shown}][/dim]".strip(),
             rich_help_panel=FIELD_PANEL,
             autocompletion=_field_completion(f.name),
             show_default=False,
@@ -444,15 +468,28 @@ STEP_LABELS = {
     "quantized": "quantized cache",
     "full_precision": "full-precision baseline",
     "full_precision (cached)": "full-precision baseline (reused)",
+    "prefill": "tokens prefilled",
 }
 """Friendlier names for the steps `run_eval` reports."""
+PERIODIC_STEPS = {"prefill"}
+"""Steps that finish once per sample: in a log their lines come every `ProgressBars.LOG_SECONDS` only."""
 
 
 class ProgressBars:
-    """rich progress bars on stderr, one per label; hidden when stderr is not a terminal."""
+    """rich progress bars on stderr, one per label; plain log lines instead when stderr is not a terminal.
+
+    A log gets a line per bar when it completes and, while it runs, at most one every `LOG_SECONDS`
+    (the tokens prefilled inside a sample only the latter), so a long sample shows it is moving.
+    """
+
+    LOG_SECONDS = 10.0
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or err()
+        self.plain = not self.console.is_terminal
+        self._logged: dict[str, float] = {}
+        self._periodic: set[str] = set()
+        self._start = time.monotonic()
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
@@ -473,11 +510,25 @@ class ProgressBars:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def update(self, label: str, done: float, total: float | None) -> None:
-        """Set bar ``label`` to ``done`` of ``total`` (created on first use)."""
+    def update(self, label: str, done: float, total: float | None, *, periodic: bool = False) -> None:
+        """Set bar ``label`` to ``done`` of ``total`` (created on first use); ``periodic``: log no completions."""
         if label not in self._tasks:
             self._tasks[label] = self.progress.add_task(label, total=total or None)
+            self._logged[label] = time.monotonic()
+            if periodic:
+                self._periodic.add(label)
         self.progress.update(self._tasks[label], completed=done, total=total or None)
+        if self.plain:
+            self._log(label, done, total)
+
+    def _log(self, label: str, done: float, total: float | None) -> None:
+        now = time.monotonic()
+        finished = bool(total) and done >= (total or 0) and label not in self._periodic
+        if not finished and now - self._logged[label] < self.LOG_SECONDS:
+            return
+        self._logged[label] = now
+        of = f"/{total:.0f}" if total else ""
+        self.console.print(f"[{now - self._start:6.0f}s] {label}: {done:.0f}{of}", markup=False, highlight=False)
 
     def remove(self, label: str) -> None:
         task = self._tasks.pop(label, None)
@@ -493,7 +544,7 @@ class ProgressBars:
         """A ``(what, done, total)`` callback (run_eval, download) drawing one bar per ``what``."""
 
         def report(what: str, done: float, total: float) -> None:
-            self.update(f"{prefix}{STEP_LABELS.get(what, what)}", done, total)
+            self.update(f"{prefix}{STEP_LABELS.get(what, what)}", done, total, periodic=what in PERIODIC_STEPS)
 
         return report
 
@@ -501,7 +552,7 @@ class ProgressBars:
         """A ``(done, total)`` callback (chunked prefill) drawing bar ``label``."""
 
         def report(done: int, total: int) -> None:
-            self.update(label, done, total)
+            self.update(label, done, total, periodic=True)
 
         return report
 
@@ -529,13 +580,17 @@ def check_device(device: str | None, dtype: str | None) -> None:
         raise UsageError(str(error)) from error
 
 
-def load_bundle(model: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` through `kvstream.engine.load_model` on ``device`` in ``dtype``, with a spinner."""
+def load_bundle(
+    model: str, device: str | None = None, dtype: str | None = None, device_map: Any = None
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` through `kvstream.engine.load_model` on ``device`` (or spread by ``device_map``)
+    in ``dtype``, with a spinner."""
     from kvstream import engine
 
-    check_device(device, dtype)
+    if device_map is None:
+        check_device(device, dtype)
     with spinner(f"Loading model {model} ..."), _quiet_transformers():
-        return engine.load_model(model, dtype=dtype, device=device)
+        return engine.load_model(model, dtype=dtype, device=device, device_map=device_map)
 
 
 @contextmanager
@@ -609,6 +664,7 @@ def task_options(
     for depth in depths or []:
         if not 0.0 <= depth <= 1.0:
             raise CliError(f"--depth: {depth} is not in [0, 1] (0 = start of the context, 1 = its end)")
+    check_corpus(corpus)
     return TaskOptions(
         samples=samples,
         length=length,
@@ -617,6 +673,82 @@ def task_options(
         depths=list(depths) if depths else None,
         data_dir=str(data_dir) if data_dir else None,
     )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+"""Control characters other than the whitespace ones (tab, newlines, vertical tab, form feed)."""
+MAX_CONTROL_SHARE = 0.1
+"""A corpus with a larger share of control characters is binary data, not text."""
+
+
+def text_problem(data: bytes) -> str | None:
+    """Why ``data`` is not text (not UTF-8, or more than `MAX_CONTROL_SHARE` control characters), or None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"not valid UTF-8 (byte {error.start})"
+    control = len(_CONTROL.findall(text))
+    if text and control / len(text) > MAX_CONTROL_SHARE:
+        return f"{control / len(text):.0%} control characters"
+    return None
+
+
+def check_corpus(corpus: str | None) -> None:
+    """Refuse a ``--corpus`` file, or a ``.txt`` in a ``--corpus`` folder, that is not text (corpus names pass)."""
+    if corpus is None:
+        return
+    path = Path(corpus).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    for file in files:
+        problem = text_problem(file.read_bytes())
+        if problem:
+            raise CliError(f"--corpus: {file} is not text ({problem}); give a UTF-8 text file or a corpus name")
+
+
+def check_results_dir(results: Path) -> None:
+    """Refuse a ``--results`` that is a file or a folder this user cannot write, before the first run.
+
+    The folder (or, when it does not exist yet, its nearest existing parent) gets a probe file
+    created and deleted in it; nothing is left behind, and a missing folder is not created here.
+    """
+    path = Path(results).expanduser()
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise CliError(f"--results: {path} is not a folder{where}; give a folder for the results")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".kvstream-probe-", dir=existing)
+    except OSError as error:
+        reason = error.strerror or error.__class__.__name__
+        raise CliError(f"--results: {path} is not writable ({reason} in {existing}); choose another folder") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def model_positions(model: str) -> int | None:
+    """The model's ``max_position_embeddings`` from its ``config.json`` (no weights loaded); None when unknown."""
+    from transformers import AutoConfig
+
+    from kvstream.data.models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config(decoder=True)
+    except (OSError, ValueError):  # a config transformers cannot read: loading the model reports it
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def check_positions(model: str, length: int | None, option: str = "--length") -> None:
+    """Refuse a token length (``--length``, ``--max-new-tokens``) beyond the model's positions, before loading it."""
+    if length is None:
+        return
+    positions = model_positions(model)
+    if positions is not None and length > positions:
+        raise CliError(
+            f"{option} {length} is beyond the {positions} positions of model {model} "
+            f"(max_position_embeddings): use at most {positions}"
+        )
 
 
 def human_bytes(n: float | None) -> str:

@@ -18,6 +18,8 @@ from kvstream.cli.common import (
     build_config,
     check_config_for_model,
     check_device,
+    check_positions,
+    check_results_dir,
     check_strategies,
     check_task,
     complete_tasks,
@@ -96,6 +98,8 @@ def eval_command(
     options = task_options(samples, length, seed, corpus, depth, data_dir)
     check_task(task)
     check_strategies(effective)
+    check_results_dir(results)
+    check_positions(model, options.length)
     from kvstream.eval.runner import EvalSpec, plan_eval, run_plan
 
     spec = EvalSpec(task=task, model=model, config=effective, options=options, results_dir=results)

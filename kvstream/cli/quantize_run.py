@@ -25,6 +25,7 @@ from kvstream.cli.common import (
     build_config,
     check_config_for_model,
     check_device,
+    check_positions,
     check_strategies,
     handle_errors,
     human_bytes,
@@ -260,6 +261,7 @@ def quantize_run_command(
     console = out()
     show_config(effective, config, console=console)
     check_strategies(effective)
+    check_positions(model, max_new_tokens, "--max-new-tokens")
     bundle_model, tokenizer = load_bundle(model, device, dtype)
     check_config_for_model(effective, bundle_model)
     ids = encode_prompt(tokenizer, text, raw)

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from kvstream.config import CompressionConfig
+from kvstream.config import CompressionConfig, ConfigError
+from kvstream.engine.placement import DeviceMap, main_device, offload_folder
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,38 @@ def model_geometry(model: Any) -> ModelGeometry:
     )
 
 
-def rotary_module(model: Any) -> torch.nn.Module | None:
-    """The model's own rotary embedding module (``model.model.rotary_emb`` for Llama-like models)."""
-    base = getattr(model, "model", model)
-    module = getattr(base, "rotary_emb", None)
-    if module is not None:
-        return module
-    for name, sub in model.named_modules():
-        if name.endswith("rotary_emb"):
-            return sub
-    return None
+WINDOWED_TYPES = {"full_attention": False, "sliding_attention": True}
+"""Layer types (transformers' ``config.layer_types``) a packed cache serves: full and sliding-window."""
+
+
+def attention_windows(model: Any) -> list[int | None]:
+    """Per decoder layer, the sliding window its attention uses, or None for full attention.
+
+    Read with transformers' own rule for its dynamic cache; a layer type kvstream does not serve
+    (chunked attention, linear attention, layers sharing another's cache) is refused, named.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = model.config.get_text_config(decoder=True)
+    layer_types, kwargs = get_layer_types_and_kwargs(config)
+    unknown = sorted({t for t in layer_types if t not in WINDOWED_TYPES})
+    if unknown:
+        raise ConfigError(
+            f"{getattr(config, 'model_type', 'this model')} has layers of type {', '.join(unknown)}; "
+            "kvstream's caches serve full and sliding-window attention layers only"
+        )
+    return [kw.get("sliding_window") if WINDOWED_TYPES[t] else None for t, kw in zip(layer_types, kwargs, strict=True)]
+
+
+def check_attention(model: Any, config: CompressionConfig) -> None:
+    """Refuse, in one line, a model whose attention kvstream's packed reader does not compute exactly."""
+    text = model.config.get_text_config(decoder=True)
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if config.attention == "packed" and softcap:
+        raise ConfigError(
+            f"attention: packed: {text.model_type} caps attention logits (attn_logit_softcapping={softcap}), "
+            "which kvstream's attention does not apply; use attention: restore"
+        )
 
 
 DTYPES = {
@@ -80,21 +103,31 @@ def load_model(
     name_or_path: str = "smollm2-135m",
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: DeviceMap | None = None,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for an alias (``smollm2-135m``), a local folder, a GGUF file or a Hub id.
 
     ``device`` defaults to CUDA when present, else the CPU; ``dtype`` to fp32 on the CPU and bf16 on CUDA.
+    ``device_map`` (accelerate's, see `kvstream.engine.placement`) spreads the layers over several
+    devices instead, offloading to the CPU or disk where the map says so.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvstream.data.models import resolve_model
 
-    target = resolve_device(device)
+    if device is not None and device_map is not None:
+        raise ValueError("give --device or --device-map, not both (a device map names every module's device)")
+    target = resolve_device(device) if device_map is None else main_device(device_map)
     torch_dtype = resolve_dtype(dtype, target)
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    model.to(target)
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model.to(target)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, device_map=device_map, offload_folder=offload_folder()
+        )
     model.eval()
     return model, tokenizer
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from kvstream.engine.placement import input_device
+
 ProgressFn = Callable[[int, int], None]
 """``progress(tokens_done, tokens_total)``."""
 
@@ -18,8 +20,8 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def model_device(model: Any) -> torch.device:
-    """The device of the model's input embeddings, where token ids must go."""
-    return model.get_input_embeddings().weight.device
+    """The device of the model's input embeddings, where token ids must go (with a device map too)."""
+    return input_device(model)
 
 
 def _chunks(total: int, chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -42,7 +44,8 @@ def forward_hidden(
     else:
         mask = attention_mask[:, :end]
         positions = position_ids_for(mask)[:, start:end]
-    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.last_hidden_state
 
 
@@ -73,7 +76,7 @@ def chunked_prefill(
         hidden = forward_hidden(model, input_ids[:, start:end], cache, offset + start, attention_mask)
         if progress:
             progress(end, input_ids.shape[1])
-    return model.get_output_embeddings()(hidden[:, -1]).float()
+    return model.get_output_embeddings()(hidden[:, -1]).float().to(input_ids.device)
 
 
 @torch.inference_mode()
@@ -87,8 +90,13 @@ def greedy_generate(
     eos_token_ids: set[int] | None = None,
     progress: ProgressFn | None = None,
     on_prefill_done: Callable[[], None] | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
-    """Chunked prefill, then greedy decoding one token at a time; returns ``[batch, new_tokens]``."""
+    """Chunked prefill, then greedy decoding one token at a time; returns ``[batch, new_tokens]``.
+
+    Decoding stops once every row has produced one of ``eos_token_ids`` (kept in the output). For the
+    first ``min_new_tokens`` steps those ids are forbidden, as ``generate(min_length=prompt + n)`` does.
+    """
     logits = chunked_prefill(model, input_ids, cache, chunk_size, attention_mask, progress)
     if on_prefill_done:
         on_prefill_done()
@@ -100,7 +108,9 @@ def greedy_generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     mask = attention_mask
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        if step < min_new_tokens and eos.numel():
+            logits = logits.index_fill(-1, eos, float("-inf"))
         token = logits.argmax(dim=-1)
         if generated and eos.numel():
             token = torch.where(finished, generated[-1], token)
@@ -115,5 +125,5 @@ def greedy_generate(
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         hidden = forward_hidden(model, token.unsqueeze(1), cache, start, mask)
-        logits = model.get_output_embeddings()(hidden[:, -1]).float()
+        logits = model.get_output_embeddings()(hidden[:, -1]).float().to(device)
     return torch.stack(generated, dim=1) if generated else input_ids.new_zeros(batch, 0)

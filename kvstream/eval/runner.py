@@ -44,7 +44,8 @@ BASELINE_CHUNK_SIZE = CompressionConfig().chunk_size
 """Prefill chunk of every full-precision baseline, so the runs of a chunk-size sweep share one."""
 
 ProgressCallback = Callable[[str, int, int], None]
-"""``progress(what, done, total)``."""
+"""``progress(what, done, total)``: ``samples``, a variant's samples, `PREFILL` tokens inside a sample."""
+PREFILL = "prefill"
 
 
 # --------------------------------------------------------------------------- identities
@@ -110,9 +111,12 @@ class _Recorder:
 
 
 def _model_device(model: Any) -> torch.device:
+    """Where token ids go: the input embeddings' device (their execution device under a device map)."""
+    from kvstream.engine.placement import input_device
+
     try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
+        return input_device(model)
+    except AttributeError:
         return torch.device("cpu")
 
 
@@ -132,15 +136,21 @@ def eos_ids(tokenizer: Any) -> set[int]:
 
 
 def make_context(
-    model: Any, tokenizer: Any, config: CompressionConfig, recorder: _Recorder | None = None
+    model: Any,
+    tokenizer: Any,
+    config: CompressionConfig,
+    recorder: _Recorder | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RunContext:
-    """A `RunContext` whose caches are the strategy ``config`` names; measurements go to ``recorder``."""
-    from kvstream.engine import greedy_generate, streaming_perplexity
+    """A `RunContext` whose caches are the strategy ``config`` names; measurements go to ``recorder``, and
+    the tokens prefilled inside a sample to ``progress(PREFILL, done, total)``."""
+    from kvstream.engine import greedy_generate, streaming_compare
     from kvstream.engine import make_cache as build_cache
 
     recorder = recorder if recorder is not None else _Recorder()
     device = _model_device(model)
     eos = eos_ids(tokenizer)
+    prefill_progress = (lambda done, total: progress(PREFILL, done, total)) if progress else None
 
     def new_cache() -> Any:
         return build_cache(model, config)
@@ -169,6 +179,7 @@ def make_context(
             max_new_tokens,
             config.chunk_size,
             eos_token_ids=(eos if eos_token_ids is None else eos_token_ids) or None,
+            progress=prefill_progress,
             on_prefill_done=prefill_done,
             min_new_tokens=min_new_tokens,
         )
@@ -182,17 +193,20 @@ def make_context(
         return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
     def perplexity(input_ids: Any) -> Any:
+        """Streaming loss through a fresh cache; a quantized one is scored in lockstep with a full-precision
+        cache on the same chunks, so its result also holds KL and top-1 agreement (its own time only)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        cache = new_cache()
-        _sync(device)
-        start = time.perf_counter()
-        result = streaming_perplexity(model, ids, cache, config.chunk_size)
-        _sync(device)
-        recorder.prefill_seconds.append(time.perf_counter() - start)
-        recorder.prefill_done(cache)
-        recorder.cache_done(cache)
+        caches = {"run": new_cache()}
+        if config.cache != "full":
+            caches["reference"] = build_cache(model, CompressionConfig(cache="full", chunk_size=config.chunk_size))
+        reference = "reference" if "reference" in caches else None
+        results = streaming_compare(model, ids, caches, config.chunk_size, reference, progress=prefill_progress)
+        result = results["run"]
+        recorder.prefill_seconds.append(result.seconds)
+        recorder.prefill_done(caches["run"])
+        recorder.cache_done(caches["run"])
         return result
 
     return RunContext(
@@ -255,7 +269,10 @@ def _resource_rows(recorder: _Recorder, monitor: MemoryMonitor) -> list[Row]:
         spread("bits_per_element", reports)
         spread("prefill_bits_per_element", recorder.prefill_reports)
         add("ratio_to_fp16", _mean([r.get("ratio_to_fp16") for r in reports]))
-        extra = {"breakdown": _mean_by_key([r.get("breakdown", {}) for r in reports], absent=0.0)}
+        extra = {
+            "breakdown": _mean_by_key([r.get("breakdown", {}) for r in reports], absent=0.0),
+            "by_device": _mean_by_key([r.get("by_device", {}) for r in reports], absent=0.0),
+        }
         add("cache_bytes", _mean([r.get("stored_bytes") for r in reports]), extra)
         add("peak_cache_bytes", max(r.get("peak_stored_bytes", r.get("stored_bytes", 0)) for r in reports))
         add("fp16_bytes", _mean([r.get("fp16_bytes") for r in reports]))
@@ -302,7 +319,7 @@ def run_variant(
         progress(variant, 0, len(samples))
     with MemoryMonitor(device=_model_device(model)) as monitor:
         for done, sample in enumerate(samples, start=1):
-            ctx = make_context(model, tokenizer, config, recorder)
+            ctx = make_context(model, tokenizer, config, recorder, progress)
             for row in task.run(ctx, sample):
                 sample_id = row.sample if row.sample is not None else sample.id
                 records.append(_row_dict(identity, config, row, str(sample_id)))
@@ -456,12 +473,62 @@ def run_eval(
     return run_plan(plan_eval(spec, bundle, progress=progress), progress)
 
 
-def run_plan(plan: EvalPlan, progress: ProgressCallback | None = None) -> StoredRun:
+@dataclass
+class Baseline:
+    """The full-precision rows of one baseline slot and the meta stored beside them (key, samples, timings)."""
+
+    slot: str
+    rows: pd.DataFrame
+    meta: dict[str, Any]
+
+
+def compute_baseline(plan: EvalPlan, progress: ProgressCallback | None = None) -> Baseline:
+    """The full-precision variant of ``plan``'s samples, not stored: what `run_plan` pairs its run with."""
+    spec, baseline_key = plan.spec, plan.key.baseline()
+    config = spec.baseline_config()
+    rows, info = run_variant(
+        plan.task,
+        plan.samples,
+        plan.model,
+        plan.tokenizer,
+        config,
+        variant=FULL_PRECISION,
+        run_id=plan.run_id,
+        model_name=spec.model,
+        baseline=baseline_key.digest(),
+        progress=progress,
+    )
+    meta = {
+        "format": keys.FORMAT_VERSION,
+        "slot": spec.baseline_slot(),
+        "key": baseline_key.as_dict(),
+        "digest": baseline_key.digest(),
+        "task": task_name(plan.task),
+        "model": spec.model,
+        "options": keys.options_dict(spec.options),
+        "config": config.to_dict(),
+        "samples": [str(s.id) for s in plan.samples],
+        "computed_by": plan.run_id,
+        "created_at": _now(),
+        "info": info,
+    }
+    return Baseline(spec.baseline_slot(), rows, meta)
+
+
+def run_plan(
+    plan: EvalPlan,
+    progress: ProgressCallback | None = None,
+    *,
+    baseline: Baseline | None = None,
+    write: bool = True,
+) -> StoredRun:
     """Run ``plan`` with the quantized cache and the full-precision baseline; store and return the run.
 
-    The baseline rows are reused from the store's slot when they are intact and were measured on
-    the run's key (prompts, model, dtype, device, versions, ...), else computed and stored. A task
-    whose data is missing has raised `TaskDataMissing` in `plan_eval`, before any model ran.
+    The baseline rows are ``baseline``'s when given (computed once for a whole sweep, `compute_baseline`),
+    else reused from the store's slot when they are intact and were measured on the run's key
+    (prompts, model, dtype, device, versions, ...), else computed and stored. With ``write=False``
+    nothing is stored: a run made in another process goes back to the one that asked for it, which
+    stores it. A task whose data is missing has raised `TaskDataMissing` in `plan_eval`, before any model ran.
     """
     started_at = _now()
     clock = time.perf_counter()
@@ -476,32 +543,21 @@ def run_plan(plan: EvalPlan, progress: ProgressCallback | None = None) -> Stored
     quantized, q_info = run_variant(task, samples, model, tokenizer, spec.config, variant=QUANTIZED, **shared)
 
     slot = spec.baseline_slot()
-    reused = store.check_baseline(slot, baseline_key).reusable
+    if baseline is not None and baseline.meta.get("key") != baseline_key.as_dict():
+        baseline = None  # measured on another key (prompts, model, dtype, device, ...): never paired
+    if baseline is None and store.check_baseline(slot, baseline_key).reusable:
+        baseline = Baseline(slot, *store.read_baseline(slot))
+    reused = baseline is not None
     b_info: dict[str, Any] = {}
-    if reused:
-        baseline = store.read_baseline(slot)[0].assign(run_id=run_id)
-        if progress:
-            progress(f"{FULL_PRECISION} (cached)", len(samples), len(samples))
-    else:
-        config = spec.baseline_config()
-        baseline, b_info = run_variant(task, samples, model, tokenizer, config, variant=FULL_PRECISION, **shared)
-        meta = {
-            "format": keys.FORMAT_VERSION,
-            "slot": slot,
-            "key": baseline_key.as_dict(),
-            "digest": baseline_key.digest(),
-            "task": name,
-            "model": spec.model,
-            "options": keys.options_dict(spec.options),
-            "config": config.to_dict(),
-            "samples": sample_ids,
-            "computed_by": run_id,
-            "created_at": _now(),
-            "info": b_info,
-        }
-        store.write_baseline(slot, baseline, meta)
+    if baseline is None:
+        baseline = compute_baseline(plan, progress)
+        b_info = baseline.meta["info"]
+        if write:
+            store.write_baseline(slot, baseline.rows, baseline.meta)
+    elif progress:
+        progress(f"{FULL_PRECISION} (cached)", len(samples), len(samples))
 
-    rows = pd.concat([quantized, baseline], ignore_index=True)[list(TIDY_COLUMNS)]
+    rows = pd.concat([quantized, baseline.rows.assign(run_id=run_id)], ignore_index=True)[list(TIDY_COLUMNS)]
     summary = summarize(rows, seed=spec.options.seed)
     manifest = {
         "format": keys.FORMAT_VERSION,
@@ -531,5 +587,5 @@ def run_plan(plan: EvalPlan, progress: ProgressCallback | None = None) -> Stored
         "finished_at": _now(),
         "duration_seconds": round(time.perf_counter() - clock, 3),
     }
-    folder = store.write_run(run_id, rows, summary, manifest)
+    folder = store.write_run(run_id, rows, summary, manifest) if write else store.layout.run_dir(run_id)
     return StoredRun(run_id=run_id, rows=rows, summary=summary, manifest=manifest, path=folder)

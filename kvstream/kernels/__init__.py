@@ -36,7 +36,7 @@ class PackedDecode:
     ) -> None:
         packed = layer.packed_length
         sinks = layer.sink_tokens()
-        visible, sink_visible = visibility(layer.owner, packed, mask, None if sinks is None else sinks[0])
+        visible, sink_visible = visibility(layer, mask, None if sinks is None else sinks[0])
         exact = []
         if sinks is not None:
             exact.append([sinks[1], sinks[2], sink_visible])
@@ -45,7 +45,8 @@ class PackedDecode:
             if mask is None:
                 tail_visible = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
             else:
-                tail_visible = mask[:, 0, -1, packed : packed + keys.shape[2]].bool().contiguous()
+                column = packed - layer.offset
+                tail_visible = mask[:, 0, -1, column : column + keys.shape[2]].bool().contiguous()
             exact.append([keys, values, tail_visible])
         state.merge(*self.attention(layer, q, visible, exact))
 
@@ -59,7 +60,7 @@ class TritonDecode:
         from kvstream.kernels import triton_decode
 
         sinks = layer.sink_tokens()
-        visible, sink_visible = visibility(layer.owner, layer.packed_length, mask, None if sinks is None else sinks[0])
+        visible, sink_visible = visibility(layer, mask, None if sinks is None else sinks[0])
         if sinks is not None:
             scores = q @ sinks[1].transpose(-1, -2)
             scores.masked_fill_(~sink_visible[:, None, None, :], float("-inf"))
@@ -76,18 +77,20 @@ def triton_available() -> bool:
 
 
 def visibility(
-    owner: Any, packed: int, mask: torch.Tensor | None, sink_index: torch.Tensor | None
+    layer: Any, mask: torch.Tensor | None, sink_index: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Which packed tokens a decode query sees in the blocks ([B, packed] bool, sink slots off, since their
-    exact copies are read apart) and which sink copies it sees ([B, n]); the same for every layer of a
-    step, so the last answer is kept on the cache."""
-    key = (owner.positions.shape[1], packed, mask, sink_index)
+    """Which packed tokens of ``layer`` a decode query sees in the blocks ([B, packed] bool, sink slots off,
+    since their exact copies are read apart; tokens a sliding window freed off) and which sink copies it
+    sees ([B, n]); the same for every layer of a step alike, so the last answer is kept on the cache."""
+    owner, packed, offset = layer.owner, layer.packed_length, layer.offset
+    key = (owner.positions.shape[1], packed, offset, mask, sink_index)
     last = getattr(owner, "_last_visibility", None)
-    if last is not None and last[0][:2] == key[:2] and last[0][2] is mask and last[0][3] is sink_index:
+    if last is not None and last[0][:3] == key[:3] and last[0][3] is mask and last[0][4] is sink_index:
         return last[1]
     visible = owner.valid[:, :packed]
     if mask is not None:
-        visible = visible & mask[:, 0, -1, :packed].bool()
+        columns = mask[:, 0, -1, : packed - offset].bool()
+        visible = visible & torch.cat([columns.new_zeros(columns.shape[0], offset), columns], dim=1)
     sink_visible = None
     if sink_index is not None:
         present = sink_index >= 0

@@ -68,7 +68,7 @@ def store_supported(store: Any) -> bool:
 def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[torch.Tensor]], list[list[int]]]:
     """Block groups of a streaming layer (all by default) as the kernel takes them (tensors, then integers)."""
     owner = layer.owner
-    rope = owner.block_rope(layer.packed_length) if owner.config.key_rope == "pre" else None
+    rope = owner.block_rope(layer) if owner.config.key_rope == "pre" else None
     chunk = owner.config.chunk_size
     groups, meta = [], []
     for group in layer.groups if groups_ is None else groups_:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from kvstream.quant.packing import packed_nbytes
+from kvstream.quant.packing import pack, packed_nbytes, unpack
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -30,6 +31,18 @@ class QuantizedTensor:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def copy(self) -> QuantizedTensor:
+        """The same tensor in storage of its own (a slice of a larger one then lets the rest be freed)."""
+        return QuantizedTensor(
+            codes=self.codes.clone(),
+            bits=self.bits,
+            shape=self.shape,
+            dtype=self.dtype,
+            scale=None if self.scale is None else self.scale.clone(),
+            zero=None if self.zero is None else self.zero.clone(),
+            extra={name: t.clone() for name, t in self.extra.items()},
+        )
 
     def nbytes(self) -> int:
         """Bytes of every tensor held: codes, scales, zero-points and extras."""
@@ -67,6 +80,47 @@ class QuantizedTensor:
             scale=None if self.scale is None else self.scale[first:last],
             zero=None if self.zero is None else self.zero[first:last],
         )
+
+    def select_rows(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
+        """Rows ``index`` (any order, repeats allowed) of batch dimension ``dim``, codes copied as stored.
+
+        Nothing is re-quantized: a row whose packed codes start on a byte boundary is a byte range,
+        copied as it is; otherwise the integer codes are unpacked, selected and packed again (the
+        same codes). Scales and zero-points keep the tensor's rank (one entry per reduced slice), so
+        they are selected on the same dimension, as are extras laid out per slice; extras shared by every row
+        (a codebook) are kept.
+        """
+        index = index.to(self.codes.device)
+        shape = (*self.shape[:dim], index.numel(), *self.shape[dim + 1 :])
+        if self.bits == 16:
+            codes = self.codes.index_select(dim, index)
+        else:
+            outer = math.prod(self.shape[:dim])
+            row_bits = math.prod(self.shape[dim + 1 :]) * self.bits
+            if row_bits % 8 == 0:
+                codes = self.codes.view(outer, self.shape[dim], row_bits // 8).index_select(1, index).reshape(-1)
+            else:
+                codes = unpack(self.codes, self.bits, self.numel()).view(self.shape).index_select(dim, index)
+                codes = pack(codes, self.bits)
+        return QuantizedTensor(
+            codes=codes,
+            bits=self.bits,
+            shape=shape,
+            dtype=self.dtype,
+            scale=None if self.scale is None else self.scale.index_select(dim, index.to(self.scale.device)),
+            zero=None if self.zero is None else self.zero.index_select(dim, index.to(self.zero.device)),
+            extra={name: self._select_extra(name, t, dim, index) for name, t in self.extra.items()},
+        )
+
+    def _select_extra(self, name: str, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """An extra laid out per slice (levels fitted per slice) follows the rows; a shared one (a codebook) stays."""
+        if name.startswith("sparse_"):
+            raise NotImplementedError(
+                "sparse outlier entries are indexed over the whole block: rows cannot be selected"
+            )
+        if tensor.dim() > dim and tensor.shape[dim] == self.shape[dim] and tensor.dim() >= len(self.shape):
+            return tensor.index_select(dim, index.to(tensor.device))
+        return tensor
 
 
 @runtime_checkable

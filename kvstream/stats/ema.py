@@ -14,21 +14,24 @@ def outlier_mask(
 
     The relative threshold compares against the median over all of a batch row's units in the
     layer (every head), so it works even with one value group per head. At most
-    ``floor(max_fraction * units)`` per head are kept, the largest scores first.
+    ``floor(max_fraction * units)`` per head are kept, the largest scores first; where that is
+    zero (one or two value groups per head) the cap is taken over the row's heads together, at
+    least one unit, so outlier groups can fire with any head size.
     """
     flagged = torch.zeros_like(score, dtype=torch.bool)
+    if max_fraction == 0:
+        return flagged
     if threshold_abs > 0:
         flagged |= score > threshold_abs
     if threshold_relative > 0:
         median = score.flatten(1).median(dim=1).values.view(-1, *([1] * (score.dim() - 1)))
         flagged |= score > threshold_relative * median
     cap = int(max_fraction * score.shape[-1])
-    if cap == 0:
-        return torch.zeros_like(flagged)
-    if cap < score.shape[-1]:
-        top = score.topk(cap, dim=-1).indices
-        within_cap = torch.zeros_like(flagged).scatter_(-1, top, True)
-        flagged &= within_cap
+    scope = score if cap else score.flatten(1)
+    cap = cap or max(1, int(max_fraction * scope.shape[-1]))
+    if cap < scope.shape[-1]:
+        top = scope.topk(cap, dim=-1).indices
+        flagged &= torch.zeros_like(scope, dtype=torch.bool).scatter_(-1, top, True).view_as(flagged)
     return flagged
 
 
@@ -84,6 +87,23 @@ class StreamingStatisticsManager:
         self.key_ema.clear()
         self.value_ema.clear()
         self._seen.clear()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        for table in (self.key_ema, self.value_ema, self._seen):
+            for layer, rows in table.items():
+                table[layer] = rows.index_select(0, index.to(rows.device))
+
+    def layer_state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        if layer not in self.key_ema:
+            return None
+        return tuple(table[layer].clone() for table in (self.key_ema, self.value_ema, self._seen))
+
+    def restore_layer_state(self, layer: int, state: tuple[torch.Tensor, ...] | None) -> None:
+        for i, table in enumerate((self.key_ema, self.value_ema, self._seen)):
+            if state is None:
+                table.pop(layer, None)
+            else:
+                table[layer] = state[i]
 
     def snapshot(self) -> dict[int, dict[str, float]]:
         return {

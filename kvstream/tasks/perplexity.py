@@ -6,7 +6,10 @@ tokenized and cut into ``TaskOptions.samples`` (default 1) consecutive, non-over
 adds a BOS token, every window starts with it (and holds ``length - 1`` text tokens).
 
 Each window is one sample; its rows are ``nll`` (mean next-token loss, nats), ``perplexity``
-(``exp(nll)``) and ``tokens`` (the number of scored tokens, ``length - 1``).
+(``exp(nll)``) and ``tokens`` (the number of scored tokens, ``length - 1``). A quantized cache is
+scored in lockstep with a full-precision one on the same chunks, adding ``kl_divergence`` (mean
+KL of the full-precision next-token distribution from the quantized one, nats) and
+``top1_agreement`` (share of positions whose most likely next token is the same).
 """
 
 from __future__ import annotations
@@ -103,11 +106,17 @@ class PerplexityTask:
         """Streaming loss of the window through a fresh cache of the strategy under test."""
         result = ctx.perplexity(sample.meta["input_ids"])
         extra = {"corpus": sample.meta.get("corpus"), "window": sample.meta.get("window")}
-        return [
+        rows = [
             Row(metric="nll", value=result.nll, sample=sample.id, extra=extra),
             Row(metric="perplexity", value=result.perplexity, sample=sample.id, extra=extra),
             Row(metric="tokens", value=float(result.tokens), sample=sample.id, extra=extra),
         ]
+        if result.compared:
+            rows += [
+                Row(metric="kl_divergence", value=result.mean_kl, sample=sample.id, extra=extra),
+                Row(metric="top1_agreement", value=result.top1_agreement, sample=sample.id, extra=extra),
+            ]
+        return rows
 
 
 perplexity = PerplexityTask()
