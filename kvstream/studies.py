@@ -109,7 +109,10 @@ class SharedStudy:
         import optuna
         from sqlalchemy.exc import SQLAlchemyError
 
-        engine = {"connect_args": {"timeout": 60}} if target.url.startswith("sqlite") else {}
+        engine = {}
+        if target.url.startswith("sqlite:///"):
+            engine = {"connect_args": {"timeout": 60}}
+            Path(target.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
                 with quiet_optuna():

@@ -8,8 +8,10 @@ Two goals:
 
 The metric's direction is respected (perplexity: lower is better, so ``min_quality`` is then a
 ceiling). Infeasible trials score below every feasible one, by how far they miss, so the sampler
-learns the boundary. How a config is evaluated is the caller's business (`evaluate`): the CLI
-runs `kvstream.eval.runner.run_eval`, persisting every trial in the results store.
+learns the boundary. How a config is evaluated is the caller's business (`evaluate`, or an
+`Evaluation` whose jobs an executor runs, in this process or as Ray tasks): the CLI runs eval runs,
+persisting every trial in the results store. The study may be shared by several processes
+(`kvstream.studies`), which then reach the requested number of trials together.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvstream.config import CompressionConfig, ConfigError
+
+if TYPE_CHECKING:
+    from kvstream.executors import Executor
+    from kvstream.studies import StudyTarget
 
 INFEASIBLE = -1.0e6
 """Score of a trial that breaks a constraint, minus how far it misses."""
@@ -198,53 +204,169 @@ class TuneResult:
         return pd.DataFrame(rows)
 
 
+class Evaluation(Protocol):
+    """How trials are evaluated: a stored result reused on the spot, else a job an executor runs, measured here."""
+
+    def reuse(self, config: CompressionConfig) -> Measurement | None: ...
+
+    def job(self, config: CompressionConfig) -> tuple[Callable[..., Any], tuple[Any, ...]]: ...
+
+    def measure(self, config: CompressionConfig, value: Any) -> Measurement: ...
+
+
+@dataclass
+class InProcess:
+    """An `Evaluation` from a plain ``evaluate(config) -> Measurement`` function."""
+
+    evaluate: Callable[[CompressionConfig], Measurement]
+
+    def reuse(self, config: CompressionConfig) -> Measurement | None:
+        return None
+
+    def job(self, config: CompressionConfig) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _call, (self.evaluate, config)
+
+    def measure(self, config: CompressionConfig, value: Any) -> Measurement:
+        return value
+
+
+def _call(evaluate: Callable[[CompressionConfig], Measurement], config: CompressionConfig, progress: Any = None) -> Any:
+    return evaluate(config)
+
+
+MAX_FAILURES_IN_A_ROW = 3
+"""A process stops claiming trials after this many failed evaluations in a row (a broken setup, not bad luck)."""
+
+
 def tune(
-    evaluate: Callable[[CompressionConfig], Measurement],
+    evaluate: Callable[[CompressionConfig], Measurement] | Evaluation,
     base: CompressionConfig,
     objective: Objective,
     *,
     trials: int,
     seed: int = 0,
     space: dict[str, tuple[Any, ...]] | None = None,
-    on_trial: Callable[[TrialRecord], None] | None = None,
+    on_trial: Callable[[TrialRecord, int], None] | None = None,
+    on_failure: Callable[[int, CompressionConfig, str], None] | None = None,
+    study: StudyTarget | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    executor: Executor | None = None,
 ) -> TuneResult:
-    """Run an optuna TPE study of ``trials`` trials; the first trial is ``base`` when it lies in the space."""
+    """A TPE study reaching ``trials`` complete trials; the first trial is ``base`` when it lies in the space.
+
+    ``study`` (default: in memory) may be shared with other processes, which then split the
+    trials; ``executor`` (default: this process, one at a time) runs up to its capacity at once.
+    ``on_trial(record, done)`` follows every trial this process finishes (``done``: the study's
+    complete trials); ``on_failure(number, config, error)`` every evaluation that failed. The
+    result holds every complete trial of the study.
+    """
     import optuna
+
+    from kvstream.executors import LocalExecutor
+    from kvstream.studies import SharedStudy, StudyTarget, sampler_seed
 
     if trials < 1:
         raise ConfigError(f"--trials: must be at least 1, got {trials}")
     space = SEARCH_SPACE if space is None else space
+    evaluation: Evaluation = evaluate if hasattr(evaluate, "job") else InProcess(evaluate)  # type: ignore[arg-type]
+    executor = executor or LocalExecutor()
+    study = study or StudyTarget()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 2)))
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+    sampler = optuna.samplers.TPESampler(
+        seed=sampler_seed(seed, study.shared),
+        n_startup_trials=min(10, max(2, trials // 2)),
+        constant_liar=study.shared or executor.capacity > 1,
+    )
+    shared = SharedStudy(study, sampler, fingerprint or {})
     start = params_of(base, space)
     if start:
-        study.enqueue_trial(start)
-    result = TuneResult(objective=objective)
+        shared.enqueue(start)
+    running: dict[str, tuple[Any, dict[str, Any], CompressionConfig]] = {}
+    failed_in_a_row = 0
 
-    def run_trial(trial: optuna.Trial) -> float:
-        params = {name: trial.suggest_categorical(name, list(choices)) for name, choices in space.items()}
-        config = apply_params(base, params)
-        measured = evaluate(config)
+    def finish(trial: Any, params: dict[str, Any], config: CompressionConfig, measured: Measurement) -> None:
         score = objective.score(measured.quality, measured.bits)
-        record = TrialRecord(
-            number=trial.number,
-            params=params,
-            config=config,
-            run_id=measured.run_id,
-            quality=measured.quality,
-            bits=measured.bits,
-            feasible=objective.violation(measured.quality, measured.bits) == 0,
-            score=score,
-            reused=measured.reused,
-        )
-        trial.set_user_attr("run_id", measured.run_id)
-        trial.set_user_attr("bits_per_element", measured.bits)
-        trial.set_user_attr("quality", measured.quality)
-        result.trials.append(record)
+        shared.complete(trial, score, _attrs(config, measured))
         if on_trial:
-            on_trial(record)
-        return score
+            record = _record(trial.number, params, config, measured, objective, score)
+            on_trial(record, len(shared.completed()))
 
-    study.optimize(run_trial, n_trials=trials, catch=())
+    try:
+        with shared.heartbeats():
+            while True:
+                while len(running) < executor.capacity and failed_in_a_row < MAX_FAILURES_IN_A_ROW:
+                    trial = shared.claim(trials)
+                    if trial is None:
+                        break
+                    params = {name: trial.suggest_categorical(name, list(choices)) for name, choices in space.items()}
+                    config = apply_params(base, params)
+                    reused = evaluation.reuse(config)
+                    if reused is not None:
+                        finish(trial, params, config, reused)
+                        continue
+                    fn, args = evaluation.job(config)
+                    shared.start_beating(trial)
+                    running[str(trial.number)] = (trial, params, config)
+                    executor.submit(str(trial.number), fn, *args)
+                if not running:
+                    break
+                outcome = executor.next_done()
+                trial, params, config = running.pop(outcome.key)
+                if outcome.ok:
+                    failed_in_a_row = 0
+                    finish(trial, params, config, evaluation.measure(config, outcome.value))
+                else:
+                    failed_in_a_row += 1
+                    shared.fail(trial, outcome.error or "failed")
+                    if on_failure:
+                        on_failure(trial.number, config, outcome.error or "failed")
+    except BaseException:
+        for trial, _, _ in running.values():
+            shared.release(trial)
+        raise
+    result = TuneResult(objective=objective)
+    for frozen in shared.completed():
+        attrs = frozen.user_attrs
+        config = (
+            CompressionConfig.from_dict(attrs["config"]) if "config" in attrs else apply_params(base, frozen.params)
+        )
+        measured = Measurement(
+            attrs.get("run_id", ""),
+            attrs.get("quality", math.nan),
+            attrs.get("bits_per_element", math.nan),
+            attrs.get("reused", False),
+        )
+        result.trials.append(_record(frozen.number, dict(frozen.params), config, measured, objective, frozen.value))
     return result
+
+
+def _attrs(config: CompressionConfig, measured: Measurement) -> dict[str, Any]:
+    """What a complete trial keeps in the study, so any process can list it without the results store."""
+    return {
+        "run_id": measured.run_id,
+        "quality": measured.quality,
+        "bits_per_element": measured.bits,
+        "reused": measured.reused,
+        "config": config.to_dict(),
+    }
+
+
+def _record(
+    number: int,
+    params: dict[str, Any],
+    config: CompressionConfig,
+    measured: Measurement,
+    objective: Objective,
+    score: float,
+) -> TrialRecord:
+    return TrialRecord(
+        number=number,
+        params=params,
+        config=config,
+        run_id=measured.run_id,
+        quality=measured.quality,
+        bits=measured.bits,
+        feasible=objective.violation(measured.quality, measured.bits) == 0,
+        score=score,
+        reused=measured.reused,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,34 +9,32 @@ from typing import Annotated, Any
 import pandas as pd
 import typer
 import yaml
+from rich.console import Console
 from rich.text import Text
 
 from kvstream.cli.common import (
     BitsOpt,
     CliError,
     ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
-    check_device,
+    check_positions,
+    check_results_dir,
     check_strategies,
     check_task,
     complete_tasks,
     err,
     handle_errors,
-    load_bundle,
     note,
     out,
     show_config,
-    task_options,
     unknown_field_hint,
     value_hint,
     with_config_fields,
 )
-from kvstream.cli.evaluate import CorpusOpt, DataDirOpt, DepthOpt, LengthOpt, ResultsOpt, SamplesOpt, SeedOpt
+from kvstream.cli.evaluate import ResultsOpt
+from kvstream.cli.options import ExecutorOptions, ModelOptions, TaskInputs, with_option_groups
 from kvstream.cli.render import OutputFormat, emit, frame_table, plain, with_short_ids
 from kvstream.config import (
     CONFIG_DIR,
@@ -49,7 +46,7 @@ from kvstream.config import (
     parse_grid,
     parse_value,
 )
-from kvstream.data.models import DEFAULT_MODEL
+from kvstream.executors import ExecutorSettings
 from kvstream.report.tables import format_metric
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 
@@ -216,6 +213,7 @@ def render_sweep(table: pd.DataFrame, title: str) -> Any:
 
 
 @handle_errors
+@with_option_groups
 @with_config_fields
 def ablate_command(
     grid: Annotated[
@@ -244,25 +242,20 @@ def ablate_command(
             autocompletion=complete_tasks,
         ),
     ] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    samples: SamplesOpt = None,
-    length: LengthOpt = None,
-    seed: SeedOpt = 0,
-    corpus: CorpusOpt = None,
-    depth: DepthOpt = None,
-    data_dir: DataDirOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")] = OutputFormat.table,
     results: ResultsOpt = Path("results"),
+    *,
+    model: ModelOptions,
+    inputs: TaskInputs,
+    running: ExecutorOptions,
     config: ConfigOpt = None,
     bits: BitsOpt = None,
-    *,
     field_values: dict[str, str] | None = None,
 ) -> None:
     """Run one eval per combination of config values (one model load); finished runs are skipped."""
     base = build_config(config, bits, field_values)
-    check_device(device, dtype)
+    model.check()
+    settings = running.settings()
     sweep = merge(load_preset(preset) if preset else None, parse_sweep(list(grid or [])))
     if not sweep.grid and not sweep.bits:
         raise CliError(
@@ -270,68 +263,30 @@ def ablate_command(
             f"or --preset NAME ({', '.join(preset_names())})"
         )
     task = task or sweep.task or DEFAULT_TASK
-    preset_options = sweep.options
-    options = task_options(
-        samples if samples is not None else preset_options.get("samples"),
-        length if length is not None else preset_options.get("length"),
-        seed,
-        corpus,
-        depth,
-        data_dir,
-    )
+    options = inputs.options(sweep.options)
     configs = sweep.configs(base)
     check_task(task)
+    check_results_dir(results)
+    check_positions(model.model, options.length)
     from kvstream.eval import runner
     from kvstream.results import ResultsStore
 
-    specs = [runner.EvalSpec(task=task, model=model, config=c, options=options, results_dir=results) for c in configs]
+    specs = [
+        runner.EvalSpec(task=task, model=model.model, config=c, options=options, results_dir=results) for c in configs
+    ]
     run_ids = [s.run_id() for s in specs]
     store = ResultsStore(results)
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
-    heading = f"sweep {sweep.axes()} = {len(specs)} run(s) of {task} on {model}"
+    heading = f"sweep {sweep.axes()} = {len(specs)} run(s) of {task} on {model.model}"
     if sweep.description:
         heading += f": {sweep.description}"
     info.print(Text(heading, style="bold"), soft_wrap=True)
     for spec in specs:
         check_strategies(spec.config)
-    bundle = load_bundle(model, device, dtype)
-    for spec in specs:
-        check_config_for_model(spec.config, bundle[0])
-    with ProgressBars() as bars:
-        first = runner.plan_eval(specs[0], bundle, progress=bars.callback("sweep: "))
-    plans = [first] + [runner.plan_eval(spec, bundle, samples=first.samples) for spec in specs[1:]]
-    for plan in plans:
-        if plan.stored.reusable:
-            label = _label(plan.spec.config, sweep)
-            note(Text(f"skip {plan.run_id} ({label}): in {results} with the same key", style="dim"), console=info)
-    for line in dict.fromkeys(line for plan in plans for line in plan.notes()):
-        note(Text(line, style="yellow"), console=info)
-
-    todo = [plan for plan in plans if not plan.stored.reusable]
-    if todo:
-        finished = len(specs) - len(todo)
-        try:
-            with ProgressBars() as bars:
-                bars.update("runs", finished, len(specs))
-                for plan in todo:
-                    label = _label(plan.spec.config, sweep)
-                    start = time.perf_counter()
-                    runner.run_plan(plan, progress=bars.callback(f"{label}: "))
-                    bars.remove_prefix(f"{label}: ")
-                    finished += 1
-                    bars.update("runs", finished, len(specs))
-                    note(f"done {plan.run_id} ({label}) in {time.perf_counter() - start:.1f} s", console=info)
-        except KeyboardInterrupt:
-            note(
-                Text(
-                    f"interrupted: {finished} of {len(specs)} runs are stored in {results}; "
-                    "run the same command again to resume",
-                    style="yellow",
-                ),
-            )
-            raise typer.Exit(130) from None
+    labels = {s.run_id(): _label(s.config, sweep) for s in specs}
+    failed = run_sweep(specs, labels, settings, model, store, info)
 
     table = sweep_summary(store, run_ids)
     console = out()
@@ -351,7 +306,81 @@ def ablate_command(
         elif not table.empty:
             console.print(Text("no run scored above 0, so none is marked best; ◆ marks the Pareto front", style="dim"))
     else:
-        emit(console, table, fmt, extra={"task": task, "model": model, "results": str(results)}, key="runs")
+        emit(console, table, fmt, extra={"task": task, "model": model.model, "results": str(results)}, key="runs")
+    if failed:
+        note(
+            Text(
+                f"{len(failed)} of {len(specs)} run(s) failed (see above); the others are stored in {results}: "
+                "run the same command again to retry the failed ones",
+                style="yellow",
+            )
+        )
+        raise typer.Exit(1)
+
+
+def run_sweep(
+    specs: list[Any],
+    labels: dict[str, str],
+    settings: ExecutorSettings,
+    model: ModelOptions,
+    store: Any,
+    info: Console,
+) -> list[str]:
+    """Run the sweep's runs that are not stored with the same key on the executor ``settings`` names.
+
+    Returns the run ids that failed (only remote runs fail without stopping the sweep); Ctrl-C keeps
+    what finished and exits with 130.
+    """
+    from kvstream.eval.jobs import EvalRuns
+
+    bars = ProgressBars()
+    with settings.open(progress=lambda key: bars.callback(f"{labels[key]}: ")) as executor:
+        runs = EvalRuns(executor, model.source(), store, load=model.load)
+        if not runs.remote:
+            bundle = runs.bundle()
+            for spec in specs:
+                check_config_for_model(spec.config, bundle[0])
+        with bars:
+            planned, notes = runs.plan(specs, progress=bars.callback("sweep: "))
+            bars.remove_prefix("sweep: ")
+            for run in planned:
+                if run.stored.reusable:
+                    where = f"in {store.root} with the same key"
+                    note(
+                        Text(f"skip {run.spec.run_id()} ({labels[run.spec.run_id()]}): {where}", style="dim"),
+                        console=info,
+                    )
+            for line in dict.fromkeys([*notes, *(line for run in planned for line in run.notes)]):
+                note(Text(line, style="yellow"), console=info)
+            todo = [run.spec for run in planned if not run.stored.reusable]
+            finished, failed = len(specs) - len(todo), []
+            if todo:
+                bars.update("runs", finished, len(specs))
+            for spec in todo:
+                runs.submit(spec)
+            try:
+                while runs.pending:
+                    outcome = runs.next_done()
+                    label = labels[outcome.key]
+                    bars.remove_prefix(f"{label}: ")
+                    if not outcome.ok:
+                        failed.append(outcome.key)
+                        note(Text(f"failed {outcome.key} ({label}): {outcome.error}", style="red"), console=err())
+                        continue
+                    finished += 1
+                    bars.update("runs", finished, len(specs))
+                    seconds = outcome.value.manifest.get("duration_seconds", 0.0)
+                    note(f"done {outcome.key} ({label}) in {seconds:.1f} s", console=info)
+            except KeyboardInterrupt:
+                note(
+                    Text(
+                        f"interrupted: {finished} of {len(specs)} runs are stored in {store.root}; "
+                        "run the same command again to resume",
+                        style="yellow",
+                    ),
+                )
+                raise typer.Exit(130) from None
+    return failed
 
 
 def sweep_summary(store: Any, run_ids: list[str]) -> pd.DataFrame:

@@ -14,32 +14,28 @@ from kvstream.cli.common import (
     BitsOpt,
     CliError,
     ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
-    check_device,
+    check_positions,
+    check_results_dir,
     check_strategies,
     check_task,
     complete_tasks,
     config_table,
     err,
     handle_errors,
-    load_bundle,
     note,
     out,
     show_config,
-    task_options,
     with_config_fields,
 )
-from kvstream.cli.evaluate import CorpusOpt, DataDirOpt, DepthOpt, LengthOpt, ResultsOpt, SamplesOpt, SeedOpt
+from kvstream.cli.evaluate import ResultsOpt
+from kvstream.cli.options import ExecutorOptions, ModelOptions, TaskInputs, with_option_groups
 from kvstream.cli.render import OutputFormat, emit, frame_table, with_short_ids
 from kvstream.config import CompressionConfig, parse_bits
-from kvstream.data.models import DEFAULT_MODEL
 from kvstream.report.tables import format_metric, higher_is_better, primary_metric, run_table
-from kvstream.tune import Measurement, Objective, TrialRecord, search_space, tune
+from kvstream.tune import Objective, TrialRecord, search_space, tune
 
 DEFAULT_TASK = "passkey"
 
@@ -100,6 +96,7 @@ def _measure(rows: pd.DataFrame, run_id: str, task: str) -> tuple[float, float, 
 
 
 @handle_errors
+@with_option_groups
 @with_config_fields
 def tune_command(
     task: Annotated[
@@ -118,30 +115,45 @@ def tune_command(
     save: Annotated[
         Path | None, typer.Option("--save", help="Write the best config as YAML (usable with --config).")
     ] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    samples: SamplesOpt = None,
-    length: LengthOpt = None,
-    seed: SeedOpt = 0,
-    corpus: CorpusOpt = None,
-    depth: DepthOpt = None,
-    data_dir: DataDirOpt = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            metavar="URL|FILE",
+            help="Optuna storage shared by several tune processes: a SQLAlchemy URL (postgresql://...) or a "
+            "SQLite file \\[default with --study: RESULTS/studies.sqlite3; without either: in memory].",
+            show_default=False,
+        ),
+    ] = None,
+    study: Annotated[
+        str | None,
+        typer.Option(
+            "--study",
+            metavar="NAME",
+            help="Study name in --storage; every process given it works on the same trials "
+            "\\[default: named after the task, model and goal].",
+            show_default=False,
+        ),
+    ] = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the trials.")] = OutputFormat.table,
     results: ResultsOpt = Path("results"),
+    *,
+    model: ModelOptions,
+    inputs: TaskInputs,
+    running: ExecutorOptions,
     config: ConfigOpt = None,
     bits: BitsOpt = None,
-    *,
     field_values: dict[str, str] | None = None,
 ) -> None:
     """Search compression settings with optuna: best task quality within a bit budget (or fewest bits)."""
     base = build_config(config, bits, field_values)
-    check_device(device, dtype)
+    model.check()
+    settings = running.settings()
     fixed = set(field_values or {}) | (set(parse_bits(bits)) if bits else set())
     space = search_space(fixed)
     if trials < 1:
         raise CliError(f"--trials: must be at least 1, got {trials}")
-    options = task_options(samples, length, seed, corpus, depth, data_dir)
+    options = inputs.options()
     task_obj = check_task(task)
     metric = getattr(task_obj, "per_sample_metric", None) or primary_metric(task) or "accuracy"
     objective = Objective(
@@ -154,41 +166,45 @@ def tune_command(
         raise CliError(f"--save: folder {save.parent} does not exist (create it or choose another path)")
 
     check_strategies(base)
+    check_results_dir(results)
+    check_positions(model.model, options.length)
     from kvstream.eval import runner
+    from kvstream.eval.jobs import EvalRuns, EvalTrials
     from kvstream.results import ResultsStore
+    from kvstream.results.keys import digest, options_hash
+    from kvstream.studies import StudyTarget, storage_url
 
     store = ResultsStore(results)
+    fingerprint = {
+        "task": task,
+        "model": model.model,
+        "objective": objective.describe(),
+        "base_config": base.config_hash(),
+        "searched": sorted(space),
+        "options": options_hash(options),
+    }
+    target = StudyTarget()
+    if storage is not None or study is not None:
+        name = study or f"tune-{task}-{digest(fingerprint, 8)}"
+        target = StudyTarget(storage_url(storage, results), name)
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
-    info.print(Text(f"tune {task} on {model}: {objective.describe()}", style="bold"), soft_wrap=True)
-    info.print(
-        Text(f"searching {', '.join(space) or 'nothing (all fields fixed)'} over {trials} trial(s)", style="dim"),
-        soft_wrap=True,
-    )
+    info.print(Text(f"tune {task} on {model.model}: {objective.describe()}", style="bold"), soft_wrap=True)
+    searched = ", ".join(space) or "nothing (all fields fixed)"
+    where = f" of study {target.name} ({target.url})" if target.shared else ""
+    info.print(Text(f"searching {searched} over {trials} trial(s){where}", style="dim"), soft_wrap=True)
 
-    bundle: list[Any] = []
-    samples_built: list[Any] = []
+    def spec_for(candidate: CompressionConfig) -> Any:
+        return runner.EvalSpec(task=task, model=model.model, config=candidate, options=options, results_dir=results)
+
     bars = ProgressBars()
 
-    def evaluate(candidate: CompressionConfig) -> Measurement:
-        if not bundle:
-            bundle.append(load_bundle(model, device, dtype))
-        check_config_for_model(candidate, bundle[0][0])
-        spec = runner.EvalSpec(task=task, model=model, config=candidate, options=options, results_dir=results)
-        plan = runner.plan_eval(spec, bundle[0], samples=samples_built[0] if samples_built else None)
-        samples_built[:] = [plan.samples]
-        if plan.stored.reusable:
-            quality, bits_used, _ = _measure(store.read_run(plan.run_id).rows, plan.run_id, task)
-            return Measurement(plan.run_id, quality, bits_used, reused=True)
-        for line in plan.notes():
-            note(Text(line, style="yellow"), console=err())
-        result = runner.run_plan(plan, progress=bars.callback("trial: "))
-        quality, bits_used, _ = _measure(result.rows, plan.run_id, task)
-        return Measurement(plan.run_id, quality, bits_used)
+    def on_failure(number: int, candidate: CompressionConfig, error: str) -> None:
+        note(Text(f"trial {number} failed ({spec_for(candidate).run_id()}): {error}", style="red"), console=err())
 
-    def on_trial(record: TrialRecord) -> None:
-        bars.update("trials", record.number + 1, trials)
+    def on_trial(record: TrialRecord, done: int) -> None:
+        bars.update("trials", done, trials)
         mark = "ok" if record.feasible else "infeasible"
         reused = ", reused" if record.reused else ""
         note(
@@ -201,9 +217,40 @@ def tune_command(
         )
 
     try:
-        with bars:
-            bars.update("trials", 0, trials)
-            result = tune(evaluate, base, objective, trials=trials, seed=sampler_seed, space=space, on_trial=on_trial)
+        with settings.open(progress=lambda key: bars.callback("trial: ")) as executor:
+            runs = EvalRuns(executor, model.source(), store, load=model.load)
+            check = None
+            if not runs.remote:
+                bundle = runs.bundle()
+
+                def check(candidate: CompressionConfig) -> None:
+                    check_config_for_model(candidate, bundle[0])
+
+                check(base)
+            with bars:
+                for line in runs.prepare(spec_for(base), progress=bars.callback("trial: ")):
+                    note(Text(line, style="yellow"), console=err())
+                bars.update("trials", 0, trials)
+                evaluation = EvalTrials(
+                    runs,
+                    spec_for,
+                    lambda rows, run_id: _measure(rows, run_id, task)[:2],
+                    check=check,
+                    note=lambda line: note(Text(line, style="yellow"), console=err()),
+                )
+                result = tune(
+                    evaluation,
+                    base,
+                    objective,
+                    trials=trials,
+                    seed=sampler_seed,
+                    space=space,
+                    on_trial=on_trial,
+                    on_failure=on_failure,
+                    study=target,
+                    fingerprint=fingerprint,
+                    executor=executor,
+                )
     except KeyboardInterrupt:
         note(Text(f"interrupted: finished trials are stored in {results}; rerun to reuse them", style="yellow"))
         raise typer.Exit(130) from None
@@ -218,7 +265,7 @@ def tune_command(
             fmt,
             extra={
                 "task": task,
-                "model": model,
+                "model": model.model,
                 "objective": objective.describe(),
                 "best_run_id": best.run_id if best else None,
                 "best_config": best.config.to_dict() if best else None,
@@ -257,8 +304,8 @@ def tune_command(
     show_config(best.config, "best", console=info)
     if save is not None:
         payload = {
-            "description": f"tuned for {task} on {model}: {metric} {best.quality:.4g} at {best.bits:.2f} bits/element "
-            f"({objective.describe()})",
+            "description": f"tuned for {task} on {model.model}: {metric} {best.quality:.4g} at "
+            f"{best.bits:.2f} bits/element ({objective.describe()})",
             **best.config.to_dict(),
         }
         save.write_text(yaml.safe_dump(payload, sort_keys=False))

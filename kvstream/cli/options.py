@@ -1,0 +1,250 @@
+"""Options several commands share, declared once as dataclasses of Typer options.
+
+A command lists a group as one keyword-only parameter annotated with the group's class
+(``model: ModelOptions``); `with_option_groups` shows the group's fields to Typer as ordinary
+options, in their help panel, and hands the command one instance built from them. `--help`
+therefore lists every option with its own help, and a change to a shared option is made here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
+
+import typer
+from typer._click.exceptions import UsageError
+
+from kvstream.cli.common import check_device, load_bundle, task_options
+from kvstream.data.models import DEFAULT_MODEL
+from kvstream.executors import ExecutorSettings, Resources
+
+if TYPE_CHECKING:
+    from kvstream.engine.placement import DeviceMap
+    from kvstream.eval.jobs import ModelSource
+    from kvstream.tasks.base import TaskOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+MODEL_PANEL = "Model"
+TASK_PANEL = "Task inputs"
+EXECUTOR_PANEL = "Where runs execute"
+
+
+class OptionGroup:
+    """Base of a dataclass whose fields are Typer options (``Annotated[type, typer.Option(...)] = default``)."""
+
+
+def rewrite_signature(
+    func: Callable[..., Any], params: list[inspect.Parameter], call: Callable[[dict[str, Any]], dict[str, Any]]
+) -> Callable[..., Any]:
+    """``func`` as Typer sees it with ``params`` (all keyword-only), called with ``call(kwargs)``."""
+    names = [p.name for p in params]
+    clashes = {n for n in names if names.count(n) > 1}
+    if clashes:
+        raise RuntimeError(f"{func.__name__}: option names given twice: {', '.join(sorted(clashes))}")
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        return func(**call(kwargs))
+
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+    wrapper.__signature__ = inspect.Signature(keyword)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in keyword}
+    return wrapper
+
+
+def with_option_groups(func: F) -> F:
+    """Expand every parameter annotated with an `OptionGroup` class into the group's options."""
+    hints = get_type_hints(func, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type[OptionGroup], list[str]]] = {}
+    for name, param in inspect.signature(func).parameters.items():
+        hint = hints.get(name, param.annotation)
+        if isinstance(hint, type) and issubclass(hint, OptionGroup):
+            group_hints = get_type_hints(hint, include_extras=True)
+            members = [f for f in fields(hint)]  # type: ignore[arg-type]
+            for f in members:
+                default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                params.append(
+                    inspect.Parameter(
+                        f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=group_hints[f.name]
+                    )
+                )
+            groups[name] = (hint, [f.name for f in members])
+        else:
+            params.append(param.replace(annotation=hint))
+
+    def call(kwargs: dict[str, Any]) -> dict[str, Any]:
+        for name, (cls, members) in groups.items():
+            kwargs[name] = cls(**{m: kwargs.pop(m) for m in members if m in kwargs})
+        return kwargs
+
+    return rewrite_signature(func, params, call)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelOptions(OptionGroup):
+    """The model a command loads and where it runs: one device, or a device map over several."""
+
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model alias (smollm2-135m), local folder, .gguf file or Hub id.",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = DEFAULT_MODEL
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Where the model runs: cpu, cuda, cuda:N \\[default: cuda when present, else cpu].",
+            rich_help_panel=MODEL_PANEL,
+            show_default=False,
+        ),
+    ] = None
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="float32, bfloat16 or float16 \\[default: float32 on cpu, bfloat16 on cuda].",
+            rich_help_panel=MODEL_PANEL,
+            show_default=False,
+        ),
+    ] = None
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            "--device-map",
+            metavar="MAP",
+            help="Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON object "
+            'or file mapping modules to a GPU index, cpu or disk, e.g. {"model.layers.0": 0, "lm_head": "cpu"}. '
+            "Replaces --device.",
+            rich_help_panel=MODEL_PANEL,
+            show_default=False,
+        ),
+    ] = None
+
+    def parsed_map(self) -> DeviceMap | None:
+        from kvstream.engine.placement import parse_device_map
+
+        try:
+            return parse_device_map(self.device_map)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+    def check(self) -> None:
+        """Refuse an unknown dtype, an absent device or a bad device map before any work (one line, exit 2)."""
+        if self.device is not None and self.device_map is not None:
+            raise UsageError("give --device or --device-map, not both (a device map names every module's device)")
+        from kvstream.engine.placement import main_device
+
+        device_map = self.parsed_map()
+        if device_map is None:
+            check_device(self.device, self.dtype)
+        else:
+            check_device(str(main_device(device_map)), self.dtype)
+
+    def load(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` in this process, with a spinner."""
+        return load_bundle(self.model, self.device, self.dtype, self.parsed_map())
+
+    def source(self) -> ModelSource:
+        """What a job (here or on a worker) loads."""
+        from kvstream.eval.jobs import ModelSource
+
+        return ModelSource.of(self.model, self.device, self.dtype, self.parsed_map())
+
+
+@dataclass(frozen=True)
+class TaskInputs(OptionGroup):
+    """What the task's samples are made of (`kvstream.tasks.base.TaskOptions`)."""
+
+    samples: Annotated[
+        int | None, typer.Option("--samples", "-n", help="At most this many samples.", rich_help_panel=TASK_PANEL)
+    ] = None
+    length: Annotated[
+        int | None,
+        typer.Option(
+            "--length", "-l", help="Context length in tokens (synthetic tasks, perplexity).", rich_help_panel=TASK_PANEL
+        ),
+    ] = None
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample generator.", rich_help_panel=TASK_PANEL)] = 0
+    corpus: Annotated[
+        str | None,
+        typer.Option("--corpus", help="Haystack / perplexity text: a corpus name or file.", rich_help_panel=TASK_PANEL),
+    ] = None
+    depth: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--depth",
+            metavar="D",
+            help="Needle depth in [0, 1]; repeat for several.",
+            show_default=False,
+            rich_help_panel=TASK_PANEL,
+        ),
+    ] = None
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Where downloaded data sets live.", rich_help_panel=TASK_PANEL),
+    ] = None
+
+    def options(self, defaults: dict[str, Any] | None = None) -> TaskOptions:
+        """The task options, checked; ``defaults`` (a preset's) fill the samples and length left out."""
+        defaults = defaults or {}
+        samples = self.samples if self.samples is not None else defaults.get("samples")
+        length = self.length if self.length is not None else defaults.get("length")
+        return task_options(samples, length, self.seed, self.corpus, self.depth, self.data_dir)
+
+
+@dataclass(frozen=True)
+class ExecutorOptions(OptionGroup):
+    """Where a command's runs execute: here, one after another, or as Ray tasks."""
+
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            metavar="local|ray",
+            help="local: one run after another in this process; ray: every run a Ray task "
+            "(needs pip install 'kvstream\\[cluster]').",
+            rich_help_panel=EXECUTOR_PANEL,
+        ),
+    ] = "local"
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            metavar="HOST:PORT",
+            help="Ray cluster to join (from `ray start --head`; auto finds a local one) "
+            "\\[default: start a Ray instance on this machine].",
+            rich_help_panel=EXECUTOR_PANEL,
+            show_default=False,
+        ),
+    ] = None
+    cpus_per_run: Annotated[
+        float,
+        typer.Option(
+            "--cpus-per-run", metavar="N", help="CPUs each Ray task reserves.", rich_help_panel=EXECUTOR_PANEL
+        ),
+    ] = 1.0
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-run",
+            metavar="N",
+            help="GPUs each Ray task reserves (fractions share one) \\[default: 1 where the cluster has GPUs, else 0].",
+            rich_help_panel=EXECUTOR_PANEL,
+            show_default=False,
+        ),
+    ] = None
+
+    def settings(self) -> ExecutorSettings:
+        """The executor asked for, checked (Ray installed, sizes positive) before any work."""
+        settings = ExecutorSettings(self.executor, self.address, Resources(self.cpus_per_run, self.gpus_per_run))
+        settings.check()
+        return settings
