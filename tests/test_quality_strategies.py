@@ -225,3 +225,13 @@ def test_sparse_outliers_through_the_cache(tiny_model):
         cache = make_cache(tiny_model, cfg)
         errors[fraction] = float((_logits(tiny_model, cache, ids) - ref).abs().mean())
     assert errors[0.02] < errors[0.0]
+
+
+def test_ablation_presets_switch_each_strategy():
+    from kvstream.cli.ablate import load_preset
+
+    expected = {"rotation": 8, "levels": 6, "key-groups": 8, "sparse-window": 6}
+    for name, count in expected.items():
+        preset = load_preset(name)
+        assert preset.description and preset.task == "perplexity"
+        assert len(preset.configs(CompressionConfig())) == count, name

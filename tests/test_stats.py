@@ -57,19 +57,20 @@ def test_outlier_thresholds_and_cap():
     assert not outlier_mask(score, 0.0, 0.0, 1.0).any()
 
 
-def test_value_groups_of_a_whole_head_can_fire_with_the_default_cap():
-    """One value group per head (groups = head_dim) and the default fraction 0.125: the per-head cap
-    rounds to zero, so the cap is taken over the row's heads and the planted outlier head is flagged."""
-    cfg = CompressionConfig(value_quant_groups=16)
-    stats = StreamingStatisticsManager(cfg)
-    keys, values = torch.ones(2, 3, 4, 16), torch.ones(2, 3, 4, 16)
-    values[0, 1] = 20.0  # row 0: head 1's values far above the rest
-    values[1, :, :, 0] = 9.0  # row 1: every head over the absolute threshold, one may be kept
-    stats.update(0, keys, values, torch.ones(2, 4, dtype=torch.bool))
-    flagged = stats.value_outliers(0)
-    assert flagged.shape == (2, 3, 1)
-    assert flagged[0, :, 0].tolist() == [False, True, False]
-    assert int(flagged[1].sum()) == 1
+def test_value_outlier_groups_fire_per_head_with_enough_groups_and_never_pad_other_heads():
+    """With 8 value groups per head the default cap (0.125) keeps one per head; with one group per head none
+    fires: a cap across heads would make every head store a high-precision copy (see `outlier_mask`)."""
+    values = torch.ones(2, 3, 4, 16)
+    values[0, 1, :, 4:6] = 20.0  # row 0, head 1: group 2 of 8 far above the rest
+    keys = torch.ones(2, 3, 4, 16)
+    fine = StreamingStatisticsManager(CompressionConfig(value_quant_groups=2))
+    fine.update(0, keys, values, torch.ones(2, 4, dtype=torch.bool))
+    flagged = fine.value_outliers(0)
+    assert flagged.shape == (2, 3, 8)
+    assert flagged.nonzero().tolist() == [[0, 1, 2]]
+    coarse = StreamingStatisticsManager(CompressionConfig(value_quant_groups=16))
+    coarse.update(0, keys, values, torch.ones(2, 4, dtype=torch.bool))
+    assert not coarse.value_outliers(0).any()
 
 
 def test_reset_and_snapshot():

@@ -13,25 +13,25 @@ def outlier_mask(
     """Units (last dim) whose score passes the absolute or the relative threshold, capped per head.
 
     The relative threshold compares against the median over all of a batch row's units in the
-    layer (every head), so it works even with one value group per head. At most
-    ``floor(max_fraction * units)`` per head are kept, the largest scores first; where that is
-    zero (one or two value groups per head) the cap is taken over the row's heads together, at
-    least one unit, so outlier groups can fire with any head size.
+    layer (every head). At most ``floor(max_fraction * units)`` per head are kept, the largest
+    scores first: each head stores as many high units as the head with most, so a cap across heads
+    would pad every other head with a high-precision dummy (with one value group per head, values
+    would cost the high width plus the normal one). Value groups therefore need at least
+    ``1 / max_fraction`` groups per head to fire (8 at the default 0.125: ``value_quant_groups``
+    of at most head_dim / 8).
     """
     flagged = torch.zeros_like(score, dtype=torch.bool)
-    if max_fraction == 0:
+    cap = int(max_fraction * score.shape[-1])
+    if cap == 0:
         return flagged
     if threshold_abs > 0:
         flagged |= score > threshold_abs
     if threshold_relative > 0:
         median = score.flatten(1).median(dim=1).values.view(-1, *([1] * (score.dim() - 1)))
         flagged |= score > threshold_relative * median
-    cap = int(max_fraction * score.shape[-1])
-    scope = score if cap else score.flatten(1)
-    cap = cap or max(1, int(max_fraction * scope.shape[-1]))
-    if cap < scope.shape[-1]:
-        top = scope.topk(cap, dim=-1).indices
-        flagged &= torch.zeros_like(scope, dtype=torch.bool).scatter_(-1, top, True).view_as(flagged)
+    if cap < score.shape[-1]:
+        top = score.topk(cap, dim=-1).indices
+        flagged &= torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
     return flagged
 
 
