@@ -80,7 +80,7 @@ def bundle():
 
 @pytest.fixture
 def fake_model(monkeypatch, bundle):
-    """Replace the model loader; ``loads`` records every load."""
+    """Replace the model loader (and the reading of its positions); ``loads`` records every load."""
     loads: list[str] = []
 
     def load(name="smollm2-135m", *args, **kwargs):
@@ -88,6 +88,7 @@ def fake_model(monkeypatch, bundle):
         return bundle
 
     monkeypatch.setattr("kvstream.engine.load_model", load)
+    monkeypatch.setattr("kvstream.cli.common.model_positions", lambda name: bundle[0].config.max_position_embeddings)
     return SimpleNamespace(model=bundle[0], tokenizer=bundle[1], loads=loads)
 
 
@@ -220,13 +221,23 @@ def test_quantize_run_reads_stdin_and_file(fake_model, tmp_path):
         (["quantize-run", "hi", "--quantizer", "nope"], ["nope", "kvstream plugins"]),
         (["quantize-run", "hi", "--config", "no-such-preset"], ["config file not found"]),
         (["quantize-run", "   "], ["empty prompt"]),
-        (["quantize-run"], ["no prompt"]),
         (["quantize-run", "--file", "/no/such/prompt.txt"], ["/no/such/prompt.txt"]),
         (["quantize-run", "hi", "--value-quant-groups", "48"], ["value_quant_groups", "head_dim"]),
     ],
 )
 def test_quantize_run_errors(fake_model, args, needles):
     assert_user_error(invoke(*args), *needles)
+
+
+def test_quantize_run_without_a_prompt_demonstrates_compression(fake_model):
+    import re
+
+    result = invoke("quantize-run", "--max-new-tokens", "4", "--compare-fp", "--chunk-size", "128")
+    assert result.exit_code == 0, result.output
+    assert "demonstration: a " in result.stdout and "(4 full chunks of 128)" in result.stdout
+    quantized, full = map(float, re.search(r"effective bits per element\W+([\d.]+)\W+([\d.]+)", result.stdout).groups())
+    assert quantized < full / 3  # the prompt is packed at 4/8 bits (plus metadata); fp32 in full precision
+    assert "nothing was packed" not in result.stdout
 
 
 def test_quantize_run_prompt_longer_than_context(fake_model):
@@ -521,8 +532,8 @@ def test_config_precedence(tmp_path):
 
     path = tmp_path / "mine.yaml"
     path.write_text("description: test\nkey_bits_normal: 3\nvalue_bits_normal: 3\nchunk_size: 128\n")
-    config = build_config(str(path), "2/4", {"key_bits_normal": "8"})
-    assert (config.key_bits_normal, config.value_bits_normal) == (8, 2)
+    config = build_config(str(path), "2/4", {"key_bits_normal": "4"})
+    assert (config.key_bits_normal, config.value_bits_normal) == (4, 2)
     assert (config.key_bits_sink_outlier, config.value_bits_sink_outlier) == (4, 4)
     assert config.chunk_size == 128
     kept = build_config("kvquant-like", "4")

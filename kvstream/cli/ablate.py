@@ -33,8 +33,14 @@ from kvstream.cli.common import (
     value_hint,
     with_config_fields,
 )
-from kvstream.cli.evaluate import ResultsOpt
-from kvstream.cli.options import ExecutorOptions, ModelOptions, TaskInputs, with_option_groups
+from kvstream.cli.options import (
+    ExecutorOptions,
+    FormatOpt,
+    ModelOptions,
+    ResultsOpt,
+    TaskInputs,
+    with_option_groups,
+)
 from kvstream.cli.render import OutputFormat, emit, frame_table, plain, with_short_ids
 from kvstream.config import (
     CONFIG_DIR,
@@ -242,7 +248,7 @@ def ablate_command(
             autocompletion=complete_tasks,
         ),
     ] = None,
-    fmt: Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")] = OutputFormat.table,
+    fmt: FormatOpt = OutputFormat.table,
     results: ResultsOpt = Path("results"),
     *,
     model: ModelOptions,

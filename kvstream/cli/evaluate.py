@@ -11,13 +11,9 @@ from rich.text import Text
 from kvstream.cli.common import (
     BitsOpt,
     ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
-    check_device,
     check_positions,
     check_results_dir,
     check_strategies,
@@ -25,15 +21,13 @@ from kvstream.cli.common import (
     complete_tasks,
     err,
     handle_errors,
-    load_bundle,
     note,
     out,
     show_config,
-    task_options,
     with_config_fields,
 )
+from kvstream.cli.options import FormatOpt, ModelOptions, ResultsOpt, TaskInputs, with_option_groups
 from kvstream.cli.render import OutputFormat, emit, summary_table
-from kvstream.data.models import DEFAULT_MODEL
 
 EPILOG = (
     "[bold]Examples[/bold]\n"
@@ -57,55 +51,36 @@ TaskOpt = Annotated[
         show_default=False,
     ),
 ]
-SamplesOpt = Annotated[int | None, typer.Option("--samples", "-n", help="At most this many samples.")]
-LengthOpt = Annotated[
-    int | None, typer.Option("--length", "-l", help="Context length in tokens (synthetic tasks, perplexity).")
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sample generator.")]
-CorpusOpt = Annotated[str | None, typer.Option("--corpus", help="Haystack / perplexity text: a corpus name or file.")]
-DepthOpt = Annotated[
-    list[float] | None,
-    typer.Option("--depth", metavar="D", help="Needle depth in [0, 1]; repeat for several.", show_default=False),
-]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where downloaded data sets live.")]
-FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")]
-ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folder (one sub-folder per run).")]
 
 
 @handle_errors
+@with_option_groups
 @with_config_fields
 def eval_command(
     task: TaskOpt,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    samples: SamplesOpt = None,
-    length: LengthOpt = None,
-    seed: SeedOpt = 0,
-    corpus: CorpusOpt = None,
-    depth: DepthOpt = None,
-    data_dir: DataDirOpt = None,
     fmt: FormatOpt = OutputFormat.table,
     results: ResultsOpt = Path("results"),
+    *,
+    model: ModelOptions,
+    inputs: TaskInputs,
     config: ConfigOpt = None,
     bits: BitsOpt = None,
-    *,
     field_values: dict[str, str] | None = None,
 ) -> None:
     """Evaluate a task with the quantized cache and with full precision, and store the tidy results."""
     effective = build_config(config, bits, field_values)
-    check_device(device, dtype)
-    options = task_options(samples, length, seed, corpus, depth, data_dir)
+    model.check()
+    options = inputs.options()
     check_task(task)
     check_strategies(effective)
     check_results_dir(results)
-    check_positions(model, options.length)
+    check_positions(model.model, options.length)
     from kvstream.eval.runner import EvalSpec, plan_eval, run_plan
 
-    spec = EvalSpec(task=task, model=model, config=effective, options=options, results_dir=results)
+    spec = EvalSpec(task=task, model=model.model, config=effective, options=options, results_dir=results)
     info = out() if fmt is OutputFormat.table else err()
     show_config(effective, config, console=info)
-    bundle = load_bundle(model, device, dtype)
+    bundle = model.load()
     check_config_for_model(effective, bundle[0])
     with ProgressBars() as bars:
         plan = plan_eval(spec, bundle, progress=bars.callback(f"{task}: "))

@@ -19,6 +19,7 @@ import typer
 from typer._click.exceptions import UsageError
 
 from kvstream.cli.common import check_device, load_bundle, task_options
+from kvstream.cli.render import OutputFormat
 from kvstream.data.models import DEFAULT_MODEL
 from kvstream.executors import ExecutorSettings, Resources
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from kvstream.tasks.base import TaskOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")]
+ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folder (one sub-folder per run).")]
 MODEL_PANEL = "Model"
 TASK_PANEL = "Task inputs"
 EXECUTOR_PANEL = "Where runs execute"

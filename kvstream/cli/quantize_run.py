@@ -18,35 +18,35 @@ from kvstream.cli.common import (
     BitsOpt,
     CliError,
     ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
     ProgressBars,
     build_config,
     check_config_for_model,
-    check_device,
     check_positions,
     check_strategies,
     handle_errors,
     human_bytes,
-    load_bundle,
     out,
     show_config,
     with_config_fields,
 )
+from kvstream.cli.options import ModelOptions, with_option_groups
 from kvstream.config import CompressionConfig
-from kvstream.data.models import DEFAULT_MODEL
 
 EPILOG = (
     "[bold]Examples[/bold]\n"
+    "  [cyan]kvstream quantize-run --compare-fp[/cyan]   (the demonstration: a passkey prompt of 4 chunks)\n"
     '  [cyan]kvstream quantize-run "What is 2+2?"[/cyan]\n'
     "  [cyan]kvstream quantize-run --file book.txt --bits 2/8 -n 128[/cyan]\n"
     "  [cyan]cat notes.md | kvstream quantize-run - --compare-fp[/cyan]\n"
     '  [cyan]kvstream quantize-run "Hello" --raw --chunk-size 64 --key-rope post[/cyan]\n'
     "\n"
     "The prompt is cut into --chunk-size chunks, each quantized into the cache as it arrives; "
-    "generation then reads and extends the same cache."
+    "generation then reads and extends the same cache. Without a prompt, a built-in passkey prompt "
+    "of four chunks shows the compression and whether the answer survives it."
 )
+
+DEMO_CHUNKS = 4
+"""The demonstration prompt spans this many chunks, so most of it is packed before generation starts."""
 
 
 @dataclass
@@ -72,8 +72,8 @@ class RunStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
 
-def read_prompt(prompt: str | None, file: Path | None) -> str:
-    """The prompt from the argument, ``-`` (stdin) or ``--file``; exactly one source."""
+def read_prompt(prompt: str | None, file: Path | None) -> str | None:
+    """The prompt from the argument, ``-`` (stdin) or ``--file``, at most one source; None for the demonstration."""
     if prompt is not None and file is not None:
         raise CliError("give the prompt either as an argument or with --file, not both")
     if file is not None:
@@ -86,12 +86,26 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     elif prompt == "-":
         text = sys.stdin.read()
     elif prompt is None:
-        raise CliError('no prompt: pass it as an argument ("What is 2+2?"), with --file FILE, or - to read stdin')
+        return None
     else:
         text = prompt
     if not text.strip():
         raise CliError("empty prompt: give some text as PROMPT, --file FILE or on stdin")
     return text
+
+
+def demo_prompt(tokenizer: Any, chunk_size: int, context: int, max_new_tokens: int) -> tuple[list[int], str]:
+    """Token ids of a passkey prompt `DEMO_CHUNKS` chunks long (shorter if the context asks), and its pass key."""
+    from kvstream.registry import registry
+    from kvstream.tasks.base import TaskOptions
+    from kvstream.tasks.synthetic import LENGTH_TOLERANCE
+
+    # the task meets a length within a tolerance: aim just past the last chunk, and short of the context's end
+    length = int((1 + LENGTH_TOLERANCE) * DEMO_CHUNKS * chunk_size)
+    if context:
+        length = min(length, int((1 - LENGTH_TOLERANCE) * (context - max_new_tokens)))
+    [sample] = registry("tasks").get("passkey").samples(TaskOptions(samples=1, length=length), tokenizer)
+    return list(sample.meta["prompt_ids"]), sample.answers[0]
 
 
 def encode_prompt(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
@@ -227,44 +241,66 @@ def figures_table(runs: list[RunStats]) -> Table:
     row("same cache in fp16", lambda r: human_bytes(r.memory.get("fp16_bytes")))
     row("ratio to fp16", lambda r: f"{r.memory.get('ratio_to_fp16', float('nan')):.3f}")
     row("peak cache bytes", lambda r: human_bytes(r.memory.get("peak_stored_bytes")))
+    if any(len(r.memory.get("by_device") or {}) > 1 for r in runs):
+        row(
+            "cache bytes per device",
+            lambda r: ", ".join(f"{d} {human_bytes(b)}" for d, b in r.memory["by_device"].items()),
+        )
     row("prefill tokens/s", lambda r: f"{r.prefill_tps:,.1f}")
     row("decode tokens/s", lambda r: "n/a" if r.decode_tps != r.decode_tps else f"{r.decode_tps:,.1f}")
     return table
 
 
 @handle_errors
+@with_option_groups
 @with_config_fields
 def quantize_run_command(
     prompt: Annotated[
-        str | None, typer.Argument(help="The prompt text, or - to read it from stdin.", show_default=False)
+        str | None,
+        typer.Argument(
+            help="The prompt text, or - to read it from stdin \\[default: a built-in passkey prompt of 4 chunks].",
+            show_default=False,
+        ),
     ] = None,
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="Read the prompt from this text file (- for stdin).")
     ] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is, without the chat template.")] = False,
     compare_fp: Annotated[
         bool, typer.Option("--compare-fp", help="Also run the full-precision cache and show both side by side.")
     ] = False,
+    *,
+    model: ModelOptions,
     config: ConfigOpt = None,
     bits: BitsOpt = None,
-    *,
     field_values: dict[str, str] | None = None,
 ) -> None:
     """Stream a prompt through chunked prefill into the quantized cache, then generate greedily."""
     effective = build_config(config, bits, field_values)
-    check_device(device, dtype)
+    model.check()
     text = read_prompt(prompt, file)
     console = out()
     show_config(effective, config, console=console)
     check_strategies(effective)
-    check_positions(model, max_new_tokens, "--max-new-tokens")
-    bundle_model, tokenizer = load_bundle(model, device, dtype)
+    check_positions(model.model, max_new_tokens, "--max-new-tokens")
+    bundle_model, tokenizer = model.load()
     check_config_for_model(effective, bundle_model)
-    ids = encode_prompt(tokenizer, text, raw)
+    if text is None:
+        from kvstream.engine import model_geometry
+
+        context = model_geometry(bundle_model).max_positions
+        ids, answer = demo_prompt(tokenizer, effective.chunk_size, context, max_new_tokens)
+        console.print(
+            Text(
+                f"demonstration: a {len(ids)}-token passkey prompt ({len(ids) // effective.chunk_size} full chunks of "
+                f"{effective.chunk_size}) hiding the pass key {answer}; give a PROMPT or --file FILE to use your own",
+                style="dim",
+            ),
+            soft_wrap=True,
+        )
+    else:
+        ids = encode_prompt(tokenizer, text, raw)
     if not ids:
         raise CliError("empty prompt: it encodes to no tokens; give some text")
     check_length(bundle_model, len(ids), max_new_tokens)

@@ -30,8 +30,7 @@ from kvstream.cli.common import (
     show_config,
     with_config_fields,
 )
-from kvstream.cli.evaluate import ResultsOpt
-from kvstream.cli.options import ExecutorOptions, ModelOptions, TaskInputs, with_option_groups
+from kvstream.cli.options import ExecutorOptions, ModelOptions, ResultsOpt, TaskInputs, with_option_groups
 from kvstream.cli.render import OutputFormat, emit, frame_table, with_short_ids
 from kvstream.config import CompressionConfig, parse_bits
 from kvstream.report.tables import format_metric, higher_is_better, primary_metric, run_table
