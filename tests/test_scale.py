@@ -349,6 +349,29 @@ def test_device_map_with_disk_offload_gives_the_same_logits_and_cache(model_fold
     assert reports[1]["by_device"] == {"cpu": reports[1]["stored_bytes"]}
 
 
+def test_position_tables_keep_one_copy_per_further_device(tiny_model):
+    """The tables every layer reads follow the tokens onto each device that asks (``meta`` stands in for a GPU)."""
+    from kvstream import chunked_prefill, make_cache
+    from kvstream.testing import random_ids
+
+    config = CompressionConfig(chunk_size=16, value_quant_groups=16)
+    cache = make_cache(tiny_model, config)
+    chunked_prefill(tiny_model, random_ids(40), cache, config.chunk_size)
+    assert cache.tables_on(torch.device("cpu"))[0] is cache.positions  # the first layer's device: no copy
+    other = torch.device("meta")
+    positions, valid = cache.tables_on(other)
+    assert positions.device == other and positions.shape == cache.positions.shape == valid.shape
+    report = cache.memory_report()
+    copy_bytes = positions.numel() * positions.element_size() + valid.numel()
+    assert report["by_device"]["meta"] == copy_bytes and report["stored_bytes"] == sum(report["by_device"].values())
+    chunked_prefill(tiny_model, random_ids(4, seed=2), cache, config.chunk_size)
+    assert cache.tables_on(other)[0].shape == cache.positions.shape == (1, 44)  # extended, not rebuilt
+    cache.crop(-4)  # the tail only: packed blocks are never cut
+    assert cache.tables_on(other)[0].shape == (1, 40)
+    cache.batch_repeat_interleave(2)
+    assert cache.tables_on(other)[0].shape == (2, 40)
+
+
 def test_device_map_option_is_checked(tmp_path):
     from kvstream.engine.placement import parse_device_map
 

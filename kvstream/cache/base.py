@@ -339,6 +339,7 @@ class PackedCache(Cache):
     def _reset_tracking(self) -> None:
         self.positions = torch.zeros(0, 0, dtype=torch.int32)
         self.valid = torch.zeros(0, 0, dtype=torch.bool)
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._padding: torch.Tensor | None = None
         self._current_bytes = [0] * self.num_layers
         self.peak_stored_bytes = 0
@@ -365,6 +366,7 @@ class PackedCache(Cache):
         if start == 0:
             self.positions = position_ids[:, :0]
             self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+            self._copies = {}
         if self._padding is not None and start < self._padding.shape[1]:
             valid = self._padding[:, start : start + n_new].to(device)
             valid = torch.cat([valid, valid.new_ones(batch, n_new - valid.shape[1])], dim=1)
@@ -377,13 +379,29 @@ class PackedCache(Cache):
         self.positions = torch.cat([self.positions, position_ids], dim=1)
         self.valid = torch.cat([self.valid, valid], dim=1)
 
+    def tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, valid)`` on ``device``: the tables themselves on the device the first layer runs on, and
+        for a model spread over devices one copy per further device, extended as tokens arrive, so no layer
+        reads another device's memory."""
+        if device == self.positions.device:
+            return self.positions, self.valid
+        copy = self._copies.get(device)
+        have = 0 if copy is None else copy[0].shape[1]
+        if copy is None or have > self.positions.shape[1]:
+            copy = (self.positions.to(device), self.valid.to(device))
+        elif have < self.positions.shape[1]:
+            new = (self.positions[:, have:].to(device), self.valid[:, have:].to(device))
+            copy = (torch.cat([copy[0], new[0]], dim=1), torch.cat([copy[1], new[1]], dim=1))
+        self._copies[device] = copy
+        return copy
+
     def layer_updated(self, layer_idx: int) -> None:
         self._current_bytes[layer_idx] = self.layers[layer_idx].nbytes()
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes())
 
     def shared_tensors(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
-        """Tensors the cache holds for all layers together, by kind (the position table here)."""
-        return {"positions": (self.positions, self.valid)}
+        """Tensors the cache holds for all layers together, by kind (the position table and its copies here)."""
+        return {"positions": (self.positions, self.valid, *(t for copy in self._copies.values() for t in copy))}
 
     def stored_bytes(self) -> int:
         """Bytes held right now: every layer's packed history and tail, and the shared tables."""
@@ -432,8 +450,10 @@ class PackedCache(Cache):
         self.forget_tables()
 
     def forget_tables(self) -> None:
-        """Drop tables built for the current batch and length (the decode visibility); rebuilt on next use."""
+        """Drop tables built for the current batch and length (the decode visibility, the position tables'
+        copies on other devices); rebuilt on next use."""
         self._last_visibility = None
+        self._copies = {}
 
     def memory_report(self) -> MemoryReport:
         """Bytes of every tensor held, effective bits per cached element, and the ratio to fp16."""

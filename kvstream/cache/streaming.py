@@ -181,8 +181,7 @@ class StreamingLayer(PackedLayer):
         owner, cfg = self.owner, self.owner.config
         start = self.packed_length
         end = start + keys.shape[-2]
-        positions = owner.positions[:, start:end]
-        valid = owner.valid[:, start:end]
+        positions, valid = (table[:, start:end] for table in owner.tables_on(keys.device))
         sinks = valid & (positions < cfg.attention_sink_size)
         counted = valid & ~sinks
         if cfg.key_rope == "pre":
@@ -295,7 +294,8 @@ class StreamingLayer(PackedLayer):
                     yield start, k, v
                 else:
                     k, v = self.restore_blocks(group, first, last)
-                    yield start, self.rotate_keys(k, self.owner.positions[:, start : start + k.shape[-2]]), v
+                    positions = self.owner.tables_on(k.device)[0][:, start : start + k.shape[-2]]
+                    yield start, self.rotate_keys(k, positions), v
 
     def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Stored keys at ``positions`` ([B, n]) as attention sees them: RoPE re-applied in fp32 if stored pre-RoPE."""
@@ -340,7 +340,8 @@ class StreamingLayer(PackedLayer):
             return None
         index_all = torch.cat(index, dim=1)
         keys_all = torch.cat(keys, dim=2)
-        keys_all = self.rotate_keys(keys_all, self.owner.positions.gather(1, index_all.clamp_min(0)))
+        positions = self.owner.tables_on(keys_all.device)[0].gather(1, index_all.clamp_min(0))
+        keys_all = self.rotate_keys(keys_all, positions)
         return index_all, keys_all.contiguous(), torch.cat(values, dim=2).contiguous()
 
     def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -446,14 +447,15 @@ class StreamingQuantizedCache(PackedCache):
     def block_rope(self, layer: StreamingLayer) -> BlockRope | None:
         """The blocks' RoPE for the kernels (`BlockRope`) of ``layer``'s rotary, covering its packed tokens;
         None when the rotary is not the kernels' layout (partial or interleaved) or fails the probe."""
-        rotary = self.rotaries[layer.layer_idx]
-        if rotary.key not in self._block_ropes:
-            rope = BlockRope(rotary, self.config.chunk_size, self.positions.device)
+        rotary, device = self.rotaries[layer.layer_idx], layer.keys.device
+        key = (*rotary.key, device)  # one table per device of a model spread over several
+        if key not in self._block_ropes:
+            rope = BlockRope(rotary, self.config.chunk_size, device)
             full = rope.offsets[0].shape[0] == layer.keys.shape[-1]
-            self._block_ropes[rotary.key] = rope if rotary.kernel_layout and full and rope.check() else None
-        rope = self._block_ropes[rotary.key]
+            self._block_ropes[key] = rope if rotary.kernel_layout and full and rope.check() else None
+        rope = self._block_ropes[key]
         if rope is not None:
-            rope.extend(self.positions, self.valid, layer.packed_length // self.config.chunk_size)
+            rope.extend(*self.tables_on(device), layer.packed_length // self.config.chunk_size)
         return rope
 
     def rotation(self, layer_idx: int) -> HeadRotation | None:
@@ -461,8 +463,9 @@ class StreamingQuantizedCache(PackedCache):
         if self.config.rotation == "none":
             return None
         if layer_idx not in self._rotations:
-            b, h, _, d = self.layers[layer_idx].keys.shape
-            self._rotations[layer_idx] = HeadRotation(h, d, self.config.rotation_seed, layer_idx, self.positions.device)
+            keys = self.layers[layer_idx].keys
+            _, h, _, d = keys.shape
+            self._rotations[layer_idx] = HeadRotation(h, d, self.config.rotation_seed, layer_idx, keys.device)
         return self._rotations[layer_idx]
 
     def shared_tensors(self) -> dict[str, tuple[torch.Tensor | None, ...]]:

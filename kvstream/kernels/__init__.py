@@ -82,12 +82,12 @@ def visibility(
     """Which packed tokens of ``layer`` a decode query sees in the blocks ([B, packed] bool, sink slots off,
     since their exact copies are read apart; tokens a sliding window freed off) and which sink copies it
     sees ([B, n]); the same for every layer of a step alike, so the last answer is kept on the cache."""
-    owner, packed, offset = layer.owner, layer.packed_length, layer.offset
-    key = (owner.positions.shape[1], packed, offset, mask, sink_index)
+    owner, packed, offset, device = layer.owner, layer.packed_length, layer.offset, layer.keys.device
+    key = (owner.positions.shape[1], packed, offset, device, mask, sink_index)
     last = getattr(owner, "_last_visibility", None)
-    if last is not None and last[0][:3] == key[:3] and last[0][3] is mask and last[0][4] is sink_index:
+    if last is not None and last[0][:4] == key[:4] and last[0][4] is mask and last[0][5] is sink_index:
         return last[1]
-    visible = owner.valid[:, :packed]
+    visible = owner.tables_on(device)[1][:, :packed]
     if mask is not None:
         columns = mask[:, 0, -1, : packed - offset].bool()
         visible = visible & torch.cat([columns.new_zeros(columns.shape[0], offset), columns], dim=1)

@@ -97,7 +97,7 @@ class KiviLayer(PackedLayer):
         start = self.packed_length
         b, h, t, d = keys.shape
         g, vg = owner.group_size, cfg.value_quant_groups
-        valid = owner.valid[:, start : start + t].to(keys.device)
+        valid = owner.tables_on(keys.device)[1][:, start : start + t]
         key_mask = valid.view(b, 1, t // g, g, 1)
         quantizer = owner.quantizer
         qkeys = quantizer.quantize(keys.reshape(b, h, t // g, g, d), cfg.key_bits_normal, dim=3, mask=key_mask)
