@@ -200,6 +200,72 @@ def test_a_killed_ray_task_is_reported_and_the_sweep_resumes_without_rerunning(r
     assert len(done) == len(set(done)) == 3 * 2 + 2  # each run's samples once, and the baseline's (chunks of 256)
 
 
+# --------------------------------------------------------------------------- the command line as a person meets it
+
+
+@pytest.mark.parametrize(
+    ("mask", "tree", "expected"), [(0o022, None, 0o755), (0o027, None, 0o750), (0o077, 0o770, 0o770)]
+)
+def test_results_folders_respect_the_umask_and_the_tree(tmp_path, mask, tree, expected):
+    from kvstream.results.io import json_writer, write_dir_atomic
+
+    root = tmp_path / "results"
+    before = os.umask(mask)
+    try:
+        root.mkdir()
+        if tree is not None:
+            root.chmod(tree)
+        write_dir_atomic(root / "run", {"manifest.json": json_writer({})})
+    finally:
+        os.umask(before)
+    assert (root / "run").stat().st_mode & 0o777 == expected
+
+
+def test_progress_is_logged_in_plain_lines_when_stderr_is_no_terminal(monkeypatch):
+    from rich.console import Console
+
+    from kvstream.cli.common import ProgressBars
+
+    stream = io.StringIO()
+    now = [0.0]
+    monkeypatch.setattr("kvstream.cli.common.time.monotonic", lambda: now[0])
+    bars = ProgressBars(Console(file=stream, width=80))
+    assert bars.plain
+    report = bars.callback("passkey: ")
+    with bars:
+        for seconds, what, done, total in [
+            (1, "prefill", 100, 1000),  # a fresh bar: no line yet
+            (13, "prefill", 500, 1000),  # 12 s later: a line, inside the sample
+            (14, "prefill", 1000, 1000),  # prefill ends once per sample: no line
+            (15, "quantized", 1, 1),  # a finished bar: a line
+        ]:
+            now[0] = seconds
+            report(what, done, total)
+    lines = stream.getvalue().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "passkey: tokens prefilled: 500/1000",
+        "passkey: quantized cache: 1/1",
+    ]
+
+
+@pytest.mark.parametrize("command", ["download", "quantize-run", "eval", "ablate", "tune", "report", "plugins"])
+def test_help_reads_whole_at_80_columns(command):
+    from test_cli import runner
+    from typer.main import get_command
+
+    from kvstream.cli.app import app
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text and "``" not in text and ":class:" not in text  # nothing cut, no reStructuredText
+    for param in get_command(app).commands[command].params:
+        for name in param.opts:
+            if name.startswith("--"):
+                assert name in text, name
+
+
 # --------------------------------------------------------------------------- shared studies
 
 

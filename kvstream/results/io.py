@@ -30,6 +30,7 @@ def write_dir_atomic(target: Path, files: dict[str, Writer]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(folder_mode(target.parent, tmp))
         for name, writer in files.items():
             writer(tmp / name)
         old = None
@@ -42,6 +43,29 @@ def write_dir_atomic(target: Path, files: dict[str, Writer]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask (read from /proc where it is shown, so no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def folder_mode(parent: Path, folder: Path) -> int:
+    """The mode a new results folder gets: what ``mkdir`` would give under the umask, never narrower than its
+    parent's permissions (a tree shared with a group stays readable, and writable, to it; never world-writable
+    through the parent), special bits (a group-inheriting folder's) kept.
+
+    ``tempfile.mkdtemp`` alone makes the folder readable by its owner only, whatever the umask.
+    """
+    return (0o777 & ~umask()) | (parent.stat().st_mode & 0o775) | (folder.stat().st_mode & 0o7000)
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:
