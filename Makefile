@@ -39,7 +39,8 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/core.py --out docs/benchmarks.md
-	$(BIN)/python benchmarks/retrieval.py --results results/bench --out docs/benchmarks-retrieval.md
+	$(BIN)/python benchmarks/quality.py --out docs/benchmarks-quality.md
+	$(BIN)/python benchmarks/retrieval.py --out docs/benchmarks-retrieval.md
 
 report: setup
 	$(BIN)/kvstream report --results results --out reports
