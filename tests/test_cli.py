@@ -88,7 +88,7 @@ def fake_model(monkeypatch, bundle):
         return bundle
 
     monkeypatch.setattr("kvstream.engine.load_model", load)
-    monkeypatch.setattr("kvstream.cli.common.model_positions", lambda name: bundle[0].config.max_position_embeddings)
+    monkeypatch.setattr("kvstream.cli.checks.model_positions", lambda name: bundle[0].config.max_position_embeddings)
     return SimpleNamespace(model=bundle[0], tokenizer=bundle[1], loads=loads)
 
 
@@ -528,7 +528,7 @@ def test_download_shows_what_was_stored(monkeypatch, tmp_path):
 
 
 def test_config_precedence(tmp_path):
-    from kvstream.cli.common import build_config
+    from kvstream.cli.config_fields import build_config
 
     path = tmp_path / "mine.yaml"
     path.write_text("description: test\nkey_bits_normal: 3\nvalue_bits_normal: 3\nchunk_size: 128\n")
@@ -543,7 +543,7 @@ def test_config_precedence(tmp_path):
 def test_guide_documents_every_field_with_its_default():
     from dataclasses import fields
 
-    from kvstream.cli.common import format_value
+    from kvstream.cli.config_fields import format_value
     from kvstream.config import CompressionConfig
 
     guide = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()

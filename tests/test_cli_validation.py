@@ -106,7 +106,7 @@ def test_length_beyond_the_model_positions(command, model_dir, tmp_path):
 
 
 def test_length_within_the_positions_passes_the_check(model_dir, tmp_path):
-    from kvstream.cli.common import check_positions, model_positions
+    from kvstream.cli.checks import check_positions, model_positions
 
     assert model_positions(str(model_dir)) == POSITIONS
     check_positions(str(model_dir), POSITIONS)
@@ -188,7 +188,7 @@ def test_corpus_of_control_characters_and_in_a_folder(model_dir, tmp_path):
 
 
 def test_text_corpora_pass_the_check(tmp_path):
-    from kvstream.cli.common import check_corpus
+    from kvstream.cli.checks import check_corpus
 
     text = tmp_path / "essay.txt"
     text.write_text("Plain text, with tabs\tand\r\nline breaks, and accents: café, naïve.\f\n" * 20, encoding="utf-8")

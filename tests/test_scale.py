@@ -224,11 +224,11 @@ def test_results_folders_respect_the_umask_and_the_tree(tmp_path, mask, tree, ex
 def test_progress_is_logged_in_plain_lines_when_stderr_is_no_terminal(monkeypatch):
     from rich.console import Console
 
-    from kvstream.cli.common import ProgressBars
+    from kvstream.cli.console import ProgressBars
 
     stream = io.StringIO()
     now = [0.0]
-    monkeypatch.setattr("kvstream.cli.common.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("kvstream.cli.console.time.monotonic", lambda: now[0])
     bars = ProgressBars(Console(file=stream, width=80))
     assert bars.plain
     report = bars.callback("passkey: ")

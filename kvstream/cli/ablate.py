@@ -12,33 +12,19 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
-from kvstream.cli.common import (
-    BitsOpt,
-    CliError,
-    ConfigOpt,
-    ProgressBars,
-    build_config,
-    check_config_for_model,
-    check_positions,
-    check_results_dir,
-    check_strategies,
-    check_task,
-    complete_tasks,
-    err,
-    handle_errors,
-    note,
-    out,
-    show_config,
-    unknown_field_hint,
-    value_hint,
-    with_config_fields,
-)
+from kvstream.cli.checks import check_config_for_model, check_positions, check_results_dir, check_strategies, check_task
+from kvstream.cli.config_fields import build_config, show_config, unknown_field_hint, value_hint, with_config_fields
+from kvstream.cli.console import ProgressBars, err, note, out
+from kvstream.cli.errors import CliError, handle_errors
 from kvstream.cli.options import (
+    BitsOpt,
+    ConfigOpt,
     ExecutorOptions,
     FormatOpt,
     ModelOptions,
     ResultsOpt,
     TaskInputs,
+    complete_tasks,
     with_option_groups,
 )
 from kvstream.cli.render import OutputFormat, emit, frame_table, plain, with_short_ids

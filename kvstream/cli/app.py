@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from kvstream.cli import ablate, download, evaluate, plugins, quantize_run, report, tune
-from kvstream.cli.common import KvstreamGroup
+from kvstream.cli.errors import KvstreamGroup
 
 APP_EPILOG = (
     "[bold]First steps[/bold]\n"

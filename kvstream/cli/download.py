@@ -8,16 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kvstream.cli.common import (
-    BitsOpt,
-    ConfigOpt,
-    ProgressBars,
-    build_config,
-    handle_errors,
-    human_bytes,
-    out,
-    show_config,
-)
+from kvstream.cli.config_fields import build_config, show_config
+from kvstream.cli.console import ProgressBars, human_bytes, out
+from kvstream.cli.errors import handle_errors
+from kvstream.cli.options import BitsOpt, ConfigOpt
 
 EPILOG = (
     "[bold]Targets[/bold]\n"

@@ -8,25 +8,20 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from kvstream.cli.common import (
+from kvstream.cli.checks import check_config_for_model, check_positions, check_results_dir, check_strategies, check_task
+from kvstream.cli.config_fields import build_config, show_config, with_config_fields
+from kvstream.cli.console import ProgressBars, err, note, out
+from kvstream.cli.errors import handle_errors
+from kvstream.cli.options import (
     BitsOpt,
     ConfigOpt,
-    ProgressBars,
-    build_config,
-    check_config_for_model,
-    check_positions,
-    check_results_dir,
-    check_strategies,
-    check_task,
+    FormatOpt,
+    ModelOptions,
+    ResultsOpt,
+    TaskInputs,
     complete_tasks,
-    err,
-    handle_errors,
-    note,
-    out,
-    show_config,
-    with_config_fields,
+    with_option_groups,
 )
-from kvstream.cli.options import FormatOpt, ModelOptions, ResultsOpt, TaskInputs, with_option_groups
 from kvstream.cli.render import OutputFormat, emit, summary_table
 
 EPILOG = (

@@ -1,4 +1,5 @@
-"""Options several commands share, declared once as dataclasses of Typer options.
+"""The options of the command line, each declared once: single options (``--config``, ``--bits``,
+``--format``, ``--results``), their completions, and groups several commands share.
 
 A command lists a group as one keyword-only parameter annotated with the group's class
 (``model: ModelOptions``); `with_option_groups` shows the group's fields to Typer as ordinary
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 import typer
 from typer._click.exceptions import UsageError
 
-from kvstream.cli.common import check_device, load_bundle, task_options
+from kvstream.cli.checks import check_device, task_options
+from kvstream.cli.models import load_bundle
 from kvstream.cli.render import OutputFormat
+from kvstream.config import CONFIG_DIR
 from kvstream.data.models import DEFAULT_MODEL
 from kvstream.executors import ExecutorSettings, Resources
 
@@ -29,12 +32,61 @@ if TYPE_CHECKING:
     from kvstream.tasks.base import TaskOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")]
-ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folder (one sub-folder per run).")]
 MODEL_PANEL = "Model"
 TASK_PANEL = "Task inputs"
 EXECUTOR_PANEL = "Where runs execute"
+
+CONFIG_PANEL = "Compression config"
+
+
+def complete_presets(incomplete: str) -> list[str]:
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def complete_group(group: str) -> Callable[[str], list[str]]:
+    def complete(incomplete: str) -> list[str]:
+        from kvstream.registry import registry
+
+        try:
+            names = registry(group).names()
+        except Exception:  # completion must never fail loudly
+            return []
+        return [n for n in names if n.startswith(incomplete)]
+
+    return complete
+
+
+complete_tasks = complete_group("tasks")
+
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        "-c",
+        metavar="FILE|PRESET",
+        help="YAML config file, or a preset name from configs/ (base, kivi-like, kvquant-like, ...).",
+        autocompletion=complete_presets,
+        rich_help_panel=CONFIG_PANEL,
+    ),
+]
+
+
+BitsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bits",
+        "-b",
+        metavar="N/M",
+        help="N bits for normal keys and values, M for sink tokens and outliers (`--bits 4` keeps M).",
+        rich_help_panel=CONFIG_PANEL,
+    ),
+]
+
+
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")]
+ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folder (one sub-folder per run).")]
 
 
 class OptionGroup:

@@ -8,7 +8,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from kvstream.cli.common import BitsOpt, CliError, ConfigOpt, build_config, handle_errors, out, show_config
+from kvstream.cli.config_fields import build_config, show_config
+from kvstream.cli.console import out
+from kvstream.cli.errors import CliError, handle_errors
+from kvstream.cli.options import BitsOpt, ConfigOpt
 
 EPILOG = (
     "[bold]Examples[/bold]\n"

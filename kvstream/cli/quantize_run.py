@@ -14,22 +14,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from kvstream.cli.common import (
-    BitsOpt,
-    CliError,
-    ConfigOpt,
-    ProgressBars,
-    build_config,
-    check_config_for_model,
-    check_positions,
-    check_strategies,
-    handle_errors,
-    human_bytes,
-    out,
-    show_config,
-    with_config_fields,
-)
-from kvstream.cli.options import ModelOptions, with_option_groups
+from kvstream.cli.checks import check_config_for_model, check_positions, check_strategies
+from kvstream.cli.config_fields import build_config, show_config, with_config_fields
+from kvstream.cli.console import ProgressBars, human_bytes, out
+from kvstream.cli.errors import CliError, handle_errors
+from kvstream.cli.options import BitsOpt, ConfigOpt, ModelOptions, with_option_groups
 from kvstream.config import CompressionConfig
 
 EPILOG = (

@@ -10,16 +10,10 @@ import typer
 import yaml
 from rich.text import Text
 
-from kvstream.cli.common import (
-    CONFIG_PANEL,
-    CliError,
-    build_config,
-    complete_presets,
-    handle_errors,
-    note,
-    out,
-    show_config,
-)
+from kvstream.cli.config_fields import build_config, show_config
+from kvstream.cli.console import note, out
+from kvstream.cli.errors import CliError, handle_errors
+from kvstream.cli.options import CONFIG_PANEL, complete_presets
 from kvstream.cli.render import OutputFormat, frame_table, with_short_ids
 from kvstream.config import parse_bits, resolve_config_path
 from kvstream.report.tables import BASELINE_SHOWN, ReportTables, baseline_label, build_tables, format_metric

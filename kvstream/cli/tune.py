@@ -10,27 +10,20 @@ import typer
 import yaml
 from rich.text import Text
 
-from kvstream.cli.common import (
+from kvstream.cli.checks import check_config_for_model, check_positions, check_results_dir, check_strategies, check_task
+from kvstream.cli.config_fields import build_config, config_table, show_config, with_config_fields
+from kvstream.cli.console import ProgressBars, err, note, out
+from kvstream.cli.errors import CliError, handle_errors
+from kvstream.cli.options import (
     BitsOpt,
-    CliError,
     ConfigOpt,
-    ProgressBars,
-    build_config,
-    check_config_for_model,
-    check_positions,
-    check_results_dir,
-    check_strategies,
-    check_task,
+    ExecutorOptions,
+    ModelOptions,
+    ResultsOpt,
+    TaskInputs,
     complete_tasks,
-    config_table,
-    err,
-    handle_errors,
-    note,
-    out,
-    show_config,
-    with_config_fields,
+    with_option_groups,
 )
-from kvstream.cli.options import ExecutorOptions, ModelOptions, ResultsOpt, TaskInputs, with_option_groups
 from kvstream.cli.render import OutputFormat, emit, frame_table, with_short_ids
 from kvstream.config import CompressionConfig, parse_bits
 from kvstream.report.tables import format_metric, higher_is_better, primary_metric, run_table
