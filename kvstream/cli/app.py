@@ -11,7 +11,7 @@ from kvstream.cli.errors import KvstreamGroup
 
 APP_EPILOG = (
     "[bold]First steps[/bold]\n"
-    '  [cyan]kvstream quantize-run "What is 2+2?" --compare-fp[/cyan]\n'
+    "  [cyan]kvstream quantize-run --compare-fp[/cyan]\n"
     "  [cyan]kvstream eval --task passkey --bits 4/8 --length 2048[/cyan]\n"
     "  [cyan]kvstream ablate chunk_size=128,256,512 --task passkey[/cyan]\n"
     "  [cyan]kvstream tune --task passkey --budget-bits 4.5 --trials 20[/cyan]\n"
@@ -19,7 +19,8 @@ APP_EPILOG = (
     "\n"
     "Every command takes [bold]--config FILE|PRESET[/bold]; eval, quantize-run, ablate and tune also "
     "take [bold]--bits N/M[/bold] and one [bold]--<field>[/bold] option per config field. `kvstream "
-    "COMMAND --help` shows examples; docs/guide.md explains everything."
+    "COMMAND --help` shows examples; docs/guide.md explains everything, docs/scale.md clusters and "
+    "models over several GPUs."
 )
 
 app = typer.Typer(
