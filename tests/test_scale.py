@@ -266,6 +266,30 @@ def test_help_reads_whole_at_80_columns(command):
                 assert name in text, name
 
 
+@pytest.mark.usefixtures("fake_model")
+def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
+    from test_cli import assert_user_error
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    for command in (SWEEP, TUNE + ["--trials", "1"]):
+        line = assert_user_error(invoke(*command, "--executor", "ray", "--results", tmp_path / "r"), "--executor ray")
+        assert "pip install 'kvstream[cluster]'" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_long_sample_reports_the_tokens_it_prefilled(model_folder, tmp_path):
+    from kvstream import load_model
+    from kvstream.eval.runner import PREFILL, EvalSpec, run_eval
+    from kvstream.tasks.base import TaskOptions
+
+    seen: list[tuple[str, int, int]] = []
+    options = TaskOptions(samples=1, length=300)
+    spec = EvalSpec("passkey", str(model_folder), CompressionConfig(chunk_size=64), options, results_dir=tmp_path)
+    run_eval(spec, bundle=load_model(str(model_folder), device="cpu"), progress=lambda *event: seen.append(event))
+    prefill = [(done, total) for what, done, total in seen if what == PREFILL]
+    assert prefill[0][0] == 64 and prefill[-1][0] == prefill[-1][1] > 256  # chunk by chunk, to the prompt's end
+
+
 # --------------------------------------------------------------------------- shared studies
 
 
