@@ -246,8 +246,8 @@ def ablate_command(
 ) -> None:
     """Run one eval per combination of config values (one model load); finished runs are skipped."""
     base = build_config(config, bits, field_values)
-    model.check()
     settings = running.settings()
+    model.check(here=not settings.remote)
     sweep = merge(load_preset(preset) if preset else None, parse_sweep(list(grid or [])))
     if not sweep.grid and not sweep.bits:
         raise CliError(

@@ -185,25 +185,41 @@ class ModelOptions(OptionGroup):
         ),
     ] = None
 
-    def parsed_map(self) -> DeviceMap | None:
+    def parsed_map(self, here: bool = True) -> DeviceMap | None:
         from kvstream.engine.placement import parse_device_map
 
         try:
-            return parse_device_map(self.device_map)
+            return parse_device_map(self.device_map, here=here)
         except ValueError as error:
             raise UsageError(str(error)) from None
 
-    def check(self) -> None:
-        """Refuse an unknown dtype, an absent device or a bad device map before any work (one line, exit 2)."""
+    def check(self, here: bool = True) -> None:
+        """Refuse an unknown dtype, an absent device or a bad device map before any work (one line, exit 2).
+
+        ``here=False``: the model runs on other machines (Ray workers), so devices are checked for their
+        form only, not for being on this one.
+        """
         if self.device is not None and self.device_map is not None:
             raise UsageError("give --device or --device-map, not both (a device map names every module's device)")
         from kvstream.engine.placement import main_device
 
-        device_map = self.parsed_map()
-        if device_map is None:
-            check_device(self.device, self.dtype)
-        else:
-            check_device(str(main_device(device_map)), self.dtype)
+        device_map = self.parsed_map(here)
+        device = self.device if device_map is None else str(main_device(device_map))
+        if here:
+            check_device(device, self.dtype)
+            return
+        import torch
+
+        from kvstream.engine.model import resolve_dtype
+
+        try:
+            target = torch.device(device or "cpu")
+        except (RuntimeError, TypeError):
+            raise UsageError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        try:
+            resolve_dtype(self.dtype, target)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
     def load(self) -> tuple[Any, Any]:
         """``(model, tokenizer)`` in this process, with a spinner."""
@@ -213,7 +229,7 @@ class ModelOptions(OptionGroup):
         """What a job (here or on a worker) loads."""
         from kvstream.eval.jobs import ModelSource
 
-        return ModelSource.of(self.model, self.device, self.dtype, self.parsed_map())
+        return ModelSource.of(self.model, self.device, self.dtype, self.parsed_map(here=False))
 
 
 @dataclass(frozen=True)

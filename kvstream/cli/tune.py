@@ -139,8 +139,8 @@ def tune_command(
 ) -> None:
     """Search compression settings with optuna: best task quality within a bit budget (or fewest bits)."""
     base = build_config(config, bits, field_values)
-    model.check()
     settings = running.settings()
+    model.check(here=not settings.remote)
     fixed = set(field_values or {}) | (set(parse_bits(bits)) if bits else set())
     space = search_space(fixed)
     if trials < 1:

@@ -24,8 +24,12 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 PLACES = ("cpu", "disk")
 
 
-def parse_device_map(text: str | None) -> DeviceMap | None:
-    """``--device-map``: a strategy name, a JSON object, or a JSON file holding one; checked (`ValueError`)."""
+def parse_device_map(text: str | None, *, here: bool = True) -> DeviceMap | None:
+    """``--device-map``: a strategy name, a JSON object, or a JSON file holding one; checked (`ValueError`).
+
+    ``here=False`` checks the form only: the map is for other machines (Ray workers), whose GPUs this
+    one may not have.
+    """
     if text is None:
         return None
     text = text.strip()
@@ -47,12 +51,12 @@ def parse_device_map(text: str | None) -> DeviceMap | None:
     if not isinstance(mapping, dict) or not mapping:
         raise ValueError(f"{source}: must be a JSON object from module names to devices")
     for module, place in mapping.items():
-        check_place(module, place)
+        check_place(module, place, here=here)
     return mapping
 
 
-def check_place(module: str, place: Any) -> None:
-    """One entry of a device map: a GPU index, ``cuda:N``, ``cpu`` or ``disk``, present on this machine."""
+def check_place(module: str, place: Any, *, here: bool = True) -> None:
+    """One entry of a device map: a GPU index, ``cuda:N``, ``cpu`` or ``disk`` (present on this machine if ``here``)."""
     if isinstance(place, bool) or not isinstance(place, (int, str)):
         raise ValueError(f"--device-map: {module}: {place!r} is not a GPU index, cuda:N, cpu or disk")
     if place in PLACES:
@@ -61,7 +65,7 @@ def check_place(module: str, place: Any) -> None:
         device = torch.device(f"cuda:{place}" if isinstance(place, int) else place)
     except (RuntimeError, TypeError):
         raise ValueError(f"--device-map: {module}: {place!r} is not a GPU index, cuda:N, cpu or disk") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if here and device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(
             f"--device-map: {module}: {place!r} asked for, but this machine has {torch.cuda.device_count()} "
             "CUDA device(s)"

@@ -131,12 +131,12 @@ class EvalRuns:
             self._plans[spec.run_id()] = self._first
             return []
         slot = spec.baseline_slot()
-        self._key = self._remote(slot, remote_key, spec)
+        self._key = self._remote(slot, "measuring the runs' key", remote_key, spec)
         check = self.store.check_baseline(slot, self._key)
         if check.reusable:
             self._baseline = Baseline(slot, *self.store.read_baseline(slot))
             return []
-        self._baseline = self._remote(slot, remote_baseline, spec)
+        self._baseline = self._remote(slot, "computing the full-precision baseline", remote_baseline, spec)
         self.store.write_baseline(slot, self._baseline.rows, self._baseline.meta)
         return [f"recomputed baseline {slot}: {check.why()}"] if check.state in ("changed", "damaged") else []
 
@@ -157,11 +157,11 @@ class EvalRuns:
         notes = self.prepare(specs[0], progress)
         return [self.check(spec) for spec in specs], notes
 
-    def _remote(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """One job run to its end on the executor; its value, or `ExecutorError` with its error."""
+    def _remote(self, key: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """One job run to its end on the executor; its value, or `ExecutorError` saying ``what`` failed and why."""
         [outcome] = self.executor.run_all([(key, fn, (*args, self.source))])
         if not outcome.ok:
-            raise ExecutorError(f"{fn.__name__} on a worker failed: {outcome.error}")
+            raise ExecutorError(f"{what} on a worker failed: {outcome.error}")
         return outcome.value
 
     def job(self, spec: EvalSpec) -> tuple[Callable[..., Any], tuple[Any, ...]]:
