@@ -479,6 +479,26 @@ def test_device_map_option_is_checked(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_offloaded_to_the_cpu_run_on_the_gpu_with_the_same_logits(model_folder):
+    from kvstream import chunked_prefill, load_model, make_cache
+    from kvstream.engine.placement import input_device
+    from kvstream.testing import random_ids
+
+    one, _ = load_model(str(model_folder), device="cuda:0", dtype="float32")
+    placed = {**OFFLOADED, "model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "cpu"}
+    spread, _ = load_model(str(model_folder), dtype="float32", device_map=placed)
+    assert input_device(spread) == torch.device("cuda:0")
+    ids = random_ids(96, vocab=260)
+    config = CompressionConfig(chunk_size=32)
+    caches = [make_cache(m, config) for m in (one, spread)]
+    logits = [chunked_prefill(m, ids, c, config.chunk_size) for m, c in zip((one, spread), caches, strict=True)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    assert all(layer.keys.device.type == "cuda" for layer in caches[1].layers)  # offloaded weights run on the GPU
+    assert set(caches[1].memory_report()["by_device"]) == {"cuda:0"}
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_layers_on_two_gpus_keep_their_cache_on_their_device(model_folder):
     from kvstream import chunked_prefill, load_model, make_cache
