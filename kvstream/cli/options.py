@@ -35,16 +35,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 MODEL_PANEL = "Model"
 TASK_PANEL = "Task inputs"
 EXECUTOR_PANEL = "Where runs execute"
-
 CONFIG_PANEL = "Compression config"
 
 
 def complete_presets(incomplete: str) -> list[str]:
+    """Shell completion of ``--config``: the preset names in configs/."""
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     return [n for n in names if n.startswith(incomplete)]
 
 
 def complete_group(group: str) -> Callable[[str], list[str]]:
+    """Shell completion of the strategies registered in ``group`` (never failing loudly)."""
+
     def complete(incomplete: str) -> list[str]:
         from kvstream.registry import registry
 
@@ -71,8 +73,6 @@ ConfigOpt = Annotated[
         rich_help_panel=CONFIG_PANEL,
     ),
 ]
-
-
 BitsOpt = Annotated[
     str | None,
     typer.Option(
@@ -83,8 +83,6 @@ BitsOpt = Annotated[
         rich_help_panel=CONFIG_PANEL,
     ),
 ]
-
-
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-F", help="How to print the summary.")]
 ResultsOpt = Annotated[Path, typer.Option("--results", "-r", help="Results folder (one sub-folder per run).")]
 
@@ -121,7 +119,7 @@ def with_option_groups(func: F) -> F:
         hint = hints.get(name, param.annotation)
         if isinstance(hint, type) and issubclass(hint, OptionGroup):
             group_hints = get_type_hints(hint, include_extras=True)
-            members = [f for f in fields(hint)]  # type: ignore[arg-type]
+            members = fields(hint)  # type: ignore[arg-type]
             for f in members:
                 default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
                 params.append(
