@@ -322,10 +322,12 @@ def write_report(out: Path, rendered: dict[str, list[str]]) -> None:
         "Written by `make bench` (`python benchmarks/core.py`). Each section says the run it comes from; "
         "within a section every figure, the full-precision baseline included, comes from that one run.",
         "",
-        "Retrieval accuracy (passkey and the RULER-style needles at 2k-8k tokens) and perplexity on the "
-        "Wikipedia sample, each against full precision on the same samples, are in [benchmarks-"
-        "retrieval.md](benchmarks-retrieval.md) (`benchmarks/retrieval.py`, the second step of `make "
-        "bench`; resumable, it takes hours on two CPU cores).",
+        "Quality per bit (every strategy alone and combined, the budget presets, both bundled models, two "
+        "texts, KL divergence and top-1 agreement) is in [benchmarks-quality.md](benchmarks-quality.md) "
+        "(`benchmarks/quality.py`, the second step of `make bench`). Retrieval accuracy (passkey and the "
+        "RULER-style needles) against full precision on the same samples is in [benchmarks-retrieval.md]"
+        "(benchmarks-retrieval.md) (`benchmarks/retrieval.py`, the third step; resumable, it takes hours on "
+        "two CPU cores).",
         "",
     ]
     for name in SECTIONS:

@@ -1,0 +1,204 @@
+"""Quality per bit: every strategy of the streaming cache alone and combined, against full precision and peers.
+
+For each model and text, every cache scores the same 4096 tokens chunk by chunk in lockstep with
+the full-precision cache (`kvstream.streaming_compare`): perplexity, the mean KL divergence of the
+full-precision next-token distribution from the cache's, top-1 agreement, and the effective bits
+and peak bytes the cache held (everything it holds, shared tables included). Each (model, text)
+block is stored as it finishes under ``--results`` and skipped on a rerun when the same
+strategies were measured at the same revision, so an interrupted run resumes.
+
+    python benchmarks/quality.py --out docs/benchmarks-quality.md
+    python benchmarks/quality.py --models smollm2-135m --corpora paul_graham --tokens 512 --out /tmp/q.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kvstream
+from kvstream import CompressionConfig, make_cache, streaming_compare
+from kvstream.data.texts import load_corpus
+from kvstream.registry import PluginError
+from kvstream.results.io import json_writer, read_json, write_dir_atomic
+from kvstream.results.provenance import code_revision, short_revision
+
+FP = CompressionConfig(cache="full")
+B2 = dict(key_bits_normal=2, value_bits_normal=2)
+B3 = dict(key_bits_normal=3, value_bits_normal=3)
+ROTATED_LEVELS = dict(rotation="values", value_quantizer="lloyd-max")
+
+
+def strategies() -> dict[str, CompressionConfig]:
+    """Label -> configuration: the plain widths, each strategy alone at 2 bits, combinations, presets, peers."""
+    out = {
+        "kvstream 4/8": CompressionConfig(key_bits_normal=4, value_bits_normal=4),
+        "kvstream 3/8": CompressionConfig(**B3),
+        "kvstream 2/8": CompressionConfig(**B2),
+        "2/8 + rotation (values)": CompressionConfig(**B2, rotation="values"),
+        "2/8 + rotation (keys and values)": CompressionConfig(**B2, rotation="both"),
+        "2/8 + Lloyd-Max levels (values)": CompressionConfig(**B2, value_quantizer="lloyd-max"),
+        "2/8 + Lloyd-Max levels (keys and values)": CompressionConfig(**B2, quantizer="lloyd-max"),
+        "2/8 + levels fitted per block (values)": CompressionConfig(**B2, value_quantizer="lloyd-max-fitted"),
+        "2/8 + key groups of 64 tokens": CompressionConfig(**B2, key_token_group=64),
+        "2/8 + recent window of 64": CompressionConfig(**B2, recent_window=64),
+        "2/8 + sparse outliers 0.5%": CompressionConfig(**B2, sparse_outlier_fraction=0.005),
+        "2/8 + bit budget of 3 bits": CompressionConfig(**B2, bit_budget=3.0),
+        "2/8 + rotation + Lloyd-Max (values)": CompressionConfig(**B2, **ROTATED_LEVELS),
+        "2/8 + rotation + Lloyd-Max (both)": CompressionConfig(**B2, rotation="both", quantizer="lloyd-max"),
+        "2/8 + rotation + Lloyd-Max (values) + key groups of 64": CompressionConfig(
+            **B2, **ROTATED_LEVELS, key_token_group=64
+        ),
+        "3/8 + rotation + Lloyd-Max (values)": CompressionConfig(**B3, **ROTATED_LEVELS),
+        "preset bits-2.5": CompressionConfig.from_yaml("bits-2.5"),
+        "preset bits-3.3": CompressionConfig.from_yaml("bits-3.3"),
+        "KIVI-style 2-bit (plugin)": CompressionConfig(cache="kivi", **B2, value_quant_groups=32),
+        "KIVI-style 3-bit (plugin)": CompressionConfig(cache="kivi", **B3, value_quant_groups=32),
+        "quanto 2-bit (QuantizedCache)": CompressionConfig(cache="quanto", **B2),
+        "quanto 4-bit (QuantizedCache)": CompressionConfig(cache="quanto", key_bits_normal=4, value_bits_normal=4),
+    }
+    return out
+
+
+def read_path(cache) -> str:
+    """Which reader served the packed history: the fused kernels where every layer fits them, else the reference."""
+    ready = getattr(cache.layers[0], "kernel_ready", None)
+    if ready is None:
+        return "restored copy" if cache.config.cache == "quanto" else "reference tiles"
+    return "fused kernels" if all(layer.kernel_ready() for layer in cache.layers) else "reference tiles"
+
+
+def measure(model_name: str, corpus: str, tokens: int, chunk: int, labels: dict[str, CompressionConfig]) -> dict:
+    model, tokenizer = kvstream.load_model(model_name)
+    ids = tokenizer(load_corpus(corpus), return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        sys.exit(f"benchmarks: {corpus} has {ids.shape[1]} tokens for {model_name}, {tokens} needed")
+    caches, skipped = {"full precision": make_cache(model, FP)}, {}
+    for label, cfg in labels.items():
+        try:
+            caches[label] = make_cache(model, cfg)
+        except (PluginError, ValueError, ImportError) as exc:
+            skipped[label] = str(exc).splitlines()[0]
+    start = time.time()
+    results = streaming_compare(model, ids, caches, chunk, reference="full precision")
+    rows = []
+    for label, cache in caches.items():
+        result, report = results[label], cache.memory_report()
+        rows.append(
+            dict(
+                strategy=label,
+                bits=report["bits_per_element"],
+                peak_bytes=report["peak_stored_bytes"],
+                perplexity=result.perplexity,
+                kl=result.mean_kl if result.compared else 0.0,
+                top1=result.top1_agreement if result.compared else 1.0,
+                path="-" if label == "full precision" else read_path(cache),
+                widths=report.get("bit_budget", {}).get("widths"),
+            )
+        )
+    print(f"  {model_name} / {corpus}: {len(caches)} caches in {time.time() - start:.0f} s", flush=True)
+    return dict(model=model_name, corpus=corpus, tokens=tokens, chunk=chunk, revision=short_revision(code_revision()),
+                measured=f"{dt.datetime.now():%Y-%m-%d %H:%M}", rows=rows, skipped=skipped)  # fmt: skip
+
+
+BLOCK = "block.json"
+"""The file of one (model, text) block in its folder under ``--results``."""
+
+TARGETS = {"preset bits-2.5": (2.5, 5.0), "preset bits-3.3": (3.3, 0.5)}
+"""Preset -> (most effective bits, most perplexity change in percent)."""
+
+
+def render(blocks: list[dict], threads: int) -> str:
+    lines = [
+        "# Quality per bit",
+        "",
+        "Written by `python benchmarks/quality.py` (part of `make bench`). Each table is one run: every "
+        "cache scored the same tokens chunk by chunk (chunks of 256) in lockstep with the full-precision "
+        "cache, which is the reference of the perplexity change, the KL divergence (mean over positions "
+        "of KL(full precision || cache), nats) and the top-1 agreement. *bits* are effective bits per "
+        "cached element at the end of the text, counting every byte the cache holds (codes, scales, "
+        "zero-points, outliers, sink copies, rotation signs and matrices, sparse entries, the exact tail "
+        "and shared tables); *peak* is the most the cache held at once during the prefill, attention's "
+        "working memory included. *read by* says whether the fused kernels or the reference tiles "
+        "read the packed history (formats without a kernel fall back to the reference).",
+        "",
+        f"Targets: at most 2.5 effective bits with perplexity at most +5 %; at most 3.3 effective bits with "
+        f"perplexity at most +0.5 % (retrieval targets: `docs/benchmarks-retrieval.md`). {threads} CPU threads.",
+        "",
+    ]
+    for block in blocks:
+        rows = block["rows"]
+        base = rows[0]["perplexity"]
+        lines += [
+            f"## {block['model']}, {block['corpus']} ({block['tokens']} tokens)",
+            "",
+            f"_Measured {block['measured']} at revision `{block['revision']}`, {platform.machine()}, "
+            f"torch {torch.__version__}, fp32 weights._",
+            "",
+            "| strategy | bits | peak MiB | perplexity | change | KL | top-1 | read by | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for r in rows:
+            change = 100 * (r["perplexity"] / base - 1)
+            target = ""
+            if r["strategy"] in TARGETS:
+                most_bits, most_change = TARGETS[r["strategy"]]
+                met = r["bits"] <= most_bits and change <= most_change
+                target = f"{'met' if met else 'missed'} (<= {most_bits} bits, <= +{most_change}%)"
+            lines.append(
+                f"| {r['strategy']} | {r['bits']:.2f} | {r['peak_bytes'] / 2**20:.1f} | {r['perplexity']:.4f} | "
+                f"{change:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} | {r['path']} | {target} |"
+            )
+        widths = [r for r in rows if r.get("widths")]
+        for r in widths:
+            counts = {w: list(r["widths"].values()).count(w) for w in sorted(set(r["widths"].values()))}
+            spread = ", ".join(f"{n} layers at {w} bits" for w, n in counts.items())
+            lines += ["", f"{r['strategy']}: the bit budget chose {spread}."]
+        for label, reason in block["skipped"].items():
+            lines += ["", f"{label}: not run ({reason})."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    parser.add_argument("--corpora", default="paul_graham,wikipedia")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated strategy labels (default: all)")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/quality"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-quality.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    labels = strategies()
+    if args.only:
+        labels = {k: v for k, v in labels.items() if k in args.only.split(",")}
+    args.results.mkdir(parents=True, exist_ok=True)
+    for model_name in args.models.split(","):
+        for corpus in args.corpora.split(","):
+            folder = args.results / f"{model_name}-{corpus}-{args.tokens}"
+            if (folder / BLOCK).exists():
+                stored = read_json(folder / BLOCK)
+                same = [r["strategy"] for r in stored["rows"][1:]] == [k for k in labels if k not in stored["skipped"]]
+                if stored["revision"] == short_revision(code_revision()) and same:
+                    print(f"  {model_name} / {corpus}: kept from {folder}", flush=True)
+                    continue
+            block = measure(model_name, corpus, args.tokens, args.chunk, labels)
+            write_dir_atomic(folder, {BLOCK: json_writer(block)})
+    # the page shows every block stored under --results (each with the revision it was measured at)
+    blocks = [read_json(path) for path in sorted(args.results.glob(f"*/{BLOCK}"))]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(blocks, args.threads))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
