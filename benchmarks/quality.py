@@ -75,6 +75,7 @@ def read_path(cache) -> str:
 
 
 def measure(model_name: str, corpus: str, tokens: int, chunk: int, labels: dict[str, CompressionConfig]) -> dict:
+    measured_at = short_revision(code_revision())  # the code that measures, before anything can change it
     model, tokenizer = kvstream.load_model(model_name)
     ids = tokenizer(load_corpus(corpus), return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < tokens:
@@ -103,7 +104,7 @@ def measure(model_name: str, corpus: str, tokens: int, chunk: int, labels: dict[
             )
         )
     print(f"  {model_name} / {corpus}: {len(caches)} caches in {time.time() - start:.0f} s", flush=True)
-    return dict(model=model_name, corpus=corpus, tokens=tokens, chunk=chunk, revision=short_revision(code_revision()),
+    return dict(model=model_name, corpus=corpus, tokens=tokens, chunk=chunk, revision=measured_at,
                 measured=f"{dt.datetime.now():%Y-%m-%d %H:%M}", rows=rows, skipped=skipped)  # fmt: skip
 
 

@@ -7,22 +7,22 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+TINY: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+"""The size of every tiny test decoder: 2 layers, 4 query / 2 KV heads of 16, vocabulary 128."""
+
 
 def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     """A 2-layer GQA Llama (4 query / 2 KV heads, head_dim 16, vocabulary 128) with random weights."""
     torch.manual_seed(seed)
-    params: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    params.update(overrides)
+    params: dict[str, Any] = {**TINY, "max_position_embeddings": 1024, "rope_theta": 10000.0, **overrides}
     return LlamaForCausalLM(LlamaConfig(**params)).eval()
 
 
@@ -59,19 +59,7 @@ def tiny_decoder(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     """A 2-3 layer random decoder of ``family`` (a key of `ROPE_FAMILIES`): 4 query / 2 KV heads of 16."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    params: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    params.update(ROPE_FAMILIES[family])
-    params.update(overrides)
+    params = {**TINY, "head_dim": 16, "max_position_embeddings": 512, **ROPE_FAMILIES[family], **overrides}
     torch.manual_seed(seed)
     config = AutoConfig.for_model(family.split("-")[0], **params)
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
