@@ -214,7 +214,8 @@ def test_kl_and_top1_against_a_direct_computation(tiny_model):
     top1 = (ref.argmax(-1) == q2.argmax(-1)).float()
     nll = -q2.gather(-1, ids[0, 1:, None]).squeeze(-1)
     got = results["q2"]
-    assert got.tokens == 99 and got.compared and not results["fp"].compared
+    assert got.tokens == 99 and got.compared
+    assert results["fp"].mean_kl == 0 and results["fp"].top1_agreement == 1  # compared with itself
     assert got.mean_kl == pytest.approx(kl.mean().item(), rel=1e-4)
     assert got.top1_agreement == pytest.approx(top1.mean().item())
     assert 0 < got.top1_agreement < 1 and got.mean_kl > 0

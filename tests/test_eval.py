@@ -556,12 +556,14 @@ def test_run_eval_perplexity(tiny_model, tmp_path, corpus):
     result = run_eval(spec, bundle=(tiny_model, WordTokenizer()))
     per = result.rows[result.rows["sample"] != ""]
     by_variant = per.groupby("variant")["metric"].agg(set)
-    assert by_variant[FULL_PRECISION] == {"nll", "perplexity", "tokens"}
+    assert by_variant[FULL_PRECISION] == by_variant[QUANTIZED]
     assert by_variant[QUANTIZED] == {"nll", "perplexity", "tokens", "kl_divergence", "top1_agreement"}
     values = per.set_index(["variant", "sample", "metric"])["value"]
     for sample in per["sample"].unique():
         assert values[(QUANTIZED, sample, "kl_divergence")] > 0
         assert 0 < values[(QUANTIZED, sample, "top1_agreement")] <= 1
+        assert values[(FULL_PRECISION, sample, "kl_divergence")] == 0  # the baseline is its own reference
+        assert values[(FULL_PRECISION, sample, "top1_agreement")] == 1
     for variant in (QUANTIZED, FULL_PRECISION):
         for sample in per["sample"].unique():
             nll = values[(variant, sample, "nll")]
@@ -569,6 +571,12 @@ def test_run_eval_perplexity(tiny_model, tmp_path, corpus):
             assert values[(variant, sample, "tokens")] == 95
     summary = result.summary.set_index("metric")
     assert summary.loc["perplexity", "n"] == 2
+    ratios = [
+        values[(QUANTIZED, s, "perplexity")] / values[(FULL_PRECISION, s, "perplexity")] for s in per["sample"].unique()
+    ]
+    assert summary.loc["perplexity_ratio", QUANTIZED] == pytest.approx(sum(ratios) / 2)
+    assert summary.loc["kl_divergence", "delta"] == pytest.approx(summary.loc["kl_divergence", QUANTIZED])
+    assert summary.loc["kl_divergence", "ci_low"] <= summary.loc["kl_divergence", "delta"]
     assert summary.loc["tokens", "delta"] == 0
 
 

@@ -80,7 +80,8 @@ def streaming_compare(
     Each chunk attends to what its cache built from the earlier chunks, so a score measures exactly
     what that cache costs. With ``reference`` (a key of ``caches``), every other cache's result also
     holds the KL divergence of the reference's next-token distribution from its own and the top-1
-    agreement, on the same positions; the reference is computed once for all of them. Logits exist
+    agreement, on the same positions; the reference is computed once for all of them (its own result
+    holds KL 0 and agreement 1: compared with itself). Logits exist
     for `HEAD_TOKENS` positions at a time.
     """
     input_ids = input_ids.to(model_device(model))
@@ -116,7 +117,9 @@ def streaming_compare(
                         sums[name][1] += float((ref_logp.exp() * (ref_logp - logp)).sum())
                         sums[name][2] += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
             for name, (nll, kl, top1) in sums.items():
-                compared = reference is not None and name != reference
+                if name == reference:  # compared with itself: no divergence, every top-1 agrees
+                    kl, top1 = 0.0, n
+                compared = reference is not None
                 results[name].add_chunk(nll, n, kl if compared else None, top1 if compared else None)
         if progress:
             progress(end, total)

@@ -199,9 +199,11 @@ def make_context(
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         caches = {"run": new_cache()}
+        reference = "run"  # the full-precision variant is its own reference
         if config.cache != "full":
-            caches["reference"] = build_cache(model, CompressionConfig(cache="full", chunk_size=config.chunk_size))
-        reference = "reference" if "reference" in caches else None
+            caches[reference := "reference"] = build_cache(
+                model, CompressionConfig(cache="full", chunk_size=config.chunk_size)
+            )
         results = streaming_compare(model, ids, caches, config.chunk_size, reference, progress=prefill_progress)
         result = results["run"]
         recorder.prefill_seconds.append(result.seconds)

@@ -11,6 +11,22 @@ from kvstream.eval.stats import paired_bootstrap_delta
 from kvstream.schema import FULL_PRECISION, QUANTIZED, SUMMARY_COLUMNS, VARIANTS
 
 
+def _ratio_row(ratios: Any, n_boot: int, alpha: float, seed: int) -> dict[str, Any]:
+    """``perplexity_ratio``: the mean over samples of quantized / full-precision perplexity, with the paired
+    bootstrap interval of its distance from 1."""
+    ci = paired_bootstrap_delta(ratios, [1.0] * len(ratios), n_boot=n_boot, alpha=alpha, seed=seed)
+    return {
+        "metric": "perplexity_ratio",
+        "kind": "task",
+        QUANTIZED: float(ratios.mean()),
+        FULL_PRECISION: 1.0,
+        "delta": ci.estimate,
+        "ci_low": ci.low,
+        "ci_high": ci.high,
+        "n": len(ratios),
+    }
+
+
 def summarize(rows: pd.DataFrame, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
     """One row per metric: both variants' means, the difference and its paired bootstrap interval.
 
@@ -54,6 +70,8 @@ def summarize(rows: pd.DataFrame, n_boot: int = 2000, alpha: float = 0.05, seed:
                 "n": len(common),
             }
         )
+        if metric == "perplexity" and common:
+            out.append(_ratio_row(q.loc[common].to_numpy() / b.loc[common].to_numpy(), n_boot, alpha, seed))
     for metric in dict.fromkeys(agg["metric"]):
         if metric in task_metrics:
             continue

@@ -9,7 +9,8 @@ Each window is one sample; its rows are ``nll`` (mean next-token loss, nats), ``
 (``exp(nll)``) and ``tokens`` (the number of scored tokens, ``length - 1``). A quantized cache is
 scored in lockstep with a full-precision one on the same chunks, adding ``kl_divergence`` (mean
 KL of the full-precision next-token distribution from the quantized one, nats) and
-``top1_agreement`` (share of positions whose most likely next token is the same).
+``top1_agreement`` (share of positions whose most likely next token is the same); the
+full-precision baseline, its own reference, has 0 and 1, so the summary pairs them like any metric.
 """
 
 from __future__ import annotations
