@@ -24,6 +24,7 @@ import torch
 
 import kvstream
 from kvstream import CompressionConfig, make_cache, streaming_compare
+from kvstream.cache.base import PackedCache
 from kvstream.data.texts import load_corpus
 from kvstream.registry import PluginError
 from kvstream.results.io import json_writer, read_json, write_dir_atomic
@@ -68,10 +69,11 @@ def strategies() -> dict[str, CompressionConfig]:
 
 def read_path(cache) -> str:
     """Which reader served the packed history: the fused kernels where every layer fits them, else the reference."""
-    ready = getattr(cache.layers[0], "kernel_ready", None)
-    if ready is None:
-        return "restored copy" if cache.config.cache == "quanto" else "reference tiles"
-    return "fused kernels" if all(layer.kernel_ready() for layer in cache.layers) else "reference tiles"
+    if not isinstance(cache, PackedCache):
+        return "restored copy"  # transformers' QuantizedCache hands attention a dequantized history
+    if not all(getattr(layer, "kernel_ready", lambda: False)() for layer in cache.layers):
+        return "reference tiles"
+    return "fused kernels"
 
 
 def measure(model_name: str, corpus: str, tokens: int, chunk: int, labels: dict[str, CompressionConfig]) -> dict:
