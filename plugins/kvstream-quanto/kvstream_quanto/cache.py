@@ -117,6 +117,7 @@ class QuantoCache(QuantizedCache):
             for q in (layer._quantized_keys, layer._quantized_values):
                 for role, t in _plain_tensors(q, "codes"):
                     ledger.by_kind[role] += _nbytes(t)
+                    ledger.by_device[str(t.device)] += _nbytes(t)
             ledger.add("full_precision_tail", layer.keys, layer.values)
             if layer._quantized_keys is not None and layer.cumulative_length:
                 b, h, _, d = layer._quantized_keys.shape

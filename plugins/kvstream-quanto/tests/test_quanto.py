@@ -99,7 +99,9 @@ def test_memory_report_counts_the_packed_bytes(tiny_model, make_ids, bits):
         "peak_stored_bytes",
         "elements",
         "breakdown",
+        "by_device",
     }
+    assert report["by_device"] == {"cpu": report["stored_bytes"]}
 
 
 def test_residual_counted_and_peak_tracked(tiny_model, make_ids, monkeypatch):
