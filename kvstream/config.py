@@ -204,7 +204,10 @@ def resolve_config_path(path: str | Path) -> Path:
     preset = CONFIG_DIR / f"{path}.yaml"
     if preset.is_file():
         return preset
-    raise ConfigError(f"config file not found: {path} (give a YAML path or a preset in {CONFIG_DIR})")
+    from kvstream.suggest import did_you_mean
+
+    hint = did_you_mean(str(path), (p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} ({hint}give a YAML path or a preset in {CONFIG_DIR})")
 
 
 def parse_value(name: str, text: str) -> Any:

@@ -41,6 +41,7 @@ from kvstream.config import (
 from kvstream.executors import ExecutorSettings
 from kvstream.report.tables import format_metric
 from kvstream.schema import FULL_PRECISION, QUANTIZED
+from kvstream.suggest import did_you_mean
 
 ABLATION_DIR = CONFIG_DIR / "ablations"
 DEFAULT_TASK = "passkey"
@@ -101,7 +102,8 @@ def load_preset(name: str) -> Sweep:
     if not path.is_file():
         path = ABLATION_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise CliError(f"--preset: unknown ablation preset {name!r}; use one of {', '.join(preset_names())}")
+        hint = did_you_mean(name, preset_names())
+        raise CliError(f"--preset: unknown ablation preset {name!r}; {hint}use one of {', '.join(preset_names())}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -45,17 +45,14 @@ def check_strategies(config: CompressionConfig) -> None:
 
 def check_task(task: str) -> Any:
     """The registered task object, or a `PluginError` listing the known ones."""
-    import difflib
-
     from kvstream.registry import registry
+    from kvstream.suggest import did_you_mean
 
     tasks = registry("tasks")
     if task not in tasks.names():
-        close = difflib.get_close_matches(task, tasks.names(), n=1)
-        if close:
-            raise PluginError(
-                f"unknown task {task!r}: did you mean {close[0]}? (`kvstream plugins -g tasks` lists them)"
-            )
+        hint = did_you_mean(task, tasks.names())
+        if hint:
+            raise PluginError(f"unknown task {task!r}: {hint}(`kvstream plugins -g tasks` lists them)")
     return tasks.get(task)
 
 

@@ -169,12 +169,11 @@ def value_hint(name: str, *, option: bool = False) -> str:
 
 def unknown_field_hint(name: str) -> str:
     """``did you mean chunk_size?`` for a misspelt field, else where the fields are listed."""
-    import difflib
-
     from kvstream.config import field_names
+    from kvstream.suggest import closest
 
-    close = difflib.get_close_matches(name, sorted(field_names()), n=1)
-    return f"did you mean {close[0]}?" if close else "`kvstream eval --help` lists the fields"
+    close = closest(name, field_names())
+    return f"did you mean {close}?" if close else "`kvstream eval --help` lists the fields"
 
 
 def config_differences(config: CompressionConfig) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from kvstream.data.store import (
     record,
     write_file_atomic,
 )
+from kvstream.suggest import did_you_mean
 
 MODEL_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -333,11 +334,11 @@ def looks_like_path(name: str) -> bool:
     return name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
-def _model_hint() -> str:
+def _model_hint(name: str) -> str:
     aliases = ", ".join(sorted(MODEL_ALIASES))
     return (
-        "to use local files instead pass a model folder containing config.json, a .gguf file, "
-        f"or an offline alias ({aliases})"
+        f"{did_you_mean(name, MODEL_ALIASES)}to use local files instead pass a model folder containing "
+        f"config.json, a .gguf file, or an offline alias ({aliases})"
     )
 
 
@@ -581,7 +582,8 @@ def download_model(
     except HFValidationError as error:
         aliases = ", ".join(sorted(MODEL_ALIASES))
         reason = one_line(error, 160)
-        message = f"'{repo_id}' is neither a local path, an alias ({aliases}), nor a Hub id ({reason})"
+        hint = did_you_mean(repo_id, MODEL_ALIASES)
+        message = f"'{repo_id}' is neither a local path, an alias ({hint}{aliases}), nor a Hub id ({reason})"
         raise ModelNotFound(message) from None
     label = f"Downloading {repo_id}"
     notify(progress, label, 0, 1)
@@ -589,7 +591,7 @@ def download_model(
     path = hub_fetch(
         snapshot_download,
         what=f"model '{repo_id}'",
-        local_hint=_model_hint(),
+        local_hint=_model_hint(repo_id),
         local_only=local_only,
         force=force,
         repo_id=repo_id,
@@ -652,5 +654,6 @@ def resolve_model(
 
     if not _HUB_ID.match(text):
         aliases = ", ".join(sorted(MODEL_ALIASES))
-        raise ModelNotFound(f"'{text}' is neither a local path, an alias ({aliases}), nor a Hub id")
+        hint = did_you_mean(text, MODEL_ALIASES)
+        raise ModelNotFound(f"'{text}' is neither a local path, an alias ({hint}{aliases}), nor a Hub id")
     return download_model(text, force=force, progress=progress, local_only=not download)
