@@ -65,6 +65,16 @@ def tiny_decoder(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
 
 
+def chunk_logits(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits of every position of ``ids``, fed into ``cache`` ``chunk`` tokens per forward."""
+    with torch.inference_mode():
+        parts = [
+            model(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True).logits
+            for s in range(0, ids.shape[1], chunk)
+        ]
+    return torch.cat(parts, dim=1)
+
+
 def random_ids(n: int, seed: int = 1, batch: int = 1, vocab: int = 128) -> torch.Tensor:
     """``[batch, n]`` token ids drawn with their own generator (reproducible, global seed untouched)."""
     g = torch.Generator().manual_seed(seed)

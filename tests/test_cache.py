@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from kvstream import CompressionConfig, chunked_prefill, make_cache, streaming_perplexity
 from kvstream.cache.streaming import StreamingQuantizedCache
+from kvstream.testing import chunk_logits
 
 FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)
 
@@ -17,34 +18,25 @@ def _ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (batch, n), generator=g)
 
 
-def _logits_with(model, cache, ids, chunk):
-    """Logits of every position, prefilling chunk by chunk into ``cache``."""
-    out = []
-    with torch.inference_mode():
-        for s in range(0, ids.shape[1], chunk):
-            out.append(model(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True).logits)
-    return torch.cat(out, dim=1)
-
-
 @pytest.mark.parametrize("key_rope", ["pre", "post"])
 def test_sixteen_bits_reproduce_dynamic_cache(tiny_model, key_rope):
     ids = _ids(70)
-    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
     cfg = CompressionConfig(chunk_size=16, value_quant_groups=16, key_rope=key_rope, **FULL)
     cache = make_cache(tiny_model, cfg)
     assert isinstance(cache, StreamingQuantizedCache)
-    got = _logits_with(tiny_model, cache, ids, 16)
+    got = chunk_logits(tiny_model, cache, ids, 16)
     assert cache.layers[0].n_blocks == 4  # 64 tokens packed, 6 in the tail
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_quantized_logits_close_and_degrade_with_bits(tiny_model):
     ids = _ids(96)
-    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
     errors = {}
     for bits in (8, 4, 2):
         cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=bits, value_bits_normal=bits)
-        got = _logits_with(tiny_model, make_cache(tiny_model, cfg), ids, 32)
+        got = chunk_logits(tiny_model, make_cache(tiny_model, cfg), ids, 32)
         errors[bits] = (got - ref).abs().mean().item()
     assert errors[8] < errors[4] < errors[2]
     assert errors[8] < 1e-3
@@ -53,9 +45,9 @@ def test_quantized_logits_close_and_degrade_with_bits(tiny_model):
 def test_current_chunk_is_exact(tiny_model):
     """The first chunk sees no history: its logits equal full precision even at 2 bits."""
     ids = _ids(32)
-    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
     cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2)
-    got = _logits_with(tiny_model, make_cache(tiny_model, cfg), ids, 32)
+    got = chunk_logits(tiny_model, make_cache(tiny_model, cfg), ids, 32)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -208,8 +200,8 @@ def test_kl_and_top1_against_a_direct_computation(tiny_model):
     cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2)
     caches = {"fp": DynamicCache(config=tiny_model.config), "q2": make_cache(tiny_model, cfg)}
     results = streaming_compare(tiny_model, ids, caches, 32, reference="fp")
-    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)[0, :-1].log_softmax(-1)
-    q2 = _logits_with(tiny_model, make_cache(tiny_model, cfg), ids, 32)[0, :-1].log_softmax(-1)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)[0, :-1].log_softmax(-1)
+    q2 = chunk_logits(tiny_model, make_cache(tiny_model, cfg), ids, 32)[0, :-1].log_softmax(-1)
     kl = (ref.exp() * (ref - q2)).sum(-1)
     top1 = (ref.argmax(-1) == q2.argmax(-1)).float()
     nll = -q2.gather(-1, ids[0, 1:, None]).squeeze(-1)
@@ -246,10 +238,10 @@ def test_full_precision_decode_storage_keeps_decoded_tokens(tiny_model):
 def test_sinks_kept_when_normal_and_high_bits_are_equal(tiny_model):
     """Sinks are excluded from the block ranges, so even at 8/8 bits they need their own copy."""
     ids = _ids(64)
-    ref = _logits_with(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 32)
     cfg = CompressionConfig(chunk_size=32, value_quant_groups=16, key_bits_normal=8, value_bits_normal=8)
     cache = make_cache(tiny_model, cfg)
-    got = _logits_with(tiny_model, cache, ids, 32)
+    got = chunk_logits(tiny_model, cache, ids, 32)
     assert cache.layers[0].groups[0].sinks
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-2)
 

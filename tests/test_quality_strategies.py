@@ -14,7 +14,7 @@ from kvstream import CompressionConfig, chunked_prefill, make_cache
 from kvstream.quant.lloyd_max import FittedLevelsQuantizer, LloydMaxQuantizer, gaussian_levels
 from kvstream.quant.rotation import HeadRotation, base_matrix
 from kvstream.quant.uniform import UniformQuantizer
-from kvstream.testing import random_ids
+from kvstream.testing import chunk_logits, random_ids
 
 FULL = dict(key_bits_normal=16, value_bits_normal=16, key_bits_sink_outlier=16, value_bits_sink_outlier=16)
 
@@ -105,17 +105,6 @@ def test_rotation_spreads_an_outlier_channel():
     assert y.abs().amax(-2).max() / y.abs().amax(-2).median() < 3
 
 
-def _logits(model, cache, ids, chunk=16):
-    with torch.inference_mode():
-        return torch.cat(
-            [
-                model(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True).logits
-                for s in range(0, ids.shape[1], chunk)
-            ],
-            dim=1,
-        )
-
-
 @pytest.mark.parametrize(
     "switches",
     [
@@ -127,24 +116,24 @@ def _logits(model, cache, ids, chunk=16):
 )
 def test_every_switch_is_exact_at_sixteen_bits_and_reads_with_the_reference(tiny_model, switches):
     ids = random_ids(70)
-    ref = _logits(tiny_model, DynamicCache(config=tiny_model.config), ids)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
     cache = make_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=16, **FULL, **switches))
-    torch.testing.assert_close(_logits(tiny_model, cache, ids), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(chunk_logits(tiny_model, cache, ids, 16), ref, atol=2e-5, rtol=1e-4)
     quantized = make_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=16, **switches))
-    _logits(tiny_model, quantized, ids)
+    chunk_logits(tiny_model, quantized, ids, 16)
     assert quantized.layers[0].n_blocks >= 1
     assert not quantized.layers[0].kernel_ready() or switches.get("recent_window")
 
 
 def test_rotation_and_levels_lower_two_bit_error(tiny_model):
     ids = random_ids(160)
-    ref = _logits(tiny_model, DynamicCache(config=tiny_model.config), ids)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
 
     def error(**switches) -> float:
         cfg = CompressionConfig(
             chunk_size=16, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2, **switches
         )
-        return float((_logits(tiny_model, make_cache(tiny_model, cfg), ids) - ref).abs().mean())
+        return float((chunk_logits(tiny_model, make_cache(tiny_model, cfg), ids, 16) - ref).abs().mean())
 
     assert error(rotation="values", value_quantizer="lloyd-max") < error()
 
@@ -212,7 +201,7 @@ def test_sparse_outliers_are_kept_exactly_and_tighten_the_dense_range():
 
 def test_sparse_outliers_through_the_cache(tiny_model):
     ids = random_ids(96)
-    ref = _logits(tiny_model, DynamicCache(config=tiny_model.config), ids)
+    ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
     errors = {}
     for fraction in (0.0, 0.02):
         cfg = CompressionConfig(
@@ -223,7 +212,7 @@ def test_sparse_outliers_through_the_cache(tiny_model):
             sparse_outlier_fraction=fraction,
         )
         cache = make_cache(tiny_model, cfg)
-        errors[fraction] = float((_logits(tiny_model, cache, ids) - ref).abs().mean())
+        errors[fraction] = float((chunk_logits(tiny_model, cache, ids, 16) - ref).abs().mean())
     assert errors[0.02] < errors[0.0]
 
 
