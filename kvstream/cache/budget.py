@@ -45,12 +45,8 @@ class BitBudget:
     def measure(self, layer: Any, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor) -> None:
         """Cost of each width on ``layer``'s first block; allocate once every layer is measured."""
         owner = layer.owner
-        b, h, t, d = values.shape
-        elements = 2 * b * h * t * d
-        span = owner.config.key_token_group or t
-        group = owner.config.value_quant_groups
-        key_shape = keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span)
-        value_shape = values.reshape(b, h, t, d // group, group).transpose(2, 3)[None]
+        elements = 2 * values.numel()
+        key_shape, value_shape = layer.store_layout(keys, values)
         costs = LayerCosts()
         for width in WIDTHS:
             key_store, value_store = layer.build_stores(keys, values, counted, (width, width))

@@ -155,13 +155,14 @@ def model_rotaries(model: Any) -> list[Rotary]:
     device = input_device(model)  # not a parameter's: under a device map those may wait on disk
     built: dict[str | None, Rotary] = {}
     for layer_type in dict.fromkeys(layer_types or [None]):
+        rope_type = Rotary(rotary_emb, layer_type).rope_type
+        if rope_type in SEQUENCE_DEPENDENT:
+            raise refuse(
+                f"uses {rope_type!r} RoPE, whose angles change with the longest sequence seen, "
+                "so keys rotated at one step cannot be re-rotated exactly at a later one"
+            )
         for layout in LAYOUTS:
             rotary = Rotary(rotary_emb, layer_type, layout)
-            if rotary.rope_type in SEQUENCE_DEPENDENT:
-                raise refuse(
-                    f"uses {rotary.rope_type!r} RoPE, whose angles change with the longest sequence seen, "
-                    "so keys rotated at one step cannot be re-rotated exactly at a later one"
-                )
             if rotary.matches(apply_fn, head_dim, device):
                 built[layer_type] = rotary
                 break

@@ -219,27 +219,35 @@ class StreamingLayer(PackedLayer):
         else:
             self.groups.append(block)
 
+    def store_layout(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's keys ``[1, B, H, D, T / span, span]`` (one range per channel and token group) and values
+        ``[1, B, H, D / group, T, group]`` (one range per token and channel group), as the stores hold them."""
+        cfg = self.owner.config
+        b, h, t, d = values.shape
+        span, group = cfg.key_token_group or t, cfg.value_quant_groups
+        key_units = keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span)
+        return key_units, values.reshape(b, h, t, d // group, group).transpose(2, 3)[None]
+
     def build_stores(
         self, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor, bits: tuple[int, int]
     ) -> tuple[SplitStore, SplitStore]:
         """One block's key and value stores (keys as stored: pre-RoPE and rotated where configured) at the
         normal widths ``bits`` (keys, values); the statistics name the outlier units."""
         owner, cfg = self.owner, self.owner.config
-        b, h, t, d = values.shape
-        group = cfg.value_quant_groups
-        span = cfg.key_token_group or t
+        key_units, value_units = self.store_layout(keys, values)
+        *_, groups, span = key_units.shape
         key_store = SplitStore.build(
-            keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span),
+            key_units,
             owner.stats.key_outliers(self.layer_idx),
             cfg.key_bits_sink_outlier,
             bits[0],
             reduce_dim=5,
             symmetric=cfg.key_symmetric,
             quantizer=owner.quantizer,
-            mask=counted.reshape(1, b, 1, 1, t // span, span),
+            mask=counted.reshape(1, counted.shape[0], 1, 1, groups, span),
         )
         value_store = SplitStore.build(
-            values.reshape(b, h, t, d // group, group).transpose(2, 3)[None],
+            value_units,
             owner.stats.value_outliers(self.layer_idx),
             cfg.value_bits_sink_outlier,
             bits[1],

@@ -63,7 +63,7 @@ def _cells(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-1) > thresholds).sum(-1)
 
 
-def _moments(
+def slice_moments(
     x: torch.Tensor, dim: int | tuple[int, ...], symmetric: bool, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (zero when ``symmetric``) and standard deviation (root mean square when symmetric) of ``x`` over
@@ -98,7 +98,7 @@ class LloydMaxQuantizer:
         if bits > MAX_LEVEL_BITS:
             return self.uniform.quantize(x, bits, dim, symmetric, mask)
         xf = x.float()
-        mean, std = _moments(xf, dim, symmetric, mask)
+        mean, std = slice_moments(xf, dim, symmetric, mask)
         scale, zero = std.half(), None if symmetric else mean.half()
         s, z = scale.float(), torch.zeros_like(mean) if zero is None else zero.float()
         base = gaussian_levels(bits).float().to(x.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvstream.quant.base import QuantizedTensor, Quantizer
+from kvstream.quant.lloyd_max import slice_moments
 
 SPARSE_INDEX = "sparse_index"
 SPARSE_VALUE = "sparse_value"
@@ -39,10 +40,7 @@ class SparseOutliers:
             return self.inner.quantize(x, bits, dim, symmetric, mask)
         xf = x.float()
         counted = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask.expand_as(xf)
-        weight = counted.to(xf.dtype)
-        n = weight.sum(dim=dim, keepdim=True).clamp_min(1)
-        mean = (xf * weight).sum(dim=dim, keepdim=True) / n
-        std = ((((xf - mean) ** 2) * weight).sum(dim=dim, keepdim=True) / n).sqrt().clamp_min(1e-12)
+        mean, std = slice_moments(xf, dim, False, counted)
         outlying = ((xf - mean).abs() / std).masked_fill(~counted, -1.0).flatten()
         index = outlying.topk(count).indices
         kept = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
