@@ -39,7 +39,7 @@ def test_preset_rows_are_the_second_model_with_ten_samples():
 
 
 def test_the_estimate_fits_three_hours_and_counts_each_baseline_once():
-    assert 150 * 60 < retrieval.estimate_seconds(retrieval.PLAN) < THREE_HOURS
+    assert 120 * 60 < retrieval.estimate_seconds(retrieval.PLAN) < THREE_HOURS
     row = retrieval.PlanRow(retrieval.QWEN, "passkey", 2048, 10, ("4/8 bits",))
     again = retrieval.PlanRow(retrieval.QWEN, "passkey", 2048, 10, ("3/8 bits",))
     assert retrieval.estimate_seconds([row]) == 2 * 10 * retrieval.SAMPLE_SECONDS[(retrieval.QWEN, 2048)]
@@ -52,7 +52,7 @@ def test_a_missing_preset_is_named_in_one_line_and_its_rows_dropped(monkeypatch,
     assert set(configs) == set(retrieval.WIDTHS)
     assert capsys.readouterr().out.count("\n") == 1
     plan = retrieval.select(retrieval.PLAN, configs, lambda row: True)
-    assert [row.configs for row in plan[:2]] == [tuple(retrieval.WIDTHS)] * 2 and len(plan) == 2
+    assert [row.configs for row in plan] == [tuple(retrieval.WIDTHS)] * len(retrieval.PLAN)
 
 
 def test_the_page_without_runs_shows_the_plan(tmp_path):
@@ -91,14 +91,24 @@ def test_runs_resume_and_the_page_renders_from_them(tmp_path, capsys):
     row = next(line for line in page.splitlines() if line.startswith("| passkey | 120 | 4/8 bits |"))
     assert row.endswith(f"| met | `{revision}` |")  # a random model answers nothing either way: 0 samples apart
     assert "- 4/8 bits, accuracy within one sample of full precision: met on 1 of 1 rows; missed: none." in page
-    assert "- bits-3.3, accuracy equal to full precision: no run recorded yet." in page
+    budget = "holding at most 3.3 effective bits"
+    assert f"- bits-3.3, accuracy equal to full precision, {budget}: no run recorded yet." in page
     blind = page.split("## Rows that cannot separate")[1].split("## Plan")[0]
     assert "- tiny passkey 120 (1 sample): full precision answers 0 of 1; 2/8 bits scores the same" in blind
 
 
-@pytest.mark.parametrize(("delta", "label", "expected"), [(-0.1, "bits-3.3", "**missed**"), (-0.1, "3/8 bits", "met")])
-def test_verdicts_follow_each_target(delta, label, expected):
-    row = type("Row", (), dict(delta=delta, n=10, label=label, metric="accuracy"))()
+@pytest.mark.parametrize(
+    ("delta", "label", "bits", "expected"),
+    [
+        (-0.1, "bits-3.3", 3.2, "**missed**"),
+        (-0.1, "3/8 bits", 3.6, "met"),
+        (-0.1, "bits-2.5", 2.4, "met"),
+        (0.0, "bits-2.5", 2.63, "**missed** (2.63 > 2.5 bits)"),  # equal accuracy, but more bits than the budget
+        (-0.2, "bits-2.5", 2.63, "**missed**"),
+    ],
+)
+def test_verdicts_follow_each_target(delta, label, bits, expected):
+    row = type("Row", (), dict(delta=delta, n=10, label=label, metric="accuracy", bits=bits))()
     assert retrieval.verdict(row) == expected
 
 
@@ -111,5 +121,6 @@ def test_main_prints_the_estimate_first_and_writes_the_page(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["retrieval.py", "--results", str(tmp_path / "runs"), "--out", str(out)])
     retrieval.main()
     minutes = retrieval.minutes(retrieval.estimate_seconds(retrieval.PLAN))
-    assert capsys.readouterr().out.startswith(f"4 rows, estimated {minutes} min on two CPU cores\n")
+    rows = len(retrieval.PLAN)
+    assert capsys.readouterr().out.startswith(f"{rows} rows, estimated {minutes} min on two CPU cores\n")
     assert planned == [list(retrieval.PLAN)] and "No runs are recorded yet" in out.read_text()
