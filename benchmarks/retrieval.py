@@ -261,6 +261,11 @@ def net_samples(row: Any) -> int:
     return round(row.delta * row.n)
 
 
+def accuracy_missed(row: Any) -> bool:
+    """Whether a row's accuracy differs from full precision by more samples than its configuration allows."""
+    return abs(net_samples(row)) > TOLERANCE[row.label]
+
+
 def over_budget(row: Any) -> bool:
     """Whether a preset's row held more effective bits (mean over its samples) than the preset's budget."""
     budget = BUDGET.get(row.label)
@@ -273,7 +278,7 @@ def verdict(row: Any) -> str:
     tolerance = TOLERANCE.get(row.label)
     if tolerance is None or row.metric != "accuracy":
         return "-"
-    if abs(net_samples(row)) > tolerance:
+    if accuracy_missed(row):
         return "**missed**"
     return f"**missed** ({row.bits:.2f} > {BUDGET[row.label]} bits)" if over_budget(row) else "met"
 
@@ -290,7 +295,7 @@ def target_text(label: str) -> str:
 
 def miss_reason(row: Any) -> str:
     """Why a row misses its target: its difference in samples, or the bits it held over the budget."""
-    reasons = [f"{net_samples(row):+d}"] if abs(net_samples(row)) > TOLERANCE[row.label] else []
+    reasons = [f"{net_samples(row):+d}"] if accuracy_missed(row) else []
     return ", ".join(reasons + ([f"{row.bits:.2f} bits"] if over_budget(row) else []))
 
 

@@ -124,3 +124,14 @@ def test_main_prints_the_estimate_first_and_writes_the_page(tmp_path, monkeypatc
     rows = len(retrieval.PLAN)
     assert capsys.readouterr().out.startswith(f"{rows} rows, estimated {minutes} min on two CPU cores\n")
     assert planned == [list(retrieval.PLAN)] and "No runs are recorded yet" in out.read_text()
+
+
+def test_target_lines_name_each_miss_with_its_reason():
+    rows = [
+        dict(model="m", task="passkey", length=2048, n=10, label="bits-2.5", delta=0.0, bits=2.63),
+        dict(model="m", task="passkey", length=4096, n=10, label="bits-2.5", delta=-0.2, bits=2.7),
+        dict(model="m", task="niah_single", length=4096, n=10, label="bits-2.5", delta=-0.1, bits=2.4),
+    ]
+    accuracy = retrieval.pd.DataFrame([{**row, "metric": "accuracy"} for row in rows])
+    line = next(text for text in retrieval.target_lines(accuracy) if text.startswith("- bits-2.5,"))
+    assert line.endswith("met on 1 of 3 rows; missed: m passkey 2048 (2.63 bits), m passkey 4096 (-2, 2.70 bits).")
