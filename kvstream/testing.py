@@ -26,6 +26,18 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**params)).eval()
 
 
+def quiet_head_llama(scale: float = 1e-6) -> LlamaForCausalLM:
+    """`tiny_llama` whose first KV head of layer 0 is scaled by ``scale``: steps fp16 cannot hold, so its
+    blocks keep fp32 metadata (`kvstream.quant.scales`)."""
+    model = tiny_llama()
+    attention = model.model.layers[0].self_attn
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    with torch.no_grad():
+        attention.k_proj.weight[:head_dim] *= scale
+        attention.v_proj.weight[:head_dim] *= scale
+    return model
+
+
 ROPE_FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
     "llama-yarn": {

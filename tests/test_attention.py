@@ -16,7 +16,7 @@ from kvstream.engine.prefill import greedy_generate
 from kvstream.eval.allocator import AllocatorPeak
 from kvstream.kernels import PackedDecode, decode_kernel_for
 from kvstream.kernels import cpu as cpu_kernel
-from kvstream.testing import decode_mask, prefilled_cache, random_ids, tiny_llama
+from kvstream.testing import decode_mask, prefilled_cache, quiet_head_llama, random_ids, tiny_llama
 
 FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)
 
@@ -29,6 +29,37 @@ def _read(reader, layer, q, mask, n_rep):
 
 def test_cpu_kernel_builds():
     assert cpu_kernel.extension() is not None
+
+
+def test_kernel_builds_are_kept_per_instruction_set(monkeypatch):
+    here = cpu_kernel.build_name()
+    monkeypatch.setattr(cpu_kernel, "instruction_set", lambda: "another CPU")
+    assert cpu_kernel.build_name() != here
+
+
+def test_a_built_kernel_loads_without_compiling(monkeypatch):
+    import torch.utils.cpp_extension
+
+    assert cpu_kernel.extension() is not None  # built by `make setup` (or the first test)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **_: pytest.fail("compiled again"))
+    assert cpu_kernel.build().__file__.endswith(f"{cpu_kernel.build_name()}.so")
+
+
+def test_without_a_compiler_the_reference_runs_after_one_line(monkeypatch, tiny_model):
+    def no_compiler():
+        raise RuntimeError("Error building extension 'kvstream_packed_decode'\nc++: not found\n...")
+
+    monkeypatch.setattr(cpu_kernel, "build", no_compiler)
+    cpu_kernel.extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning) as record:
+            assert cpu_kernel.extension() is None
+        (line,) = [str(w.message) for w in record]
+        assert "\n" not in line and "Error building extension" in line and "reference attention path" in line
+        cache, _ = prefilled_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=8), 40)
+        assert decode_kernel_for(cache.layers[0], torch.zeros(1, 4, 1, 16)) is None
+    finally:
+        cpu_kernel.extension.cache_clear()
 
 
 @pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (3, 3), (4, 4), (8, 8), (2, 4), (4, 3)])
@@ -94,6 +125,24 @@ def test_decode_kernel_matches_reference_on_padded_batches(tiny_model, bits, chu
     fused = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, kernel)
     reference = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
     torch.testing.assert_close(fused, reference, atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_decode_kernel_reads_fp32_metadata(bits):
+    """A head too quiet for fp16 steps is stored with fp32 metadata; the kernel reads it like the reference."""
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=8, key_bits_normal=bits, value_bits_normal=bits)
+    cache, _ = prefilled_cache(quiet_head_llama(), cfg, 70)
+    layer = cache.layers[0]
+    assert any(g.keys.low.scale.dtype == torch.float32 for g in layer.groups)
+    assert any(g.values.low.scale.dtype == torch.float32 for g in layer.groups)
+    kernel = decode_kernel_for(layer, torch.zeros(1, 4, 1, 16))
+    assert isinstance(kernel, PackedDecode)
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(bits))
+    q[:, 0] *= 1e6  # scores of the quiet head's keys of order one
+    got, _ = _read(kernel, layer, q, None, 2)
+    want, _ = _read(reference_history, layer, q, None, 2)
+    loud = torch.tensor([1e6, 1.0])[None, :, None, None]  # outputs of the quiet head's values of order one
+    torch.testing.assert_close(got * loud, want * loud, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 16])

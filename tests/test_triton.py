@@ -19,7 +19,7 @@ from kvstream.kernels import (  # noqa: E402
     triton_decode,  # noqa: E402
     visibility,
 )
-from kvstream.testing import decode_mask, prefilled_cache  # noqa: E402
+from kvstream.testing import decode_mask, prefilled_cache, quiet_head_llama  # noqa: E402
 
 interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="these checks run the kernel in Triton's interpreter"
@@ -84,6 +84,22 @@ def test_triton_kernel_on_padded_batches(tiny_model, bits, chunk, length, pads, 
     seen = torch.isfinite(m_want)
     assert torch.equal(seen, torch.isfinite(m_got))
     torch.testing.assert_close(got[seen], want[seen], atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+def test_triton_kernel_reads_fp32_metadata():
+    """Blocks of a head too quiet for fp16 steps hold fp32 metadata; the kernel reads it like the reference."""
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=8, key_bits_normal=4, value_bits_normal=4)
+    cache, _ = prefilled_cache(quiet_head_llama(), cfg, 70)
+    layer = cache.layers[0]
+    assert any(g.keys.low.scale.dtype == torch.float32 for g in layer.groups)
+    assert any(g.values.low.scale.dtype == torch.float32 for g in layer.groups)
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(5))
+    q[:, 0] *= 1e6  # scores of the quiet head's keys of order one
+    got, _ = _history(TritonDecode(), layer, q, None)
+    want, _ = _history(reference_history, layer, q, None)
+    loud = torch.tensor([1e6, 1.0])[None, :, None, None]  # outputs of the quiet head's values of order one
+    torch.testing.assert_close(got * loud, want * loud, atol=3e-5, rtol=1e-4)
 
 
 @interpreted

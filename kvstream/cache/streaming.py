@@ -285,10 +285,10 @@ class StreamingLayer(PackedLayer):
 
         ``fused``: restore with the CPU kernel (one pass, no intermediates) when it can read this layer.
         """
-        fused = fused and self.keys.device.type == "cpu" and self.kernel_ready()
-        if fused:
-            from kvstream.kernels import cpu
+        from kvstream.kernels import cpu
 
+        fused = fused and self.keys.device.type == "cpu" and self.kernel_ready() and cpu.extension() is not None
+        if fused:
             sinks = self.sink_tokens()
         for group in self.groups:
             per_tile = max(1, max_tokens // group.block_len)

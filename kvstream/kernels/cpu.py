@@ -1,16 +1,23 @@
 """The CPU decode kernel (`csrc/packed_decode.cpp`), built with torch's own C++ extension tooling.
 
-It is compiled on first use (about a minute, once per machine: torch keeps the build under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and reads the packed blocks of
-a streaming layer in one pass: decode, dequantize, rotate, score, softmax partial and weighted
-values per block, blocks in parallel. A build that fails is reported once and the reference
-path runs instead.
+`make setup` builds it (``python -m kvstream.kernels.build``, about a minute); a process that
+finds no build for this machine builds it on first use instead. Builds are kept per CPU
+instruction set and kernel source (`build_name`) under ``TORCH_EXTENSIONS_DIR`` (by default
+``~/.cache/torch_extensions``), so machines sharing a home directory, Ray workers among them,
+never load a binary compiled for another CPU, and loading a finished build is one import. The
+kernel reads the packed blocks of a streaming layer in one pass: decode, dequantize, rotate,
+score, softmax partial and weighted values per block, blocks in parallel. A build that fails
+is reported in one line and the reference path runs instead.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
+import platform
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,25 +28,70 @@ from kvstream.quant.base import QuantizedTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_decode.cpp"
 KERNEL_BITS = (2, 3, 4, 8)
+META_DTYPES = (torch.float16, torch.float32)
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 log = logging.getLogger(__name__)
+
+
+def instruction_set() -> str:
+    """What ``-march=native`` compiles for on this machine: architecture, CPU model and feature flags."""
+    features = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        keys = ("model name", "flags", "Features", "CPU part")
+        lines = {line.split(":", 1)[0].strip(): line for line in cpuinfo.read_text().splitlines() if ":" in line}
+        features = "\n".join(lines.get(k, "") for k in keys)
+    return f"{platform.machine()}\n{platform.processor()}\n{features}"
+
+
+def build_name() -> str:
+    """The extension's name: one per instruction set, kernel source, flags, Python and torch version."""
+    digest = hashlib.sha256()
+    for part in (instruction_set(), SOURCE.read_text(), " ".join(CFLAGS), sys.version, torch.__version__):
+        digest.update(part.encode())
+    return f"kvstream_packed_decode_{digest.hexdigest()[:12]}"
+
+
+def load_built(name: str) -> Any:
+    """The finished build of ``name`` imported directly (no compiler or ninja run), or None."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    if not library.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build() -> Any:
+    """Compile the kernel for this machine (or import the finished build); raises when it cannot be built."""
+    from torch.utils.cpp_extension import load
+
+    name = build_name()
+    return load_built(name) or load(
+        name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False
+    )
 
 
 @functools.cache
 def extension() -> Any:
-    """The compiled extension module, or None when it cannot be built here (warned once)."""
-    from torch.utils.cpp_extension import load
-
+    """The compiled extension module, or None when it cannot be built here (warned once, in one line)."""
     try:
-        return load(
-            name="kvstream_packed_decode",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build()
     except Exception as error:  # a missing compiler or headers: the reference path still runs
-        warnings.warn(f"kvstream CPU kernel unavailable, using the reference attention path: {error}", stacklevel=2)
+        warnings.warn(
+            f"kvstream CPU kernel unavailable ({failure_reason(error)}); using the reference attention path",
+            stacklevel=2,
+        )
         return None
+
+
+def failure_reason(error: Exception) -> str:
+    """The first line of a build error (compiler logs run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _part_tensors(q: QuantizedTensor | None) -> list[torch.Tensor]:
@@ -60,9 +112,16 @@ def _store_args(store: Any) -> tuple[list[torch.Tensor], list[int]]:
 
 
 def store_supported(store: Any) -> bool:
-    """True when every part of a `SplitStore` is plain packed codes of a width the kernel decodes."""
+    """True when every part of a `SplitStore` is plain packed codes of a width the kernel decodes,
+    with fp16 or fp32 metadata."""
     parts = [p for p in (store.high, store.low) if p is not None]
-    return all(p.bits in KERNEL_BITS and not p.extra and p.scale is not None for p in parts)
+    return all(
+        p.bits in KERNEL_BITS
+        and not p.extra
+        and p.scale is not None
+        and all(t is None or t.dtype in META_DTYPES for t in (p.scale, p.zero))
+        for p in parts
+    )
 
 
 def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[torch.Tensor]], list[list[int]]]:

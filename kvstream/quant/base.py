@@ -153,7 +153,7 @@ def passthrough(x: torch.Tensor) -> QuantizedTensor:
 def concat_blocks(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor | None:
     """Two tensors stacked along their leading (block) dimension, bytes copied unchanged.
 
-    Possible when widths, dtypes and trailing shapes agree, no extras are held and the first
+    Possible when widths, dtypes (of codes and metadata) and trailing shapes agree, no extras are held and the first
     tensor's packed codes end on a byte boundary; otherwise None (keep them apart).
     """
     if (
@@ -164,6 +164,8 @@ def concat_blocks(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedT
         or second.extra
         or (first.scale is None) != (second.scale is None)
         or (first.zero is None) != (second.zero is None)
+        or (first.scale is not None and first.scale.dtype != second.scale.dtype)
+        or (first.zero is not None and first.zero.dtype != second.zero.dtype)
     ):
         return None
     if first.bits != 16 and packed_nbytes(first.numel(), first.bits) * 8 != first.numel() * first.bits:

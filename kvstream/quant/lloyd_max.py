@@ -22,6 +22,7 @@ import torch
 
 from kvstream.quant.base import QuantizedTensor, passthrough
 from kvstream.quant.packing import pack, unpack
+from kvstream.quant.scales import compact
 from kvstream.quant.uniform import UniformQuantizer
 
 MAX_LEVEL_BITS = 4
@@ -99,13 +100,13 @@ class LloydMaxQuantizer:
             return self.uniform.quantize(x, bits, dim, symmetric, mask)
         xf = x.float()
         mean, std = slice_moments(xf, dim, symmetric, mask)
-        scale, zero = std.half(), None if symmetric else mean.half()
+        scale, zero = compact(std), None if symmetric else compact(mean)
         s, z = scale.float(), torch.zeros_like(mean) if zero is None else zero.float()
         base = gaussian_levels(bits).float().to(x.device)
         extra: dict[str, torch.Tensor] = {}
         if self.fitted:
             levels = self._fit(xf, z.unsqueeze(-1) + s.unsqueeze(-1) * base, dim, mask)
-            stored = levels.half()
+            stored = compact(levels)
             extra["levels"] = stored
             codes = _cells(xf, stored.float())
             scale = zero = None

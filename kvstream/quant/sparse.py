@@ -4,7 +4,7 @@ A block's entries whose distance from their scale slice's mean, in units of the 
 deviation, is among the largest ``fraction`` are taken out of the dense part: the inner quantizer
 sets its ranges without them (a tighter range for everything else), and they are stored apart as
 a sparse part, their flat positions (int16 when the block has at most 32,768 entries, else
-int32) and fp16 values (KVQuant's dense-and-sparse split, Hooper et al. 2024, with the
+int32) and their values (fp16 where it holds them) (KVQuant's dense-and-sparse split, Hooper et al. 2024, with the
 selection made per block from the block itself instead of from calibrated thresholds).
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from kvstream.quant.base import QuantizedTensor, Quantizer
 from kvstream.quant.lloyd_max import slice_moments
+from kvstream.quant.scales import compact
 
 SPARSE_INDEX = "sparse_index"
 SPARSE_VALUE = "sparse_value"
@@ -47,7 +48,7 @@ class SparseOutliers:
         kept[index] = True
         q = self.inner.quantize(x, bits, dim, symmetric, counted & ~kept.view_as(x))
         q.extra[SPARSE_INDEX] = index.to(torch.int16 if x.numel() <= 1 << 15 else torch.int32)
-        q.extra[SPARSE_VALUE] = xf.flatten()[index].half()
+        q.extra[SPARSE_VALUE] = compact(xf.flatten()[index])
         return q
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:

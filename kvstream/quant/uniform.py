@@ -6,8 +6,7 @@ import torch
 
 from kvstream.quant.base import QuantizedTensor, passthrough
 from kvstream.quant.packing import pack, unpack
-
-_EPS = 1e-8
+from kvstream.quant.scales import step_and_zero
 
 
 def masked_range(
@@ -27,7 +26,7 @@ def masked_range(
 
 
 class UniformQuantizer:
-    """Uniform round-to-nearest with fp16 scales (and zero-points) per block; dense bit packing."""
+    """Uniform round-to-nearest with a scale (and zero-point) per slice, fp16 where it holds them; dense packing."""
 
     def quantize(
         self,
@@ -43,22 +42,13 @@ class UniformQuantizer:
         lo, hi = masked_range(xf, dim, mask)
         if symmetric:
             levels = (1 << (bits - 1)) - 1 if bits > 1 else 1
-            absmax = torch.maximum(lo.abs(), hi.abs())
-            scale = (absmax / levels).clamp_min(_EPS).half()
-            s = scale.float()
-            q = torch.round(xf / s).clamp(-levels, levels) + levels
-            return QuantizedTensor(
-                codes=pack(q.to(torch.uint8), bits),
-                bits=bits,
-                shape=tuple(x.shape),
-                dtype=x.dtype,
-                scale=scale,
-            )
-        levels = (1 << bits) - 1
-        scale = ((hi - lo) / levels).clamp_min(_EPS).half()
-        zero = lo.half()
-        s, z = scale.float(), zero.float()
-        q = torch.round((xf - z) / s).clamp(0, levels)
+            scale, _ = step_and_zero(lo, hi, levels, symmetric=True)
+            q = torch.round(xf / scale.float()).clamp(-levels, levels) + levels
+            zero = None
+        else:
+            levels = (1 << bits) - 1
+            scale, zero = step_and_zero(lo, hi, levels, symmetric=False)
+            q = torch.round((xf - zero.float()) / scale.float()).clamp(0, levels)
         return QuantizedTensor(
             codes=pack(q.to(torch.uint8), bits),
             bits=bits,

@@ -21,10 +21,29 @@
 
 namespace {
 
+// Per-slice metadata: fp16, or fp32 where fp16 cannot hold a tensor's values (kvstream.quant.scales).
+struct Meta {
+  const at::Half* half = nullptr;
+  const float* full = nullptr;
+  explicit operator bool() const { return half != nullptr || full != nullptr; }
+  float operator[](int64_t i) const { return half ? static_cast<float>(half[i]) : full[i]; }
+};
+
+Meta make_meta(const at::Tensor& t) {
+  Meta m;
+  if (!t.defined() || t.numel() == 0) return m;
+  if (t.scalar_type() == at::kHalf) {
+    m.half = t.data_ptr<at::Half>();
+  } else {
+    m.full = t.data_ptr<float>();
+  }
+  return m;
+}
+
 struct Part {
   const uint8_t* codes = nullptr;
-  const at::Half* scale = nullptr;
-  const at::Half* zero = nullptr;  // null: symmetric, value = (code - levels) * scale
+  Meta scale;
+  Meta zero;  // absent: symmetric, value = (code - levels) * scale
   int bits = 0;
   int64_t units = 0;  // units per (block, batch row, head) in this part
 };
@@ -41,8 +60,8 @@ Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
   Part p;
   if (!codes.defined() || codes.numel() == 0) return p;
   p.codes = codes.data_ptr<uint8_t>();
-  p.scale = scale.data_ptr<at::Half>();
-  p.zero = (zero.defined() && zero.numel()) ? zero.data_ptr<at::Half>() : nullptr;
+  p.scale = make_meta(scale);
+  p.zero = make_meta(zero);
   p.bits = static_cast<int>(bits);
   p.units = units;
   return p;
@@ -162,8 +181,8 @@ void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int6
   int64_t row_a = 0;
   const Part& pa = locate(g.ks, sbh, c, row_a);
   decode(pa.codes, row_a * T, T, pa.bits, ka);
-  const float scale_a = static_cast<float>(pa.scale[row_a]);
-  const float za = pa.zero ? static_cast<float>(pa.zero[row_a]) : -levels_of(pa) * scale_a;
+  const float scale_a = pa.scale[row_a];
+  const float za = pa.zero ? pa.zero[row_a] : -levels_of(pa) * scale_a;
   if (g.ocos == nullptr) {
     for (int64_t t = 0; t < T; ++t) ka[t] = ka[t] * scale_a + za;
     return;
@@ -172,8 +191,8 @@ void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int6
   int64_t row_b = 0;
   const Part& pb = locate(g.ks, sbh, c2, row_b);
   decode(pb.codes, row_b * T, T, pb.bits, kb);
-  const float scale_b = static_cast<float>(pb.scale[row_b]);
-  const float zb = pb.zero ? static_cast<float>(pb.zero[row_b]) : -levels_of(pb) * scale_b;
+  const float scale_b = pb.scale[row_b];
+  const float zb = pb.zero ? pb.zero[row_b] : -levels_of(pb) * scale_b;
   const float* base_c = g.bcos + (s * B + b) * D;
   const float* base_s = g.bsin + (s * B + b) * D;
   const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
@@ -223,8 +242,8 @@ void block_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int6
     for (int64_t t = 0; t < T; ++t) {
       if (!vis[t]) continue;
       const int64_t meta_index = vrow * T + t;
-      const float scale = static_cast<float>(pv.scale[meta_index]);
-      const float zero = pv.zero ? static_cast<float>(pv.zero[meta_index]) : -lv * scale;
+      const float scale = pv.scale[meta_index];
+      const float zero = pv.zero ? pv.zero[meta_index] : -lv * scale;
       decode(pv.codes, meta_index * U, U, pv.bits, row);
       for (int64_t r = 0; r < R; ++r) {
         const float p = scores[r * T + t];
@@ -265,8 +284,8 @@ void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, in
     const float lv = pv.zero ? 0.0f : levels_of(pv);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t meta_index = vrow * T + t;
-      const float scale = static_cast<float>(pv.scale[meta_index]);
-      const float zero = pv.zero ? static_cast<float>(pv.zero[meta_index]) : -lv * scale;
+      const float scale = pv.scale[meta_index];
+      const float zero = pv.zero ? pv.zero[meta_index] : -lv * scale;
       float* out = v_out + t * D + grp * U;
       decode(pv.codes, meta_index * U, U, pv.bits, out);
       for (int64_t u = 0; u < U; ++u) out[u] = out[u] * scale + zero;
