@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from kvstream import CompressionConfig, chunked_prefill, make_cache
-from kvstream.attention.online import OnlineSoftmax
 from kvstream.attention.packed import flash_history, packed_attention, reference_history
 from kvstream.engine.prefill import greedy_generate
 from kvstream.eval.allocator import AllocatorPeak
 from kvstream.kernels import PackedDecode, decode_kernel_for
 from kvstream.kernels import cpu as cpu_kernel
+from kvstream.kernels.online import OnlineSoftmax
 from kvstream.testing import decode_mask, prefilled_cache, quiet_head_llama, random_ids, tiny_llama
 
 FULL = dict(key_bits_normal=16, key_bits_sink_outlier=16, value_bits_normal=16, value_bits_sink_outlier=16)

@@ -106,15 +106,16 @@ def test_rotation_spreads_an_outlier_channel():
 
 
 @pytest.mark.parametrize(
-    "switches",
+    "switches,fused",
     [
-        dict(rotation="both"),
-        dict(rotation="values", value_quantizer="lloyd-max"),
-        dict(key_token_group=4),
-        dict(recent_window=24),
+        (dict(rotation="both"), False),  # rotated keys sit between the codes and RoPE: the reference reads them
+        (dict(rotation="values", value_quantizer="lloyd-max"), True),
+        (dict(key_token_group=4), True),
+        (dict(value_quantizer="lloyd-max-fitted"), False),  # levels per block: no table describes them
+        (dict(recent_window=24), True),
     ],
 )
-def test_every_switch_is_exact_at_sixteen_bits_and_reads_with_the_reference(tiny_model, switches):
+def test_every_switch_is_exact_at_sixteen_bits_and_names_its_reader(tiny_model, switches, fused):
     ids = random_ids(70)
     ref = chunk_logits(tiny_model, DynamicCache(config=tiny_model.config), ids, 16)
     cache = make_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=16, **FULL, **switches))
@@ -122,7 +123,8 @@ def test_every_switch_is_exact_at_sixteen_bits_and_reads_with_the_reference(tiny
     quantized = make_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=16, **switches))
     chunk_logits(tiny_model, quantized, ids, 16)
     assert quantized.layers[0].n_blocks >= 1
-    assert not quantized.layers[0].kernel_ready() or switches.get("recent_window")
+    assert quantized.layers[0].kernel_ready() == fused
+    assert (quantized.layers[0].kernel_refusal() is None) == fused
 
 
 def test_rotation_and_levels_lower_two_bit_error(tiny_model):

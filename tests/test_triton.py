@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")  # conftest switches Triton to its interpreter on machines without a GPU
 
 from kvstream import CompressionConfig  # noqa: E402
-from kvstream.attention.online import OnlineSoftmax  # noqa: E402
 from kvstream.attention.packed import reference_history  # noqa: E402
 from kvstream.kernels import (  # noqa: E402
     TritonDecode,
     triton_decode,  # noqa: E402
     visibility,
 )
+from kvstream.kernels.online import OnlineSoftmax  # noqa: E402
 from kvstream.testing import decode_mask, prefilled_cache, quiet_head_llama  # noqa: E402
 
 interpreted = pytest.mark.skipif(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvstream.attention.online import OnlineSoftmax
+from kvstream.kernels.online import OnlineSoftmax
 from kvstream.quant.base import tensor_bytes
 
 TILE_BYTES = 3 << 20
@@ -202,15 +202,26 @@ def packed_attention(
     return out.view(b, hq, q_len, d).transpose(1, 2).to(query.dtype)
 
 
-def history_reader(layer: Any, query: torch.Tensor) -> Any:
-    """The fastest reader that serves this call exactly: a fused decode kernel, CPU flash tiles, or the reference."""
-    from kvstream.kernels import decode_kernel_for, kernels_enabled
+READER_NAMES = {"reference_history": "reference tiles", "flash_history": "flash tiles"}
 
-    if not kernels_enabled():
-        return reference_history
-    kernel = decode_kernel_for(layer, query)
+
+def history_reader(layer: Any, query: torch.Tensor) -> Any:
+    """The fastest reader that serves this call exactly: a fused decode kernel, CPU flash tiles, or the reference.
+
+    The choice is recorded on the cache (`PackedCache.note_reader`), with the reason when a decode step on a
+    device with a kernel falls back to the reference tiles.
+    """
+    from kvstream.kernels import decode_kernel_for, fallback_reason, kernels_enabled
+
+    phase = "decode" if query.shape[2] == 1 else "prefill"
+    kernel = decode_kernel_for(layer, query) if kernels_enabled() else None
     if kernel is not None:
-        return kernel
-    if query.device.type == "cpu" and query.shape[2] > 1 and _flash_cpu is not None:
-        return flash_history
-    return reference_history
+        reader = kernel
+    elif kernels_enabled() and query.device.type == "cpu" and phase == "prefill" and _flash_cpu is not None:
+        reader = flash_history
+    else:
+        reader = reference_history
+    reason = fallback_reason(layer, query) if reader is reference_history and phase == "decode" else None
+    name = getattr(reader, "name", None) or READER_NAMES[reader.__name__]
+    layer.owner.note_reader(phase, name, reason)
+    return reader

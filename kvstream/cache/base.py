@@ -8,6 +8,7 @@ and the byte ledger with its peak. The streaming cache and plugin caches (KIVI-s
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -332,6 +333,13 @@ class PackedCache(Cache):
             )
         return True
 
+    def note_reader(self, phase: str, name: str, reason: str | None = None) -> None:
+        """Record which reader served a ``phase`` (prefill, decode) call; a fallback's ``reason`` is warned once."""
+        self.readers.setdefault(phase, set()).add(name)
+        if reason is not None and reason not in self._fallbacks:
+            self._fallbacks.add(reason)
+            warnings.warn(f"kvstream: {phase} steps read the packed history with the {name}: {reason}", stacklevel=2)
+
     def note_transient(self, nbytes: int) -> None:
         """Fold working memory that attention holds on top of the stored bytes into the peak."""
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes() + nbytes)
@@ -343,6 +351,9 @@ class PackedCache(Cache):
         self._padding: torch.Tensor | None = None
         self._current_bytes = [0] * self.num_layers
         self.peak_stored_bytes = 0
+        self.readers: dict[str, set[str]] = {}
+        """Readers that served the packed history so far, by phase (see `note_reader`)."""
+        self._fallbacks: set[str] = set()
 
     def register_padding(self, attention_mask: torch.Tensor) -> None:
         """Tell the cache which of the coming tokens are padding (``attention_mask == 0``).
@@ -465,6 +476,7 @@ class PackedCache(Cache):
         held, seen = self._element_counts()
         report = ledger.report(held, self.peak_stored_bytes, seen)
         report["layer_types"] = self._layer_type_report()
+        report["readers"] = {phase: ", ".join(sorted(names)) for phase, names in sorted(self.readers.items())}
         return report
 
     def _layer_elements(self, layer: PackedLayer) -> tuple[int, int]:

@@ -297,6 +297,9 @@ class StreamingLayer(PackedLayer):
                 start = group.start + first * group.block_len
                 if fused:
                     k, v = cpu.restore_blocks(self, group, first, last)
+                    rotation = self.value_rotation()
+                    if rotation is not None:  # the tile's values back from the rotated basis, sinks pasted after
+                        v = rotation.unrotate(v)
                     if sinks is not None:
                         paste_tokens(k, v, start, *sinks)
                     yield start, k, v
@@ -313,15 +316,29 @@ class StreamingLayer(PackedLayer):
         return rotary.apply(keys, *rotary.cos_sin(keys, positions))
 
     def kernel_ready(self) -> bool:
-        """True when a fused kernel can read every packed block of this layer (plain uniform codes)."""
+        """True when the fused CPU kernel can read every packed block of this layer (see `kernel_refusal`)."""
+        return bool(self.groups) and self.kernel_refusal() is None
+
+    def kernel_refusal(self) -> str | None:
+        """Why the fused kernels cannot read this layer's blocks, in a few words; None when they can."""
         from kvstream.kernels.cpu import store_supported
 
-        return (
-            bool(self.groups)
-            and self.owner.kernel_compatible(self)
-            and all(g.block_len == self.owner.config.chunk_size for g in self.groups)
-            and all(store_supported(g.keys) and store_supported(g.values) for g in self.groups)
-        )
+        owner = self.owner
+        reason = owner.kernel_refusal(self)
+        if reason is not None:
+            return reason
+        if any(g.block_len != owner.config.chunk_size for g in self.groups):
+            return "blocks shorter than a chunk"
+        for g in self.groups:
+            if not store_supported(g.keys, owner.quantizer) or not store_supported(g.values, owner.value_quantizer):
+                return "blocks whose codes need more than a level table to restore (fitted levels, sparse outliers)"
+        return None
+
+    def value_rotation(self) -> HeadRotation | None:
+        """The rotation this layer's stored values are in, or None: readers rotate their output back once."""
+        if self.owner.config.rotation not in ("values", "both"):
+            return None
+        return self.owner.rotation(self.layer_idx)
 
     def sink_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Every sink copy of the layer: token index ([B, n], -1 where a row has fewer), keys as attention
@@ -437,20 +454,23 @@ class StreamingQuantizedCache(PackedCache):
             cache.attach(model)
         return cache
 
-    def kernel_compatible(self, layer: StreamingLayer) -> bool:
-        """True when the fused kernels can read ``layer``: a plain uniform quantizer and, for pre-RoPE keys,
-        a rotary in the kernels' layout that the block-wise angle-addition rule reproduces (checked on a probe)."""
-        from kvstream.quant.uniform import UniformQuantizer
-
+    def kernel_refusal(self, layer: StreamingLayer) -> str | None:
+        """Why the fused kernels cannot read ``layer`` whatever its blocks hold, or None: each quantizer must
+        declare its packed format (`kvstream.quant.base.Quantizer`), keys must not be rotated (the rotation
+        sits between the stored keys and RoPE), and pre-RoPE keys need a rotary in the kernels' layout that
+        the block-wise angle-addition rule reproduces (checked on a probe)."""
         cfg = self.config
-        if {type(self.quantizer), type(self.value_quantizer)} != {UniformQuantizer}:
-            return False
-        if cfg.rotation != "none" or cfg.key_token_group not in (0, cfg.chunk_size):
-            return False
-        if self.config.key_rope != "pre":
-            return True
+        for field, quantizer in (("quantizer", self.quantizer), ("value_quantizer", self.value_quantizer)):
+            if not callable(getattr(quantizer, "level_table", None)):
+                return f"{field} {type(quantizer).__name__} declares no packed format the kernels read"
+        if cfg.rotation in ("keys", "both"):
+            return f"rotation: {cfg.rotation} (rotated keys are stored before RoPE)"
+        if cfg.key_rope != "pre":
+            return None
         rope = self.block_rope(layer)
-        return rope is not None and rope.all_exact
+        if rope is None:
+            return "a rotary the kernels do not reproduce (partial or interleaved RoPE)"
+        return None if rope.all_exact else "tokens of a block at positions that are not consecutive"
 
     def block_rope(self, layer: StreamingLayer) -> BlockRope | None:
         """The blocks' RoPE for the kernels (`BlockRope`) of ``layer``'s rotary, covering its packed tokens;

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kvstream.attention.online import OnlineSoftmax
+from kvstream.kernels.online import OnlineSoftmax
 
 
 def kernels_enabled() -> bool:
@@ -21,6 +21,7 @@ class PackedDecode:
     """History reader for decode steps: one kernel call over the blocks, the sink copies and (when given) the tail."""
 
     reads_tail = True
+    name = "cpu kernel"
 
     def __init__(self, attention: Any) -> None:
         self.attention = attention
@@ -48,11 +49,21 @@ class PackedDecode:
                 column = packed - layer.offset
                 tail_visible = mask[:, 0, -1, column : column + keys.shape[2]].bool().contiguous()
             exact.append([keys, values, tail_visible])
-        state.merge(*self.attention(layer, q, visible, exact))
+        rotation = layer.value_rotation()
+        if rotation is None:
+            state.merge(*self.attention(layer, q, visible, exact))
+            return
+        # values stored rotated: the blocks' output is rotated back once per head, the exact tokens read apart
+        acc, m, norm = self.attention(layer, q, visible, [])
+        state.merge(rotation.unrotate(acc), m, norm)
+        if exact:
+            state.merge(*self.attention(layer, q, visible, exact, blocks=False))
 
 
 class TritonDecode:
     """History reader for decode steps on a GPU: the Triton kernel over the blocks, the sink copies exactly."""
+
+    name = "triton kernel"
 
     def __call__(
         self, layer: Any, q: torch.Tensor, mask: torch.Tensor | None, n_rep: int, state: OnlineSoftmax
@@ -103,6 +114,20 @@ def visibility(
     return answer
 
 
+def fallback_reason(layer: Any, query: torch.Tensor) -> str | None:
+    """Why a decode step of ``layer`` on ``query``'s device is read by the reference tiles, or None when no
+    fused kernel was to be expected (nothing packed yet, a device or cache without one)."""
+    if not kernels_enabled():
+        return "kernels turned off (KVSTREAM_KERNELS=0)"
+    refusal = getattr(layer, "kernel_refusal", None)
+    if refusal is None or not getattr(layer, "groups", None):
+        return None
+    reason = refusal()
+    if reason is None and query.device.type == "cuda" and triton_available():
+        return "the Triton kernel reads plain uniform codes with one key range per block and unrotated values"
+    return reason
+
+
 def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
     """The fused decode reader for this call (one new token per row), or None."""
     if query.shape[2] != 1 or not getattr(layer, "kernel_ready", lambda: False)():
@@ -114,5 +139,7 @@ def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
             return None
         return PackedDecode(cpu.decode_attention)
     if query.device.type == "cuda" and triton_available():
-        return TritonDecode()
+        from kvstream.kernels import triton_decode
+
+        return TritonDecode() if triton_decode.reads(layer) else None
     return None

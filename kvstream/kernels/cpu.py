@@ -101,23 +101,36 @@ def _part_tensors(q: QuantizedTensor | None) -> list[torch.Tensor]:
     return [q.codes, q.scale, q.zero if q.zero is not None else empty]
 
 
-def _store_args(store: Any) -> tuple[list[torch.Tensor], list[int]]:
-    """Tensors and (bits, units) of a `SplitStore` as the kernel takes them."""
+def level_table(quantizer: Any, part: QuantizedTensor | None) -> torch.Tensor | None:
+    """The level table of ``part`` as the kernels take it (fp32; empty for plain uniform codes), or None when
+    ``quantizer`` does not declare its packed format or the part needs extras to restore."""
+    declare = getattr(quantizer, "level_table", None)
+    if part is None:
+        return torch.empty(0)
+    if declare is None or part.extra:
+        return None
+    table = declare(part.bits)
+    return torch.empty(0) if table is None else table.float().contiguous()
+
+
+def _store_args(store: Any, quantizer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """Tensors, level tables and (bits, units) of a `SplitStore` as the kernel takes them."""
     tensors = _part_tensors(store.high) + _part_tensors(store.low)
     tensors.append(store.position if store.position is not None else torch.empty(0, dtype=torch.int16))
+    tables = [level_table(quantizer, part) for part in (store.high, store.low)]
     meta = []
     for part in (store.high, store.low):
         meta += [0, 0] if part is None else [part.bits, part.shape[3]]
-    return tensors, meta
+    return tensors, tables, meta
 
 
-def store_supported(store: Any) -> bool:
-    """True when every part of a `SplitStore` is plain packed codes of a width the kernel decodes,
-    with fp16 or fp32 metadata."""
+def store_supported(store: Any, quantizer: Any) -> bool:
+    """True when every part of a `SplitStore` is packed codes of a width the kernel decodes, in a format
+    ``quantizer`` declares (uniform or a level table), with fp16 or fp32 metadata."""
     parts = [p for p in (store.high, store.low) if p is not None]
     return all(
         p.bits in KERNEL_BITS
-        and not p.extra
+        and level_table(quantizer, p) is not None
         and p.scale is not None
         and all(t is None or t.dtype in META_DTYPES for t in (p.scale, p.zero))
         for p in parts
@@ -131,24 +144,27 @@ def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[
     chunk = owner.config.chunk_size
     groups, meta = [], []
     for group in layer.groups if groups_ is None else groups_:
-        key_tensors, key_meta = _store_args(group.keys)
-        value_tensors, value_meta = _store_args(group.values)
+        key_tensors, key_tables, key_meta = _store_args(group.keys, owner.quantizer)
+        value_tensors, value_tables, value_meta = _store_args(group.values, owner.value_quantizer)
         values = group.values.low if group.values.low is not None else group.values.high
-        tensors = key_tensors + value_tensors
+        keys = group.keys.low if group.keys.low is not None else group.keys.high
+        tensors = key_tensors + value_tensors + key_tables + value_tables
         if rope is not None:
             blocks = slice(group.start // chunk, group.start // chunk + group.n_blocks)
             tensors += [*rope.offsets, rope.base_cos[blocks].contiguous(), rope.base_sin[blocks].contiguous()]
         groups.append(tensors)
-        meta.append([group.n_blocks, group.block_len, group.start, *key_meta, *value_meta, values.shape[-1]])
+        meta.append(
+            [group.n_blocks, group.block_len, group.start, *key_meta, *value_meta, values.shape[-1], keys.shape[4]]
+        )
     return groups, meta
 
 
 def decode_attention(
-    layer: Any, q: torch.Tensor, visible: torch.Tensor, exact: list[list[torch.Tensor]]
+    layer: Any, q: torch.Tensor, visible: torch.Tensor, exact: list[list[torch.Tensor]], blocks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(acc, m, l)`` of grouped queries ``q`` over every packed block of ``layer`` (tokens of ``visible``)
-    and the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel."""
-    groups, meta = group_args(layer)
+    """``(acc, m, l)`` of grouped queries ``q`` over every packed block of ``layer`` (tokens of ``visible``;
+    none when not ``blocks``) and the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel."""
+    groups, meta = group_args(layer) if blocks else ([], [])
     return extension().packed_decode(q, groups, meta, visible, exact)
 
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvstream.attention.online import OnlineSoftmax
 from kvstream.kernels.cpu import group_args
+from kvstream.kernels.online import OnlineSoftmax
 
 
 @triton.jit
@@ -270,6 +270,21 @@ def _block_kernel(
     tl.store(l_ptr + sbh * R + r, norm, mask=r_ok)
 
 
+def reads(layer: Any) -> bool:
+    """True when this kernel reads ``layer``'s blocks: plain uniform codes, one key range per channel and
+    block, values not rotated (level tables, key token groups and rotated values run on the CPU kernel and
+    the reference tiles)."""
+    owner = layer.owner
+    if layer.value_rotation() is not None or owner.config.key_token_group not in (0, owner.config.chunk_size):
+        return False
+    for group in layer.groups:
+        for store, quantizer in ((group.keys, owner.quantizer), (group.values, owner.value_quantizer)):
+            parts = [part for part in (store.high, store.low) if part is not None]
+            if any(quantizer.level_table(part.bits) is not None for part in parts):
+                return False
+    return True
+
+
 def _part(tensors: list[torch.Tensor], meta: list[int], device: torch.device) -> list[Any]:
     """``codes, scale, zero, nbytes, bits, units`` of one part (dummies when absent)."""
     codes, scale, zero = tensors
@@ -293,8 +308,8 @@ def decode_history(layer: Any, q: torch.Tensor, visible: torch.Tensor, state: On
         v_hi = _part(tensors[7:10], meta[7:9], device)
         v_lo = _part(tensors[10:13], meta[9:11], device)
         k_slot, v_slot = tensors[6], tensors[13]
-        rotate = len(tensors) >= 18
-        rope = tensors[14:18] if rotate else [q, q, q, q]
+        rotate = len(tensors) >= 22  # after the stores (0-13) and their level tables (14-17, unused here)
+        rope = tensors[18:22] if rotate else [q, q, q, q]
         acc = torch.empty(s, b, h, r, d, device=device)
         m = torch.empty(s, b, h, r, device=device)
         norm = torch.empty(s, b, h, r, device=device)

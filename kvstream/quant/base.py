@@ -145,6 +145,14 @@ class Quantizer(Protocol):
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor: ...
 
 
+# A quantizer may also declare its packed format, which gives it the fused readers (`kvstream.kernels`):
+#     def level_table(self, bits: int) -> torch.Tensor | None
+# None: plain uniform codes (value = code * scale + zero, or (code - levels) * scale when symmetric);
+# a table of 2**bits levels: value = table[code] * scale + zero (no zero-point: table[code] * scale).
+# A tensor whose codes need extras to restore is never described by a table. Without the method the
+# quantizer's caches are read by the reference tiles.
+
+
 def passthrough(x: torch.Tensor) -> QuantizedTensor:
     """The 16-bit case: the tensor kept as is (shared by every quantizer)."""
     return QuantizedTensor(codes=x.contiguous(), bits=16, shape=tuple(x.shape), dtype=x.dtype)

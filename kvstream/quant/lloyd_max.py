@@ -122,6 +122,13 @@ class LloydMaxQuantizer:
             extra=extra,
         )
 
+    def level_table(self, bits: int) -> torch.Tensor | None:
+        """The packed format the fused readers take: code ``c`` stands for ``levels[c] * std + mean``; widths
+        above `MAX_LEVEL_BITS` are uniform. Fitted levels live in each block (extras), which no table describes."""
+        if bits > MAX_LEVEL_BITS:
+            return None
+        return gaussian_levels(bits).float()
+
     def _fit(
         self, x: torch.Tensor, levels: torch.Tensor, dim: int | tuple[int, ...], mask: torch.Tensor | None
     ) -> torch.Tensor:

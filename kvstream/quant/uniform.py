@@ -58,6 +58,10 @@ class UniformQuantizer:
             zero=zero,
         )
 
+    def level_table(self, bits: int) -> None:
+        """The packed format the fused readers take (`kvstream.quant.base.Quantizer`): plain uniform codes."""
+        return None
+
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         if q.bits == 16:
             return q.codes

@@ -43,7 +43,8 @@ Meta make_meta(const at::Tensor& t) {
 struct Part {
   const uint8_t* codes = nullptr;
   Meta scale;
-  Meta zero;  // absent: symmetric, value = (code - levels) * scale
+  Meta zero;                     // absent: symmetric, value = (code - levels) * scale, or table[code] * scale
+  const float* table = nullptr;  // level table (Lloyd-Max): value = table[code] * scale + zero; null: uniform
   int bits = 0;
   int64_t units = 0;  // units per (block, batch row, head) in this part
 };
@@ -55,13 +56,14 @@ struct Store {
   int64_t unit_size = 1;          // U
 };
 
-Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-               int64_t units) {
+Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& table,
+               int64_t bits, int64_t units) {
   Part p;
   if (!codes.defined() || codes.numel() == 0) return p;
   p.codes = codes.data_ptr<uint8_t>();
   p.scale = make_meta(scale);
   p.zero = make_meta(zero);
+  p.table = table.numel() ? table.data_ptr<float>() : nullptr;
   p.bits = static_cast<int>(bits);
   p.units = units;
   return p;
@@ -117,7 +119,28 @@ inline const Part& locate(const Store& st, int64_t sbh, int64_t u, int64_t& row)
   return st.low;
 }
 
-inline float levels_of(const Part& p) { return static_cast<float>((1 << (p.bits - 1)) - 1); }
+// The code a symmetric uniform part subtracts (its zero level); parts with a zero-point or a table subtract none.
+inline float levels_of(const Part& p) {
+  return (p.zero || p.table) ? 0.0f : static_cast<float>((1 << (p.bits - 1)) - 1);
+}
+
+// Codes of a part as the levels they stand for: the table's entries, or the codes themselves (uniform).
+inline void to_levels(const Part& p, float* x, int64_t n) {
+  if (p.table == nullptr) return;
+  for (int64_t i = 0; i < n; ++i) x[i] = p.table[static_cast<int>(x[i])];
+}
+
+// Channel row `row` of a key part over a block's T tokens, dequantized in place: one scale and zero per
+// token group of T / groups tokens.
+inline void dequantize_keys(const Part& p, int64_t row, int64_t T, int64_t groups, float* x) {
+  to_levels(p, x, T);
+  const int64_t span = T / groups;
+  for (int64_t j = 0; j < groups; ++j) {
+    const float scale = p.scale[row * groups + j];
+    const float zero = p.zero ? p.zero[row * groups + j] : -levels_of(p) * scale;
+    for (int64_t t = j * span; t < (j + 1) * span; ++t) x[t] = x[t] * scale + zero;
+  }
+}
 
 }  // namespace
 
@@ -125,6 +148,7 @@ inline float levels_of(const Part& p) { return static_cast<float>((1 << (p.bits 
 struct Group {
   Store ks, vs;
   int64_t S = 0, T = 0, start = 0;
+  int64_t key_groups = 1;  // key ranges per channel and block (token groups of T / key_groups)
   const float *ocos = nullptr, *osin = nullptr, *bcos = nullptr, *bsin = nullptr;  // null: post-RoPE keys
 };
 
@@ -181,24 +205,19 @@ void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int6
   int64_t row_a = 0;
   const Part& pa = locate(g.ks, sbh, c, row_a);
   decode(pa.codes, row_a * T, T, pa.bits, ka);
-  const float scale_a = pa.scale[row_a];
-  const float za = pa.zero ? pa.zero[row_a] : -levels_of(pa) * scale_a;
-  if (g.ocos == nullptr) {
-    for (int64_t t = 0; t < T; ++t) ka[t] = ka[t] * scale_a + za;
-    return;
-  }
+  dequantize_keys(pa, row_a, T, g.key_groups, ka);
+  if (g.ocos == nullptr) return;
   const int64_t c2 = c + D / 2;
   int64_t row_b = 0;
   const Part& pb = locate(g.ks, sbh, c2, row_b);
   decode(pb.codes, row_b * T, T, pb.bits, kb);
-  const float scale_b = pb.scale[row_b];
-  const float zb = pb.zero ? pb.zero[row_b] : -levels_of(pb) * scale_b;
+  dequantize_keys(pb, row_b, T, g.key_groups, kb);
   const float* base_c = g.bcos + (s * B + b) * D;
   const float* base_s = g.bsin + (s * B + b) * D;
   const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
   const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
   for (int64_t t = 0; t < T; ++t) {
-    const float xa = ka[t] * scale_a + za, xb = kb[t] * scale_b + zb;
+    const float xa = ka[t], xb = kb[t];
     const float cos_a = bca * oca[t] - bsa * osa[t], sin_a = bsa * oca[t] + bca * osa[t];
     const float cos_b = bcb * ocb[t] - bsb * osb[t], sin_b = bsb * ocb[t] + bcb * osb[t];
     ka[t] = xa * cos_a - xb * sin_a;
@@ -238,13 +257,14 @@ void block_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int6
     int64_t vrow = 0;
     const Part& pv = locate(g.vs, sbh, grp, vrow);
     std::fill(w.zterm.begin(), w.zterm.begin() + R, 0.0f);
-    const float lv = pv.zero ? 0.0f : levels_of(pv);
+    const float lv = levels_of(pv);
     for (int64_t t = 0; t < T; ++t) {
       if (!vis[t]) continue;
       const int64_t meta_index = vrow * T + t;
       const float scale = pv.scale[meta_index];
       const float zero = pv.zero ? pv.zero[meta_index] : -lv * scale;
       decode(pv.codes, meta_index * U, U, pv.bits, row);
+      to_levels(pv, row, U);
       for (int64_t r = 0; r < R; ++r) {
         const float p = scores[r * T + t];
         w.w[r] = p * scale;
@@ -281,13 +301,14 @@ void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, in
   for (int64_t grp = 0; grp < g.vs.units; ++grp) {
     int64_t vrow = 0;
     const Part& pv = locate(g.vs, sbh, grp, vrow);
-    const float lv = pv.zero ? 0.0f : levels_of(pv);
+    const float lv = levels_of(pv);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t meta_index = vrow * T + t;
       const float scale = pv.scale[meta_index];
       const float zero = pv.zero ? pv.zero[meta_index] : -lv * scale;
       float* out = v_out + t * D + grp * U;
       decode(pv.codes, meta_index * U, U, pv.bits, out);
+      to_levels(pv, out, U);
       for (int64_t u = 0; u < U; ++u) out[u] = out[u] * scale + zero;
     }
   }
@@ -323,18 +344,20 @@ void exact_item(const Exact& e, int64_t b, int64_t h, int64_t H, int64_t R, int6
 Group make_group(const std::vector<at::Tensor>& t, const std::vector<int64_t>& m, int64_t D) {
   Group g;
   g.S = m[0], g.T = m[1], g.start = m[2];
-  g.ks.high = make_part(t[0], t[1], t[2], m[3], m[4]);
-  g.ks.low = make_part(t[3], t[4], t[5], m[5], m[6]);
+  g.ks.high = make_part(t[0], t[1], t[2], t[14], m[3], m[4]);
+  g.ks.low = make_part(t[3], t[4], t[5], t[15], m[5], m[6]);
   g.ks.slot = t[6].numel() ? t[6].data_ptr<int16_t>() : nullptr;
   g.ks.units = D;
-  g.vs.high = make_part(t[7], t[8], t[9], m[7], m[8]);
-  g.vs.low = make_part(t[10], t[11], t[12], m[9], m[10]);
+  g.vs.high = make_part(t[7], t[8], t[9], t[16], m[7], m[8]);
+  g.vs.low = make_part(t[10], t[11], t[12], t[17], m[9], m[10]);
   g.vs.slot = t[13].numel() ? t[13].data_ptr<int16_t>() : nullptr;
   g.vs.unit_size = m[11];
   g.vs.units = D / g.vs.unit_size;
-  if (t.size() >= 18) {
-    g.ocos = t[14].data_ptr<float>(), g.osin = t[15].data_ptr<float>();
-    g.bcos = t[16].data_ptr<float>(), g.bsin = t[17].data_ptr<float>();
+  g.key_groups = m[12];
+  TORCH_CHECK(g.key_groups >= 1 && g.T % g.key_groups == 0, "key token groups must divide the block");
+  if (t.size() >= 22) {
+    g.ocos = t[18].data_ptr<float>(), g.osin = t[19].data_ptr<float>();
+    g.bcos = t[20].data_ptr<float>(), g.bsin = t[21].data_ptr<float>();
   }
   return g;
 }
@@ -366,9 +389,10 @@ std::vector<at::Tensor> restore_blocks(const std::vector<at::Tensor>& group, con
 // Attention of grouped queries q ([B, Hkv, R, D] fp32, pre-scaled) over packed groups and exact segments.
 // groups[i] = {key high codes, scale, zero, key low codes, scale, zero, key slots,
 //              value high codes, scale, zero, value low codes, scale, zero, value slots,
+//              level tables of key high, key low, value high, value low (fp32 [2^bits], empty: uniform),
 //              rope offset cos [D, T], offset sin [D, T], base cos [S, B, D], base sin [S, B, D]} (rope may be absent);
 // meta[i] = {S, T, start, key bits high, key units high, key bits low, key units low,
-//            value bits high, value units high, value bits low, value units low, value unit size};
+//            value bits high, value units high, value bits low, value units low, value unit size, key groups};
 // visible: [B, L] bool by token index for the packed blocks; exact[j] = {keys, values, visible [B, n]}.
 // RoPE at position p0 + t: cos = bc * oc - bs * os, sin = bs * oc + bc * os.
 // Returns {acc [B, Hkv, R, D], m [B, Hkv, R], l [B, Hkv, R]} merged over everything (softmax = acc / l).
