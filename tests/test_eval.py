@@ -419,6 +419,7 @@ def test_run_eval_end_to_end_and_baseline_reuse(tiny_model, tmp_path):
         assert (folder / name).is_file()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["config"] == spec.config.to_dict()
+    assert manifest["variants"][QUANTIZED]["readers"] == {"decode": "cpu kernel", "prefill": "flash tiles"}
     assert manifest["baseline"]["reused"] is False
     assert set(manifest["versions"]) >= {"torch", "transformers", "kvstream"}
     assert set(manifest["revision"]) == {"commit", "dirty"}

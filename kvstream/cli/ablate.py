@@ -273,7 +273,7 @@ def ablate_command(
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
-    heading = f"sweep {sweep.axes()} = {len(specs)} run(s) of {task} on {model.model}"
+    heading = f"sweep {sweep.axes()} = {len(specs)} run(s) of {task} on {model.label}"
     if sweep.description:
         heading += f": {sweep.description}"
     info.print(Text(heading, style="bold"), soft_wrap=True)
@@ -285,7 +285,7 @@ def ablate_command(
     table = sweep_summary(store, run_ids)
     console = out()
     if fmt is OutputFormat.table:
-        console.print(render_sweep(table, f"Ablation of {task} on {model}"))
+        console.print(render_sweep(table, f"Ablation of {task} on {model.label}"))
         best = table[table["best"]] if not table.empty else table
         if not best.empty:
             rec = best.iloc[0]

@@ -88,7 +88,7 @@ def eval_command(
 
     console = out()
     if fmt is OutputFormat.table:
-        console.print(summary_table(result.summary, title=f"{task} on {model}"))
+        console.print(summary_table(result.summary, title=f"{task} on {model.label}"))
         console.print(
             Text.assemble(("run ", "bold"), (result.run_id, "cyan"), " stored in ", (str(result.path), "underline")),
             soft_wrap=True,
@@ -104,7 +104,7 @@ def eval_command(
             extra={
                 "run_id": result.run_id,
                 "task": task,
-                "model": model,
+                "model": model.model,
                 "path": str(result.path),
                 "config_hash": effective.config_hash(),
                 "config": effective.to_dict(),

@@ -183,6 +183,15 @@ class ModelOptions(OptionGroup):
         ),
     ] = None
 
+    @property
+    def label(self) -> str:
+        """The model as a title names it: ``smollm2-135m``, plus the device, dtype and device map given on the
+        command line, ``smollm2-135m (cuda, bfloat16)``; the defaults (None here) are left unsaid."""
+        given = [part for part in (self.device, self.dtype) if part is not None]
+        if self.device_map is not None:
+            given.append(f"device map {self.device_map}")
+        return f"{self.model} ({', '.join(given)})" if given else self.model
+
     def parsed_map(self, here: bool = True) -> DeviceMap | None:
         from kvstream.engine.placement import parse_device_map
 
