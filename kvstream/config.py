@@ -72,6 +72,14 @@ class CompressionConfig:
     """Seed of the rotation's signs (and of its matrix when the head size is not a power of two)."""
     key_token_group: int = 0
     """Tokens sharing one key range per channel; 0: the whole block (``chunk_size``). Must divide it."""
+    tail_block: int = 0
+    """Tokens per block packed from the exact tail once attention has read them; 0: whole chunks only. With N,
+    the prompt's last partial chunk and the generated tokens are packed N at a time, so fewer than N tokens
+    (plus ``recent_window``) stay exact. Must divide ``chunk_size``; a ``key_token_group`` below N must divide N
+    (above it, a tail block keeps one key range per channel)."""
+    exact_storage: Literal["model", "16bit"] = "model"
+    """How the exact tail is held: in the model's dtype, or at 16 bits (fp16, or bf16 for a layer whose values
+    fp16 cannot hold); attention still computes in fp32. ``16bit`` applies when anything is quantized."""
     recent_window: int = 0
     """The last tokens kept exact in the full-precision tail (besides the chunk being filled), counted in the bits."""
     sparse_outlier_fraction: float = 0.0
@@ -137,6 +145,12 @@ class CompressionConfig:
             )
         if not 0.0 <= self.sparse_outlier_fraction <= 0.1:
             raise ConfigError(f"sparse_outlier_fraction: must lie in [0, 0.1], got {self.sparse_outlier_fraction}")
+        if self.tail_block < 0 or (self.tail_block and self.chunk_size % self.tail_block):
+            raise ConfigError(f"tail_block: {self.tail_block} must be 0 (off) or divide chunk_size {self.chunk_size}")
+        if self.tail_block and 0 < self.key_token_group < self.tail_block and self.tail_block % self.key_token_group:
+            raise ConfigError(
+                f"tail_block: {self.tail_block} must be a multiple of key_token_group {self.key_token_group}"
+            )
         if self.recent_window < 0:
             raise ConfigError(f"recent_window: must be >= 0, got {self.recent_window}")
         if self.bit_budget < 0 or 0 < self.bit_budget < 2:

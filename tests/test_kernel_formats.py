@@ -1,7 +1,8 @@
 """Every packed format the fused CPU kernel declares it reads, against the reference reader.
 
 Formats combine widths (mixed by layer under a bit budget), uniform codes and Lloyd-Max level
-tables, value rotation, key ranges per token group, outlier units, sinks, GQA and left-padded
+tables, value rotation, key ranges per token group, blocks packed from the tail (shorter than a
+chunk, off the chunk grid), a 16-bit exact tail, outlier units, sinks, GQA and left-padded
 batches of lengths that are multiples of nothing; decode steps (history and tail) and the fused
 restore of prefill tiles are both checked.
 """
@@ -28,6 +29,8 @@ formats = st.fixed_dictionaries(
         "value_quantizer": st.sampled_from(["same", "lloyd-max", "uniform"]),
         "rotation": st.sampled_from(["none", "values"]),
         "key_token_group_share": st.sampled_from([0, 2, 4]),
+        "tail_block_share": st.sampled_from([0, 4]),
+        "exact_storage": st.sampled_from(["model", "16bit"]),
         "key_symmetric": st.booleans(),
         "value_symmetric": st.booleans(),
     }
@@ -36,10 +39,11 @@ formats = st.fixed_dictionaries(
 
 def _config(fmt: dict) -> CompressionConfig:
     fmt = dict(fmt)
-    share = fmt.pop("key_token_group_share")
+    share, tail = fmt.pop("key_token_group_share"), fmt.pop("tail_block_share")
     return CompressionConfig(
         **fmt,
         key_token_group=fmt["chunk_size"] // share if share else 0,
+        tail_block=fmt["chunk_size"] // tail if tail else 0,
         value_quant_groups=8,
         outlier_threshold_abs=0.0,
         outlier_threshold_relative=1.5,  # outlier units in most blocks
@@ -56,6 +60,8 @@ PRESET_LIKE = dict(
     value_quantizer="lloyd-max",
     rotation="values",
     key_token_group_share=2,
+    tail_block_share=4,
+    exact_storage="16bit",
     key_symmetric=False,
     value_symmetric=True,
 )
@@ -70,8 +76,10 @@ PRESET_LIKE = dict(
 )
 @example(fmt=PRESET_LIKE, length=97, pads=(0, 13), seed=1)
 def test_cpu_kernel_reads_every_declared_format(tiny_model, fmt, length, pads, seed):
-    cache, mask = prefilled_cache(tiny_model, _config(fmt), length, batch=2, pads=pads, seed=seed)
+    cfg = _config(fmt)
+    cache, mask = prefilled_cache(tiny_model, cfg, length, batch=2, pads=pads, seed=seed)
     for layer in cache.layers:
+        assert layer.keys.shape[-2] < (cfg.tail_block or cfg.chunk_size)
         if not layer.groups:
             continue
         assert layer.kernel_refusal() is None

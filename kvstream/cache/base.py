@@ -112,9 +112,23 @@ class PackedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
-        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
-        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]))
+        tail = self.tail_dtype(key_states, value_states)
+        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=tail)
+        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=tail)
         self.is_initialized = True
+
+    def tail_dtype(self, *new: torch.Tensor) -> torch.dtype:
+        """The dtype the exact tail holds the ``new`` tokens' keys and values in: the model's, unless a subclass
+        stores them narrower."""
+        return new[0].dtype
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append to the exact tail in its dtype (moving the tail to a wider one first if the new tokens need it)."""
+        dtype = self.tail_dtype(key_states, value_states)
+        if dtype != self.keys.dtype:
+            self.keys, self.values = self.keys.to(dtype), self.values.to(dtype)
+        self.keys = torch.cat([self.keys, key_states.to(dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(dtype)], dim=-2)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -131,20 +145,19 @@ class PackedLayer(CacheLayerMixin):
             )
         if self.owner.reads_packed:
             # attention reads the packed history itself (kvstream.attention); packing waits until it has
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            self._append_tail(key_states, value_states)
             self.length += n_new
             self.awaiting_read = n_new
             pending_read(self)
             return self.keys, self.values
         history = self.restore_history()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append_tail(key_states, value_states)
+        tail_keys, tail_values = self.keys.to(self.dtype), self.values.to(self.dtype)
         if history is None:
-            out_keys, out_values = self.keys, self.values
+            out_keys, out_values = tail_keys, tail_values
         else:
-            out_keys = torch.cat([history[0], self.keys], dim=-2)
-            out_values = torch.cat([history[1], self.values], dim=-2)
+            out_keys = torch.cat([history[0], tail_keys], dim=-2)
+            out_values = torch.cat([history[1], tail_values], dim=-2)
         self.length += n_new
         self.complete_update(n_new)
         if history is not None:  # the restored copy and its concatenation with the tail exist at once

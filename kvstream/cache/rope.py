@@ -191,7 +191,9 @@ class BlockRope:
         self.offsets = ((cos[0].float() / scale).t().contiguous(), (sin[0].float() / scale).t().contiguous())
         self.base_cos = self.base_sin = torch.zeros(0, device=device)
         self.exact = torch.zeros(0, dtype=torch.bool, device=device)
-        self.all_exact = True
+        self._groups: dict[tuple[int, int], tuple[int, list[torch.Tensor], bool]] = {}
+        """Tables of block groups off the chunk grid (tail blocks), by (start, block length): the number of
+        blocks they cover, the tables, and whether the blocks' positions are consecutive."""
 
     @property
     def n_blocks(self) -> int:
@@ -211,7 +213,46 @@ class BlockRope:
         self.base_cos = torch.cat([self.base_cos.reshape(-1, *cos.shape[::2]), cos.float().transpose(0, 1)])
         self.base_sin = torch.cat([self.base_sin.reshape(-1, *sin.shape[::2]), sin.float().transpose(0, 1)])
         self.exact = torch.cat([self.exact.reshape(-1, exact.shape[0]), exact.t()])
-        self.all_exact = self.all_exact and bool(exact.all())
+
+    def group_tables(
+        self, start: int, block_len: int, n_blocks: int, positions: torch.Tensor, valid: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The kernels' RoPE tables of a group of ``n_blocks`` blocks of ``block_len`` tokens from ``start``:
+        ``[offset cos, offset sin, base cos, base sin]``.
+
+        Blocks on the chunk grid are slices of the tables `extend` keeps; others (blocks packed from the tail,
+        shorter than a chunk) get their own, built once per group.
+        """
+        if self._on_grid(start, block_len):
+            blocks = slice(start // block_len, start // block_len + n_blocks)
+            return [*self.offsets, self.base_cos[blocks].contiguous(), self.base_sin[blocks].contiguous()]
+        return self._off_grid(start, block_len, n_blocks, positions, valid)[0]
+
+    def group_exact(
+        self, start: int, block_len: int, n_blocks: int, positions: torch.Tensor, valid: torch.Tensor
+    ) -> bool:
+        """Whether the real tokens of every block of the group sit at consecutive positions (the rule's premise)."""
+        if self._on_grid(start, block_len):
+            return bool(self.exact[start // block_len : start // block_len + n_blocks].all())
+        return self._off_grid(start, block_len, n_blocks, positions, valid)[1]
+
+    def _on_grid(self, start: int, block_len: int) -> bool:
+        return block_len == self.block_len and start % block_len == 0
+
+    def _off_grid(
+        self, start: int, t: int, n_blocks: int, positions: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[list[torch.Tensor], bool]:
+        key = (start, t)
+        if key not in self._groups or self._groups[key][0] != n_blocks:  # a group that grew replaces its tables
+            pos = positions[:, start : start + n_blocks * t].long().reshape(positions.shape[0], n_blocks, t)
+            p0 = pos[..., -1] - (t - 1)
+            seen = valid[:, start : start + n_blocks * t].reshape(pos.shape)
+            exact = bool(((pos == p0.unsqueeze(-1) + torch.arange(t, device=pos.device)) | ~seen).all())
+            cos, sin = self.rotary.table(pos.device, p0)  # [B, N, D]
+            offsets = [o[:, :t].contiguous() for o in self.offsets]
+            base = [cos.float().transpose(0, 1).contiguous(), sin.float().transpose(0, 1).contiguous()]
+            self._groups[key] = (n_blocks, offsets + base, exact)
+        return self._groups[key][1:]
 
     def check(self, position: int = 1000, rtol: float = 1e-4) -> bool:
         """True when cos/sin at ``position + block_len - 1`` by angle addition match the rotary's own output."""
@@ -225,4 +266,5 @@ class BlockRope:
         return max(float((got_c - want_c).abs().max()), float((got_s - want_s).abs().max())) <= tolerance
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (*self.offsets, self.base_cos, self.base_sin, self.exact)
+        kept = [t for _, tables, _ in self._groups.values() for t in tables]
+        return (*self.offsets, self.base_cos, self.base_sin, self.exact, *kept)

@@ -125,6 +125,9 @@ class StreamingLayer(PackedLayer):
         keep = self.owner.config.recent_window
         while not self.tail_frozen and self.keys.shape[-2] >= chunk + keep:
             self._pack(*self.take_tail(chunk))
+        step = self.owner.config.tail_block
+        while step and not self.tail_frozen and self.keys.shape[-2] >= step + keep:
+            self._pack(*self.take_tail(step))
         if self.window is not None:
             self.free_unreachable()
 
@@ -142,6 +145,16 @@ class StreamingLayer(PackedLayer):
                 break
             self.groups[:1] = [] if rest is None else [rest]
         self.offset = self.groups[0].start if self.groups else self.packed_length
+
+    def tail_dtype(self, *new: torch.Tensor) -> torch.dtype:
+        """The exact tail's dtype: the model's, or with ``exact_storage: 16bit`` (when anything is quantized)
+        fp16, and bf16 from the first token fp16 cannot hold on (`PackedLayer.update` moves the tail over)."""
+        if self.owner.config.exact_storage != "16bit" or self.owner.nothing_quantized():
+            return new[0].dtype
+        if self.is_initialized and self.keys.dtype == torch.bfloat16:
+            return torch.bfloat16
+        fits = all(bool(t.abs().amax() <= torch.finfo(torch.float16).max) for t in new if t.numel())
+        return torch.float16 if fits else torch.bfloat16
 
     def clear_packed(self) -> None:
         self.groups = []
@@ -184,6 +197,7 @@ class StreamingLayer(PackedLayer):
         positions, valid = (table[:, start:end] for table in owner.tables_on(keys.device))
         sinks = valid & (positions < cfg.attention_sink_size)
         counted = valid & ~sinks
+        keys, values = keys.to(self.dtype), values.to(self.dtype)  # from a 16-bit tail: quantized as the model's
         if cfg.key_rope == "pre":
             rotary = owner.rotaries[self.layer_idx]
             keys = rotary.invert(keys, *rotary.cos_sin(keys, positions))
@@ -200,7 +214,7 @@ class StreamingLayer(PackedLayer):
             owner.budget.measure(self, keys, values, counted)
         sink_store = None
         # sinks are kept out of the block's key ranges, so they need their own copy unless nothing is quantized
-        if not all(bits == 16 for bits in (cfg.key_bits_normal, cfg.key_bits_sink_outlier, cfg.value_bits_normal)):
+        if not owner.nothing_quantized():
             sink_store = SinkStore.build(
                 sink_keys,
                 sink_values,
@@ -224,7 +238,8 @@ class StreamingLayer(PackedLayer):
         ``[1, B, H, D / group, T, group]`` (one range per token and channel group), as the stores hold them."""
         cfg = self.owner.config
         b, h, t, d = values.shape
-        span, group = cfg.key_token_group or t, cfg.value_quant_groups
+        span = cfg.key_token_group if cfg.key_token_group and t % cfg.key_token_group == 0 else t
+        group = cfg.value_quant_groups
         key_units = keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span)
         return key_units, values.reshape(b, h, t, d // group, group).transpose(2, 3)[None]
 
@@ -327,9 +342,11 @@ class StreamingLayer(PackedLayer):
         reason = owner.kernel_refusal(self)
         if reason is not None:
             return reason
-        if any(g.block_len != owner.config.chunk_size for g in self.groups):
-            return "blocks shorter than a chunk"
+        rope = owner.block_rope(self) if owner.config.key_rope == "pre" else None
         for g in self.groups:
+            tables = owner.tables_on(self.keys.device)
+            if rope is not None and not rope.group_exact(g.start, g.block_len, g.n_blocks, *tables):
+                return "tokens of a block at positions that are not consecutive"
             if not store_supported(g.keys, owner.quantizer) or not store_supported(g.values, owner.value_quantizer):
                 return "blocks whose codes need more than a level table to restore (fitted levels, sparse outliers)"
         return None
@@ -454,6 +471,11 @@ class StreamingQuantizedCache(PackedCache):
             cache.attach(model)
         return cache
 
+    def nothing_quantized(self) -> bool:
+        """True when every width is 16 bits: blocks hold the tokens as they came."""
+        cfg = self.config
+        return all(bits == 16 for bits in (cfg.key_bits_normal, cfg.key_bits_sink_outlier, cfg.value_bits_normal))
+
     def kernel_refusal(self, layer: StreamingLayer) -> str | None:
         """Why the fused kernels cannot read ``layer`` whatever its blocks hold, or None: each quantizer must
         declare its packed format (`kvstream.quant.base.Quantizer`), keys must not be rotated (the rotation
@@ -467,10 +489,9 @@ class StreamingQuantizedCache(PackedCache):
             return f"rotation: {cfg.rotation} (rotated keys are stored before RoPE)"
         if cfg.key_rope != "pre":
             return None
-        rope = self.block_rope(layer)
-        if rope is None:
+        if self.block_rope(layer) is None:
             return "a rotary the kernels do not reproduce (partial or interleaved RoPE)"
-        return None if rope.all_exact else "tokens of a block at positions that are not consecutive"
+        return None
 
     def block_rope(self, layer: StreamingLayer) -> BlockRope | None:
         """The blocks' RoPE for the kernels (`BlockRope`) of ``layer``'s rotary, covering its packed tokens;

@@ -141,7 +141,7 @@ def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[
     """Block groups of a streaming layer (all by default) as the kernel takes them (tensors, then integers)."""
     owner = layer.owner
     rope = owner.block_rope(layer) if owner.config.key_rope == "pre" else None
-    chunk = owner.config.chunk_size
+    tables = owner.tables_on(layer.keys.device) if rope is not None else None
     groups, meta = [], []
     for group in layer.groups if groups_ is None else groups_:
         key_tensors, key_tables, key_meta = _store_args(group.keys, owner.quantizer)
@@ -150,8 +150,7 @@ def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[
         keys = group.keys.low if group.keys.low is not None else group.keys.high
         tensors = key_tensors + value_tensors + key_tables + value_tables
         if rope is not None:
-            blocks = slice(group.start // chunk, group.start // chunk + group.n_blocks)
-            tensors += [*rope.offsets, rope.base_cos[blocks].contiguous(), rope.base_sin[blocks].contiguous()]
+            tensors += rope.group_tables(group.start, group.block_len, group.n_blocks, *tables)
         groups.append(tensors)
         meta.append(
             [group.n_blocks, group.block_len, group.start, *key_meta, *value_meta, values.shape[-1], keys.shape[4]]
