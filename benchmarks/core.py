@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache, QuantizedCache
 
 import kvstream
 from kvstream import CompressionConfig, chunked_prefill, make_cache, streaming_perplexity
+from kvstream.cache.base import PackedCache
 from kvstream.data.texts import load_corpus
 from kvstream.engine.prefill import forward_hidden
 from kvstream.eval.allocator import AllocatorPeak
@@ -182,8 +184,12 @@ class Timing:
 
 
 def _decode_reader(cache) -> str:
-    readers = cache.memory_report().get("readers", {}) if hasattr(cache, "memory_report") else {}
-    return readers.get("decode", "restored copy" if not readers else "-")
+    """What read the history in decode steps: kvstream's recorded reader, else the cache's own way."""
+    if isinstance(cache, PackedCache):
+        return cache.memory_report()["readers"].get("decode", "-")
+    if isinstance(cache, DynamicCache) and not isinstance(cache, QuantizedCache):
+        return "sdpa over the cache"
+    return "restored copy"  # transformers' QuantizedCache hands attention a dequantized history
 
 
 def time_once(model, ids, cfg: CompressionConfig, chunk: int, decode_tokens: int, kernels: bool = True) -> Timing:
