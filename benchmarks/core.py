@@ -164,6 +164,43 @@ def measure_memory(model, ids, configs: dict[str, CompressionConfig], chunk: int
     return rows
 
 
+END_KINDS = ("codes", "scales", "zero_points", "indices", "sinks", "full_precision_tail", "block_rope", "rotation")
+"""Kinds of bytes shown apart in the end-of-generation table; the rest (position tables) under `other`."""
+
+END_TARGETS = {"kvstream 4/8 + tail": 4.35, "preset bits-3.3": 3.3, "preset bits-2.5": 2.5}
+
+
+def end_configs() -> dict[str, CompressionConfig]:
+    """The caches whose bits are measured after a generation: plain widths with and without the tail
+    packing, and the budget presets (which pack their tail)."""
+    tail = dict(tail_block=32, exact_storage="16bit")
+    out = {}
+    for bits in (4, 3, 2):
+        out[f"kvstream {bits}/8"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits)
+        out[f"kvstream {bits}/8 + tail"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits, **tail)
+    for preset in LONG_PRESETS:
+        out[f"preset {preset}"] = CompressionConfig.from_yaml(preset)
+    return out
+
+
+def measure_end_bits(model, ids, configs: dict[str, CompressionConfig], chunk: int, answer: int) -> list[dict]:
+    """Effective bits and bytes by kind of each cache after prefilling ``ids`` and generating ``answer`` tokens."""
+    rows = []
+    for label, cfg in configs.items():
+        cache = make_cache(model, cfg)
+        chunked_prefill(model, ids, cache, chunk)
+        token = ids[:, -1:]
+        with torch.inference_mode():
+            for _ in range(answer):
+                hidden = forward_hidden(model, token, cache, cache.get_seq_length(), None)
+                token = model.get_output_embeddings()(hidden[:, -1]).argmax(-1, keepdim=True)
+        report = cache.memory_report()
+        kinds = {k: 8 * v / report["elements"] for k, v in report["breakdown"].items()}
+        rows.append(dict(strategy=label, bits=report["bits_per_element"], kinds=kinds))
+        print(f"  {label:30s} {report['bits_per_element']:.3f} bits per element", flush=True)
+    return rows
+
+
 REFERENCE_PATH = "kvstream 4/8, reference path"
 """kvstream 4/8 with its fused kernels off (KVSTREAM_KERNELS=0): what the kernels buy, measured in the same run."""
 
@@ -284,12 +321,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="repetitions of the speed runs up to 8192 tokens")
     parser.add_argument("--long-reps", type=int, default=1, help="repetitions of the speed runs above 8192 tokens")
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--end-prompt", type=int, default=2000, help="prompt length of the end-of-generation bits")
+    parser.add_argument("--answer", type=int, default=32, help="greedy tokens generated after that prompt")
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument(
         "--sections",
-        default="quality,memory,speed",
+        default="quality,memory,bits,speed",
         help="which sections to measure; the others are kept as they stand in --out",
     )
     args = parser.parse_args()
@@ -324,6 +363,10 @@ def main() -> None:
         )
         memory = measure_memory(model, all_ids[:, : args.long], mem_configs, args.chunk)
         rendered["memory"] = render_memory(args, memory)
+    if "bits" in sections:
+        print("bits", flush=True)
+        ids = all_ids[:, : args.end_prompt]
+        rendered["bits"] = render_end_bits(args, measure_end_bits(model, ids, end_configs(), args.chunk, args.answer))
     if "speed" in sections:
         print("speed", flush=True)
         speed_configs = {
@@ -344,7 +387,12 @@ def main() -> None:
     write_report(args.out, rendered)
 
 
-SECTIONS = {"quality": "## Perplexity", "memory": "## Peak cache", "speed": "## Speed"}
+SECTIONS = {
+    "quality": "## Perplexity",
+    "memory": "## Peak cache",
+    "bits": "## Effective bits after a generation",
+    "speed": "## Speed",
+}
 
 
 def provenance(args) -> str:
@@ -455,6 +503,33 @@ def render_memory(args, memory) -> list[str]:
         )
     headers = ["strategy", "cache peak MiB", "/ fp16", "effective bits", "allocator peak MiB", "/ fp run", "target"]
     return out + [table(headers, rows)]
+
+
+def render_end_bits(args, rows) -> list[str]:
+    out = [
+        "## Effective bits after a generation",
+        "",
+        provenance(args),
+        "",
+        f"A {args.end_prompt}-token prompt (not a multiple of the chunk) prefilled in chunks of {args.chunk}, then "
+        f"{args.answer} greedy tokens; effective bits per element of the cache as it stands at the end, and where "
+        "they go (bits per element by kind of bytes held; *tail* is what stays exact). *+ tail* packs the tail 32 "
+        "tokens at a time and holds the rest at 16 bits (`tail_block: 32`, `exact_storage: 16bit`), as the "
+        "budget presets do.",
+        "",
+    ]
+    headers = ["strategy", "bits", *[k.replace("full_precision_tail", "tail") for k in END_KINDS], "other", "target"]
+    table_rows = []
+    for r in rows:
+        kinds = r["kinds"]
+        other = sum(v for k, v in kinds.items() if k not in END_KINDS)
+        target = ""
+        if r["strategy"] in END_TARGETS:
+            limit = END_TARGETS[r["strategy"]]
+            target = f"<= {limit}: {verdict(r['bits'] <= limit)}"
+        cells = [f"{kinds.get(k, 0.0):.3f}" for k in END_KINDS]
+        table_rows.append([r["strategy"], f"{r['bits']:.3f}", *cells, f"{other:.3f}", target])
+    return out + [table(headers, table_rows)]
 
 
 def speed_target(r: dict, entries: dict[str, dict]) -> str:
