@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")  # conftest switches Triton to its interpreter on machines without a GPU
 
 from kvstream import CompressionConfig  # noqa: E402
-from kvstream.attention.packed import reference_history  # noqa: E402
+from kvstream.attention.packed import packed_attention, reference_history  # noqa: E402
 from kvstream.kernels import (  # noqa: E402
     TritonDecode,
     triton_decode,  # noqa: E402
@@ -114,3 +114,47 @@ def test_triton_partials_of_blocks_only(tiny_model):
     triton_decode.decode_history(layer, q, visible, state)
     want, _ = _history(reference_history, layer, q, None)
     torch.testing.assert_close(state.result(), want, atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    bits=st.sampled_from([2, 3, 4]),
+    quantizer=st.sampled_from(["uniform", "lloyd-max"]),
+    value_quantizer=st.sampled_from(["same", "lloyd-max"]),
+    rotation=st.sampled_from(["none", "values"]),
+    key_token_group=st.sampled_from([0, 4, 8]),
+    tail_block=st.sampled_from([0, 4]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+@example(
+    bits=2, quantizer="uniform", value_quantizer="lloyd-max", rotation="values", key_token_group=8, tail_block=4,
+    symmetric=True, seed=0,
+)  # fmt: skip
+def test_triton_kernel_reads_every_declared_format(
+    tiny_model, bits, quantizer, value_quantizer, rotation, key_token_group, tail_block, symmetric, seed
+):
+    """Level tables, key ranges per token group, rotated values and blocks packed from the tail, through the
+    whole decode step (sinks, exact tail) against the reference reader."""
+    cfg = CompressionConfig(
+        chunk_size=16,
+        value_quant_groups=8,
+        key_bits_normal=bits,
+        value_bits_normal=bits,
+        quantizer=quantizer,
+        value_quantizer=value_quantizer,
+        rotation=rotation,
+        key_token_group=key_token_group,
+        tail_block=tail_block,
+        value_symmetric=symmetric,
+        outlier_threshold_abs=0.0,
+        outlier_threshold_relative=1.5,
+    )
+    cache, mask = prefilled_cache(tiny_model, cfg, 75, batch=2, pads=(0, 9), seed=seed)
+    layer = cache.layers[1]
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(seed))
+    step_mask = decode_mask(mask, layer.length)
+    got = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, TritonDecode())
+    want = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)

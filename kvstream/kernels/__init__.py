@@ -76,7 +76,13 @@ class TritonDecode:
             scores = q @ sinks[1].transpose(-1, -2)
             scores.masked_fill_(~sink_visible[:, None, None, :], float("-inf"))
             state.add(scores, sinks[2])
-        triton_decode.decode_history(layer, q, visible, state)
+        rotation = layer.value_rotation()
+        if rotation is None:
+            triton_decode.decode_history(layer, q, visible, state)
+            return
+        blocks = OnlineSoftmax()  # values stored rotated: the blocks' output is rotated back once per head
+        triton_decode.decode_history(layer, q, visible, blocks)
+        state.merge(rotation.unrotate(blocks.acc), blocks.m, blocks.norm)
 
 
 def triton_available() -> bool:
@@ -122,10 +128,7 @@ def fallback_reason(layer: Any, query: torch.Tensor) -> str | None:
     refusal = getattr(layer, "kernel_refusal", None)
     if refusal is None or not getattr(layer, "groups", None):
         return None
-    reason = refusal()
-    if reason is None and query.device.type == "cuda" and triton_available():
-        return "the Triton kernel reads plain uniform codes with one key range per block and unrotated values"
-    return reason
+    return refusal()
 
 
 def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
@@ -139,7 +142,5 @@ def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
             return None
         return PackedDecode(cpu.decode_attention)
     if query.device.type == "cuda" and triton_available():
-        from kvstream.kernels import triton_decode
-
-        return TritonDecode() if triton_decode.reads(layer) else None
+        return TritonDecode()
     return None

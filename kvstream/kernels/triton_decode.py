@@ -1,7 +1,8 @@
 """Decode attention over packed blocks on a GPU, in Triton (split-K: one program per block and KV head).
 
 Each program decodes one block's bit-packed key codes for one (batch row, KV head), dequantizes
-them, rotates them by angle addition from the block's first position (`BlockRope`), scores the
+them (uniform codes or a level table, key ranges per token group), rotates them by angle addition
+from the block's first position (`BlockRope`), scores the
 grouped queries, and writes the block's softmax partial (max, sum, unnormalised output from the
 value codes). The partials are merged with the log-sum-exp rule; sink copies and the exact tail
 are read by the reference code beside it. Tested on the CPU with ``TRITON_INTERPRET=1`` against
@@ -43,6 +44,8 @@ def _dequant(
     nbytes_lo,
     bits_lo,
     units_lo,
+    table_hi,
+    table_lo,
     slot,
     sbh,
     element_in_row,
@@ -52,25 +55,40 @@ def _dequant(
     SYM_HI: tl.constexpr,
     SYM_LO: tl.constexpr,
     HAS_HI: tl.constexpr,
+    TABLE_HI: tl.constexpr,
+    TABLE_LO: tl.constexpr,
     mask,
 ):
-    """Dequantized values of units ``slot`` (high part when ``slot < units_hi``) at ``element_in_row``."""
+    """Dequantized values of units ``slot`` (high part when ``slot < units_hi``) at ``element_in_row``: a code
+    stands for itself (uniform) or for its entry of the part's level table, times the scale, plus the zero."""
     is_hi = slot < units_hi
     row_lo = sbh * units_lo + (slot - units_hi)
-    value_lo = _codes(codes_lo, nbytes_lo, row_lo * row_len + element_in_row, bits_lo).to(tl.float32)
+    code_lo = _codes(codes_lo, nbytes_lo, row_lo * row_len + element_in_row, bits_lo)
+    if TABLE_LO:  # noqa: SIM108 (a branch on a constexpr, resolved when the kernel is compiled)
+        value_lo = tl.load(table_lo + code_lo, mask=mask, other=0.0)
+    else:
+        value_lo = code_lo.to(tl.float32)
     meta_lo = row_lo * meta_per_row + meta_index_in_row
     s_lo = tl.load(scale_lo + meta_lo, mask=mask & (slot >= units_hi), other=0.0).to(tl.float32)
-    if SYM_LO:
+    if SYM_LO and TABLE_LO:
+        z_lo = 0.0 * s_lo
+    elif SYM_LO:
         z_lo = -((1 << (bits_lo - 1)) - 1) * s_lo
     else:
         z_lo = tl.load(zero_lo + meta_lo, mask=mask & (slot >= units_hi), other=0.0).to(tl.float32)
     out = value_lo * s_lo + z_lo
     if HAS_HI:
         row_hi = sbh * units_hi + slot
-        value_hi = _codes(codes_hi, nbytes_hi, row_hi * row_len + element_in_row, bits_hi).to(tl.float32)
+        code_hi = _codes(codes_hi, nbytes_hi, row_hi * row_len + element_in_row, bits_hi)
+        if TABLE_HI:  # noqa: SIM108
+            value_hi = tl.load(table_hi + code_hi, mask=mask & is_hi, other=0.0)
+        else:
+            value_hi = code_hi.to(tl.float32)
         meta_hi = row_hi * meta_per_row + meta_index_in_row
         s_hi = tl.load(scale_hi + meta_hi, mask=mask & is_hi, other=0.0).to(tl.float32)
-        if SYM_HI:
+        if SYM_HI and TABLE_HI:
+            z_hi = 0.0 * s_hi
+        elif SYM_HI:
             z_hi = -((1 << (bits_hi - 1)) - 1) * s_hi
         else:
             z_hi = tl.load(zero_hi + meta_hi, mask=mask & is_hi, other=0.0).to(tl.float32)
@@ -96,6 +114,8 @@ def _block_kernel(
     kbits_lo,
     kunits_lo,
     kslot_ptr,
+    kt_hi,
+    kt_lo,
     vc_hi,
     vs_hi,
     vz_hi,
@@ -109,6 +129,8 @@ def _block_kernel(
     vbits_lo,
     vunits_lo,
     vslot_ptr,
+    vt_hi,
+    vt_lo,
     ocos,
     osin,
     bcos,
@@ -122,6 +144,7 @@ def _block_kernel(
     T,
     start,
     U,
+    KG,
     D: tl.constexpr,
     HALF: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -135,6 +158,10 @@ def _block_kernel(
     V_SYM_LO: tl.constexpr,
     K_HAS_HI: tl.constexpr,
     V_HAS_HI: tl.constexpr,
+    K_TABLE_HI: tl.constexpr,
+    K_TABLE_LO: tl.constexpr,
+    V_TABLE_HI: tl.constexpr,
+    V_TABLE_LO: tl.constexpr,
 ):
     s = tl.program_id(0)
     bh = tl.program_id(1)
@@ -170,15 +197,19 @@ def _block_kernel(
         kn_lo,
         kbits_lo,
         kunits_lo,
+        kt_hi,
+        kt_lo,
         slot_a[None, :],
         sbh,
         t[:, None],
         T,
-        0,
-        1,
+        t[:, None] // (T // KG),
+        KG,
         K_SYM_HI,
         K_SYM_LO,
         K_HAS_HI,
+        K_TABLE_HI,
+        K_TABLE_LO,
         m2,
     )
     kb = _dequant(
@@ -194,15 +225,19 @@ def _block_kernel(
         kn_lo,
         kbits_lo,
         kunits_lo,
+        kt_hi,
+        kt_lo,
         slot_b[None, :],
         sbh,
         t[:, None],
         T,
-        0,
-        1,
+        t[:, None] // (T // KG),
+        KG,
         K_SYM_HI,
         K_SYM_LO,
         K_HAS_HI,
+        K_TABLE_HI,
+        K_TABLE_LO,
         m2,
     )
     if ROTATE:
@@ -251,6 +286,8 @@ def _block_kernel(
         vn_lo,
         vbits_lo,
         vunits_lo,
+        vt_hi,
+        vt_lo,
         vslot[None, :],
         sbh,
         t[:, None] * U + (d % U)[None, :],
@@ -260,6 +297,8 @@ def _block_kernel(
         V_SYM_HI,
         V_SYM_LO,
         V_HAS_HI,
+        V_TABLE_HI,
+        V_TABLE_LO,
         m2,
     )
     v = tl.where(m2, v, 0.0)
@@ -268,21 +307,6 @@ def _block_kernel(
     tl.store(acc_ptr + out[:, None] + d[None, :], acc, mask=r_ok[:, None])
     tl.store(m_ptr + sbh * R + r, m, mask=r_ok)
     tl.store(l_ptr + sbh * R + r, norm, mask=r_ok)
-
-
-def reads(layer: Any) -> bool:
-    """True when this kernel reads ``layer``'s blocks: plain uniform codes, one key range per channel and
-    block, values not rotated (level tables, key token groups and rotated values run on the CPU kernel and
-    the reference tiles)."""
-    owner = layer.owner
-    if layer.value_rotation() is not None or owner.config.key_token_group not in (0, owner.config.chunk_size):
-        return False
-    for group in layer.groups:
-        for store, quantizer in ((group.keys, owner.quantizer), (group.values, owner.value_quantizer)):
-            parts = [part for part in (store.high, store.low) if part is not None]
-            if any(quantizer.level_table(part.bits) is not None for part in parts):
-                return False
-    return True
 
 
 def _part(tensors: list[torch.Tensor], meta: list[int], device: torch.device) -> list[Any]:
@@ -308,23 +332,26 @@ def decode_history(layer: Any, q: torch.Tensor, visible: torch.Tensor, state: On
         v_hi = _part(tensors[7:10], meta[7:9], device)
         v_lo = _part(tensors[10:13], meta[9:11], device)
         k_slot, v_slot = tensors[6], tensors[13]
-        rotate = len(tensors) >= 22  # after the stores (0-13) and their level tables (14-17, unused here)
+        tables = [table.to(device) if table.numel() else q for table in tensors[14:18]]
+        rotate = len(tensors) >= 22  # after the stores (0-13) and their level tables (14-17)
         rope = tensors[18:22] if rotate else [q, q, q, q]
         acc = torch.empty(s, b, h, r, d, device=device)
         m = torch.empty(s, b, h, r, device=device)
         norm = torch.empty(s, b, h, r, device=device)
         _block_kernel[(s, b * h)](
             q.contiguous(), visible.to(torch.uint8).contiguous(), visible.shape[1],
-            *k_hi, *k_lo, k_slot if k_slot.numel() else q,
-            *v_hi, *v_lo, v_slot if v_slot.numel() else q,
+            *k_hi, *k_lo, k_slot if k_slot.numel() else q, *tables[:2],
+            *v_hi, *v_lo, v_slot if v_slot.numel() else q, *tables[2:],
             *rope,
             acc, m, norm,
-            b, h, r, t, start, meta[11],
+            b, h, r, t, start, meta[11], meta[12],
             D=d, HALF=d // 2, R_PAD=max(16, triton.next_power_of_2(r)), T_PAD=max(16, triton.next_power_of_2(t)),
             ROTATE=rotate, K_SPLIT=k_slot.numel() > 0, V_SPLIT=v_slot.numel() > 0,
             K_SYM_HI=tensors[2].numel() == 0, K_SYM_LO=tensors[5].numel() == 0,
             V_SYM_HI=tensors[9].numel() == 0, V_SYM_LO=tensors[12].numel() == 0,
             K_HAS_HI=meta[4] > 0, V_HAS_HI=meta[8] > 0,
+            K_TABLE_HI=tensors[14].numel() > 0, K_TABLE_LO=tensors[15].numel() > 0,
+            V_TABLE_HI=tensors[16].numel() > 0, V_TABLE_LO=tensors[17].numel() > 0,
         )  # fmt: skip
         top = m.amax(dim=0)
         weight = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))
