@@ -135,7 +135,9 @@ def test_a_format_no_kernel_reads_is_named_and_recorded(tiny_model, switches, re
 
 def test_the_reader_a_run_used_is_recorded(tiny_model):
     cfg = CompressionConfig.from_yaml("bits-2.5")
-    cfg = CompressionConfig(**{**cfg.__dict__, "chunk_size": 16, "key_token_group": 8, "value_quant_groups": 8})
+    cfg = CompressionConfig(
+        **{**cfg.__dict__, "chunk_size": 16, "key_token_group": 8, "value_quant_groups": 8, "tail_block": 8}
+    )
     cache, _ = prefilled_cache(tiny_model, cfg, 50)
     with torch.inference_mode():
         tiny_model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)

@@ -69,19 +69,22 @@ Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
   return p;
 }
 
-// Codes e0 .. e0 + n - 1 of a packed bit stream, as floats.
-inline void decode(const uint8_t* codes, int64_t e0, int64_t n, int bits, float* out) {
+// Codes e0 .. e0 + n - 1 of a packed bit stream, as the levels they stand for: the codes themselves
+// (uniform), or their entries of a level table, looked up as they are unpacked.
+template <bool kTable>
+inline void decode_as(const uint8_t* codes, int64_t e0, int64_t n, int bits, const float* table, float* out) {
+  auto level = [table](uint32_t code) { return kTable ? table[code] : static_cast<float>(code); };
   if (bits == 8) {
     const uint8_t* p = codes + e0;
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = level(p[i]);
     return;
   }
   if (bits == 4 && (e0 & 1) == 0 && (n & 1) == 0) {
     const uint8_t* p = codes + (e0 >> 1);
     for (int64_t i = 0; i < n / 2; ++i) {
       const uint8_t b = p[i];
-      out[2 * i] = static_cast<float>(b & 15);
-      out[2 * i + 1] = static_cast<float>(b >> 4);
+      out[2 * i] = level(b & 15);
+      out[2 * i + 1] = level(b >> 4);
     }
     return;
   }
@@ -89,10 +92,10 @@ inline void decode(const uint8_t* codes, int64_t e0, int64_t n, int bits, float*
     const uint8_t* p = codes + (e0 >> 2);
     for (int64_t i = 0; i < n / 4; ++i) {
       const uint8_t b = p[i];
-      out[4 * i] = static_cast<float>(b & 3);
-      out[4 * i + 1] = static_cast<float>((b >> 2) & 3);
-      out[4 * i + 2] = static_cast<float>((b >> 4) & 3);
-      out[4 * i + 3] = static_cast<float>(b >> 6);
+      out[4 * i] = level(b & 3);
+      out[4 * i + 1] = level((b >> 2) & 3);
+      out[4 * i + 2] = level((b >> 4) & 3);
+      out[4 * i + 3] = level(b >> 6);
     }
     return;
   }
@@ -101,7 +104,7 @@ inline void decode(const uint8_t* codes, int64_t e0, int64_t n, int bits, float*
     for (int64_t i = 0; i < n / 8; ++i) {
       const uint32_t word = p[3 * i] | (static_cast<uint32_t>(p[3 * i + 1]) << 8) |
                             (static_cast<uint32_t>(p[3 * i + 2]) << 16);
-      for (int j = 0; j < 8; ++j) out[8 * i + j] = static_cast<float>((word >> (3 * j)) & 7u);
+      for (int j = 0; j < 8; ++j) out[8 * i + j] = level((word >> (3 * j)) & 7u);
     }
     return;
   }
@@ -112,7 +115,7 @@ inline void decode(const uint8_t* codes, int64_t e0, int64_t n, int bits, float*
     const int shift = static_cast<int>(bit & 7);
     uint32_t word = codes[byte];
     if (shift + bits > 8) word |= static_cast<uint32_t>(codes[byte + 1]) << 8;
-    out[i] = static_cast<float>((word >> shift) & mask);
+    out[i] = level((word >> shift) & mask);
   }
 }
 
@@ -133,16 +136,18 @@ inline float levels_of(const Part& p) {
   return (p.zero || p.table) ? 0.0f : static_cast<float>((1 << (p.bits - 1)) - 1);
 }
 
-// Codes of a part as the levels they stand for: the table's entries, or the codes themselves (uniform).
-inline void to_levels(const Part& p, float* x, int64_t n) {
-  if (p.table == nullptr) return;
-  for (int64_t i = 0; i < n; ++i) x[i] = p.table[static_cast<int>(x[i])];
+// Codes e0 .. e0 + n - 1 of a part as the levels they stand for.
+inline void decode(const Part& p, int64_t e0, int64_t n, float* out) {
+  if (p.table != nullptr) {
+    decode_as<true>(p.codes, e0, n, p.bits, p.table, out);
+  } else {
+    decode_as<false>(p.codes, e0, n, p.bits, nullptr, out);
+  }
 }
 
-// Channel row `row` of a key part over a block's T tokens, dequantized in place: one scale and zero per
-// token group of T / groups tokens.
+// Channel row `row` of a key part over a block's T tokens (as levels), dequantized in place: one scale and
+// zero per token group of T / groups tokens.
 inline void dequantize_keys(const Part& p, int64_t row, int64_t T, int64_t groups, float* x) {
-  to_levels(p, x, T);
   const int64_t span = T / groups;
   for (int64_t j = 0; j < groups; ++j) {
     const float scale = p.scale[row * groups + j];
@@ -213,13 +218,13 @@ void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int6
   float *ka = w.ka.data(), *kb = w.kb.data();
   int64_t row_a = 0;
   const Part& pa = locate(g.ks, sbh, c, row_a);
-  decode(pa.codes, row_a * T, T, pa.bits, ka);
+  decode(pa, row_a * T, T, ka);
   dequantize_keys(pa, row_a, T, g.key_groups, ka);
   if (g.ocos == nullptr) return;
   const int64_t c2 = c + D / 2;
   int64_t row_b = 0;
   const Part& pb = locate(g.ks, sbh, c2, row_b);
-  decode(pb.codes, row_b * T, T, pb.bits, kb);
+  decode(pb, row_b * T, T, kb);
   dequantize_keys(pb, row_b, T, g.key_groups, kb);
   const float* base_c = g.bcos + (s * B + b) * D;
   const float* base_s = g.bsin + (s * B + b) * D;
@@ -272,8 +277,7 @@ void block_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int6
       const int64_t meta_index = vrow * T + t;
       const float scale = pv.scale[meta_index];
       const float zero = pv.zero ? pv.zero[meta_index] : -lv * scale;
-      decode(pv.codes, meta_index * U, U, pv.bits, row);
-      to_levels(pv, row, U);
+      decode(pv, meta_index * U, U, row);
       for (int64_t r = 0; r < R; ++r) {
         const float p = scores[r * T + t];
         w.w[r] = p * scale;
@@ -316,8 +320,7 @@ void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, in
       const float scale = pv.scale[meta_index];
       const float zero = pv.zero ? pv.zero[meta_index] : -lv * scale;
       float* out = v_out + t * D + grp * U;
-      decode(pv.codes, meta_index * U, U, pv.bits, out);
-      to_levels(pv, out, U);
+      decode(pv, meta_index * U, U, out);
       for (int64_t u = 0; u < U; ++u) out[u] = out[u] * scale + zero;
     }
   }
