@@ -182,7 +182,7 @@ def tune_command(
 
     info = out() if fmt is OutputFormat.table else err()
     show_config(base, config, console=info)
-    info.print(Text(f"tune {task} on {model.model}: {objective.describe()}", style="bold"), soft_wrap=True)
+    info.print(Text(f"tune {task} on {model.label}: {objective.describe()}", style="bold"), soft_wrap=True)
     searched = ", ".join(space) or "nothing (all fields fixed)"
     where = f" of study {target.name} ({target.url})" if target.shared else ""
     info.print(Text(f"searching {searched} over {trials} trial(s){where}", style="dim"), soft_wrap=True)
