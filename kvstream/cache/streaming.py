@@ -343,8 +343,8 @@ class StreamingLayer(PackedLayer):
         if reason is not None:
             return reason
         rope = owner.block_rope(self) if owner.config.key_rope == "pre" else None
+        tables = owner.tables_on(self.keys.device)
         for g in self.groups:
-            tables = owner.tables_on(self.keys.device)
             if rope is not None and not rope.group_exact(g.start, g.block_len, g.n_blocks, *tables):
                 return "tokens of a block at positions that are not consecutive"
             if not store_supported(g.keys, owner.quantizer) or not store_supported(g.values, owner.value_quantizer):

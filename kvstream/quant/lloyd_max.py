@@ -30,6 +30,12 @@ _EPS = 2.0**-24
 _FIT_ITERATIONS = 8
 
 
+@functools.cache
+def _levels_fp32(bits: int) -> torch.Tensor:
+    """`gaussian_levels` in fp32, made once per width (every block and every decode step reads them)."""
+    return gaussian_levels(bits).float()
+
+
 def _normal_pdf(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
@@ -102,7 +108,7 @@ class LloydMaxQuantizer:
         mean, std = slice_moments(xf, dim, symmetric, mask)
         scale, zero = compact(std), None if symmetric else compact(mean)
         s, z = scale.float(), torch.zeros_like(mean) if zero is None else zero.float()
-        base = gaussian_levels(bits).float().to(x.device)
+        base = self.level_table(bits).to(x.device)
         extra: dict[str, torch.Tensor] = {}
         if self.fitted:
             levels = self._fit(xf, z.unsqueeze(-1) + s.unsqueeze(-1) * base, dim, mask)
@@ -127,7 +133,7 @@ class LloydMaxQuantizer:
         above `MAX_LEVEL_BITS` are uniform. Fitted levels live in each block (extras), which no table describes."""
         if bits > MAX_LEVEL_BITS:
             return None
-        return gaussian_levels(bits).float()
+        return _levels_fp32(bits)
 
     def _fit(
         self, x: torch.Tensor, levels: torch.Tensor, dim: int | tuple[int, ...], mask: torch.Tensor | None
@@ -156,7 +162,7 @@ class LloydMaxQuantizer:
         if "levels" in q.extra:
             levels = q.extra["levels"].float()
             return levels.expand(*q.shape, levels.shape[-1]).gather(-1, codes.unsqueeze(-1)).squeeze(-1).to(q.dtype)
-        values = gaussian_levels(q.bits).float().to(codes.device)[codes]
+        values = self.level_table(q.bits).to(codes.device)[codes]
         out = values * q.scale.float()
         if q.zero is not None:
             out += q.zero.float()

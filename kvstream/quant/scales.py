@@ -37,18 +37,12 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     return settle(tf.half(), tf, normal_fp16(tf))
 
 
-def round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The largest value of ``dtype`` at or below ``x`` (fp32 in)."""
+def round_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """The value of ``dtype`` nearest ``x`` (fp32 in) on the side ``up`` names: at or above it, else at or below."""
     stored = x.to(dtype)
-    above = stored.float() > x
-    return torch.where(above, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
-
-
-def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The smallest value of ``dtype`` at or above ``x`` (fp32 in)."""
-    stored = x.to(dtype)
-    below = stored.float() < x
-    return torch.where(below, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    overshot = stored.float() < x if up else stored.float() > x
+    limit = torch.full_like(stored, float("inf") if up else float("-inf"))
+    return torch.where(overshot, torch.nextafter(stored, limit), stored)
 
 
 def step_and_zero(
@@ -64,12 +58,14 @@ def step_and_zero(
     """
     ideal = (torch.maximum(lo.abs(), hi.abs()) if symmetric else hi - lo) / levels
     step16, zero16 = _rounded(lo, hi, levels, symmetric, torch.float16)
-    step32, zero32 = _rounded(lo, hi, levels, symmetric, torch.float32)
     constant = ideal == 0
     holds = normal_fp16(step16.float()) & (constant | (step16.float() <= ideal * (1 + STEP_SLACK)))
     if zero16 is not None:
         holds &= torch.isfinite(zero16) & (~constant | (zero16.float() == lo))
+    if bool(holds.all()):
+        return step16, zero16
     # a slice that fp16 does not hold takes the fp32 step and zero-point, computed together
+    step32, zero32 = _rounded(lo, hi, levels, symmetric, torch.float32)
     return settle(step16, step32, holds), None if zero16 is None else settle(zero16, zero32, holds)
 
 
@@ -80,6 +76,6 @@ def _rounded(
     if symmetric:
         zero, span = None, torch.maximum(lo.abs(), hi.abs())
     else:
-        zero = round_down(lo, dtype)
+        zero = round_toward(lo, dtype, up=False)
         span = hi - zero.float()
-    return round_up(torch.where(span > 0, span / levels, torch.ones_like(span)), dtype), zero
+    return round_toward(torch.where(span > 0, span / levels, torch.ones_like(span)), dtype, up=True), zero
