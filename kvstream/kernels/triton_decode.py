@@ -21,12 +21,16 @@ from kvstream.kernels.online import OnlineSoftmax
 
 @triton.jit
 def _codes(codes_ptr, nbytes, element, bits):
-    """Code ``element`` (a tensor of indices) of a little-endian bit stream of ``bits``-wide codes."""
-    bit = element * bits
+    """Code ``element`` (a tensor of indices) of a little-endian bit stream of ``bits``-wide codes.
+
+    Indices outside the stream (another part's slots, which the caller discards) read as code 0, never
+    past either end of the buffer; bit offsets are 64-bit, so streams beyond 2^31 bits are addressed."""
+    bit = element.to(tl.int64) * bits
     byte = bit >> 3
-    shift = bit & 7
-    low = tl.load(codes_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
-    high = tl.load(codes_ptr + byte + 1, mask=byte + 1 < nbytes, other=0).to(tl.int32)
+    shift = (bit & 7).to(tl.int32)
+    inside = (byte >= 0) & (byte < nbytes)
+    low = tl.load(codes_ptr + byte, mask=inside, other=0).to(tl.int32)
+    high = tl.load(codes_ptr + byte + 1, mask=inside & (byte + 1 < nbytes), other=0).to(tl.int32)
     return (((high << 8) | low) >> shift) & ((1 << bits) - 1)
 
 
