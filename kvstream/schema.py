@@ -26,6 +26,7 @@ RESOURCE_METRICS: tuple[str, ...] = (
     "peak_accelerator_bytes",
     "prefill_seconds",
     "decode_seconds_per_token",
+    "answer_score_seconds",
     "key_outlier_ratio",
     "value_outlier_ratio",
 )

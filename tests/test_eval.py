@@ -149,7 +149,7 @@ def test_samples_are_deterministic_for_a_seed(task, corpus):
         assert sample.answers
         for value in sample.answers:
             assert value in sample.prompt
-            assert value.isdigit()
+            assert value.isdigit() or task.name in ("niah_multikey_3", "vt", "fwe")  # UUIDs, names, words
         assert sample.meta["prompt_ids"] == tok.encode(sample.prompt)
 
 

@@ -91,15 +91,21 @@ def greedy_generate(
     progress: ProgressFn | None = None,
     on_prefill_done: Callable[[], None] | None = None,
     min_new_tokens: int = 0,
+    after_prefill: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Chunked prefill, then greedy decoding one token at a time; returns ``[batch, new_tokens]``.
 
     Decoding stops once every row has produced one of ``eos_token_ids`` (kept in the output). For the
     first ``min_new_tokens`` steps those ids are forbidden, as ``generate(min_length=prompt + n)`` does.
+    ``on_prefill_done()`` is called when the prompt is in the cache, then ``after_prefill(logits)`` with
+    the prompt's last-position logits ([batch, vocab], fp32): work between prefill and decoding that must
+    leave the cache as it found it (answer scoring on a fork, `kvstream.engine.scoring`).
     """
     logits = chunked_prefill(model, input_ids, cache, chunk_size, attention_mask, progress)
     if on_prefill_done:
         on_prefill_done()
+    if after_prefill:
+        after_prefill(logits)
     device = model_device(model)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)

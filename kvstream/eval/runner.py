@@ -8,6 +8,13 @@ measured on the same key, through `FullPrecisionCache` (the *full_precision* var
 chunks of `EvalSpec.baseline_chunk_size` whatever the config's), summarises both
 (`kvstream.eval.summary`) and stores the run (`kvstream.results`): tidy rows, summary and manifest.
 One baseline serves every run of the same task, model and options (another bit width, chunk size, ...).
+
+Tasks that score a gold answer (the synthetic retrieval tasks) get `RunContext.generate_scored`: one
+prefill, the gold answer's teacher-forced log-likelihood on a fork of the prefilled cache
+(`kvstream.engine.scoring`: the fork shares the cache's tensors and is dropped after one forward of the
+answer), then greedy decoding from the cache as the prompt left it. The memory reports are read from the
+cache itself, before and after generation, so the fork never enters them; the scoring's time is its own
+figure (``answer_score_seconds``), in neither the prefill's nor the decode's.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +44,10 @@ from kvstream.results.keys import ResultKey
 from kvstream.results.provenance import code_revision, library_versions
 from kvstream.results.store import Check, ResultsStore, StoredRun
 from kvstream.schema import CONFIG_COLUMNS, FULL_PRECISION, QUANTIZED, TIDY_COLUMNS
-from kvstream.tasks.base import Row, RunContext, Sample, TaskOptions
+from kvstream.tasks.base import Row, RunContext, Sample, ScoredAnswer, TaskOptions
+
+if TYPE_CHECKING:
+    from kvstream.engine.scoring import AnswerScore
 
 DEFAULT_MODEL = "smollm2-135m"
 BASELINE_CHUNK_SIZE = CompressionConfig().chunk_size
@@ -95,6 +105,8 @@ class _Recorder:
     outliers: list[dict[int, dict[str, float]]] = field(default_factory=list)
     prefill_seconds: list[float] = field(default_factory=list)
     decode_seconds_per_token: list[float] = field(default_factory=list)
+    score_seconds: list[float] = field(default_factory=list)
+    """Time of each teacher-forced answer scoring, between prefill and decoding (in neither figure)."""
 
     def prefill_done(self, cache: Any) -> None:
         report = getattr(cache, "memory_report", None)
@@ -146,6 +158,7 @@ def make_context(
     the tokens prefilled inside a sample to ``progress(PREFILL, done, total)``."""
     from kvstream.engine import greedy_generate, streaming_compare
     from kvstream.engine import make_cache as build_cache
+    from kvstream.engine.scoring import score_answer
 
     recorder = recorder if recorder is not None else _Recorder()
     device = _model_device(model)
@@ -155,20 +168,33 @@ def make_context(
     def new_cache() -> Any:
         return build_cache(model, config)
 
-    def generate(
-        prompt_ids: Any, max_new_tokens: int, eos_token_ids: set[int] | None = None, min_new_tokens: int = 0
-    ) -> str:
+    def run_generation(
+        prompt_ids: Any,
+        max_new_tokens: int,
+        eos_token_ids: set[int] | None,
+        min_new_tokens: int,
+        answer_ids: Any = None,
+    ) -> tuple[str, AnswerScore | None]:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         cache = new_cache()
         marks: dict[str, float] = {}
+        scored: list[AnswerScore] = []
 
         def prefill_done() -> None:
             _sync(device)
             marks["prefill"] = time.perf_counter()
             recorder.prefill_done(cache)
             marks["decode"] = time.perf_counter()
+
+        def score(logits: torch.Tensor) -> None:
+            # on a fork of the prefilled cache: the cache itself stays as the prompt left it (see scoring)
+            begin = time.perf_counter()
+            scored.append(score_answer(model, cache, logits, answer_ids, config.chunk_size))
+            _sync(device)
+            marks["decode"] = time.perf_counter()
+            recorder.score_seconds.append(marks["decode"] - begin)
 
         _sync(device)
         start = time.perf_counter()
@@ -182,6 +208,7 @@ def make_context(
             progress=prefill_progress,
             on_prefill_done=prefill_done,
             min_new_tokens=min_new_tokens,
+            after_prefill=score if answer_ids is not None else None,
         )
         _sync(device)
         end = time.perf_counter()
@@ -190,7 +217,24 @@ def make_context(
         if steps > 0:
             recorder.decode_seconds_per_token.append((end - marks.get("decode", end)) / steps)
         recorder.cache_done(cache)
-        return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+        return tokenizer.decode(out[0].tolist(), skip_special_tokens=True), (scored[0] if scored else None)
+
+    def generate(
+        prompt_ids: Any, max_new_tokens: int, eos_token_ids: set[int] | None = None, min_new_tokens: int = 0
+    ) -> str:
+        return run_generation(prompt_ids, max_new_tokens, eos_token_ids, min_new_tokens)[0]
+
+    def generate_scored(
+        prompt_ids: Any,
+        answer_ids: Any,
+        max_new_tokens: int,
+        eos_token_ids: set[int] | None = None,
+        min_new_tokens: int = 0,
+    ) -> ScoredAnswer:
+        """`generate`, and the gold ``answer_ids``' log-likelihood teacher-forced after the same prefill."""
+        text, score = run_generation(prompt_ids, max_new_tokens, eos_token_ids, min_new_tokens, list(answer_ids))
+        logprob, tokens = (score.logprob, score.tokens) if score is not None else (0.0, 0)
+        return ScoredAnswer(text=text, logprob=logprob, tokens=tokens)
 
     def perplexity(input_ids: Any) -> Any:
         """Streaming loss through a fresh cache; a quantized one is scored in lockstep with a full-precision
@@ -219,6 +263,7 @@ def make_context(
         generate=generate,
         perplexity=perplexity,
         on_cache=recorder.cache_done,
+        generate_scored=generate_scored,
     )
 
 
@@ -315,6 +360,7 @@ def _resource_rows(recorder: _Recorder, monitor: MemoryMonitor) -> list[Row]:
     add("peak_accelerator_bytes", monitor.peak_accelerator_bytes)
     add("prefill_seconds", _mean(recorder.prefill_seconds))
     add("decode_seconds_per_token", _mean(recorder.decode_seconds_per_token))
+    add("answer_score_seconds", _mean(recorder.score_seconds))
     per_cache = [_mean_by_key(list(layers.values())) for layers in recorder.outliers if layers]
     for name, value in _mean_by_key(per_cache).items():
         add(name, value)
@@ -423,6 +469,21 @@ def prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
     return [int(i) for i in (ids if ids is not None else tokenizer.encode(sample.prompt))]
 
 
+ANSWER_IDS = "answer_ids"
+"""The sample meta field holding the gold answer's token ids, which the tasks score teacher-forced."""
+ANSWER_SCORE = "teacher-forced log-likelihood of the gold answer after the prompt, on a fork of the cache"
+"""What the key's generation settings record for tasks that score their gold answer (a change re-runs)."""
+
+
+def _prompt_entry(sample: Sample, tokenizer: Any) -> list[Any]:
+    """What a sample contributes to the key's prompts: id, prompt ids, gold answers, and the gold answer's
+    token ids where the task scores them."""
+    entry: list[Any] = [str(sample.id), prompt_ids(sample, tokenizer), list(sample.answers)]
+    if ANSWER_IDS in sample.meta:
+        entry.append([int(i) for i in sample.meta[ANSWER_IDS]])
+    return entry
+
+
 def result_key(spec: EvalSpec, task: Any, samples: list[Sample], model: Any, tokenizer: Any) -> ResultKey:
     """What a run of ``spec`` on these samples is measured on (see `kvstream.results.keys.ResultKey`)."""
     versions = library_versions()
@@ -433,9 +494,11 @@ def result_key(spec: EvalSpec, task: Any, samples: list[Sample], model: Any, tok
         "skip_special_tokens": True,
         "max_new_tokens": [s.meta.get("max_new_tokens", default_budget) for s in samples],
     }
+    if any(ANSWER_IDS in s.meta for s in samples):
+        generation["answer_score"] = ANSWER_SCORE
     return ResultKey(
         task=task_name(task),
-        prompts=keys.digest([[str(s.id), prompt_ids(s, tokenizer), list(s.answers)] for s in samples]),
+        prompts=keys.digest([_prompt_entry(s, tokenizer) for s in samples]),
         generation=keys.digest(generation),
         model=model_fingerprint(model),
         dtype=model_dtype(model),

@@ -46,6 +46,23 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ScoredAnswer:
+    """A greedy answer and the teacher-forced log-likelihood of the gold answer after the same prompt.
+
+    ``logprob`` is the sum over the gold answer's ``tokens`` of each token's natural log-probability given
+    the prompt and the gold tokens before it; the retrieval tasks report its mean per token."""
+
+    text: str
+    logprob: float
+    tokens: int
+
+    @property
+    def mean_logprob(self) -> float:
+        """Log-probability per gold answer token (nats); NaN for an empty answer."""
+        return self.logprob / self.tokens if self.tokens else float("nan")
+
+
 @dataclass
 class RunContext:
     """Everything a task needs to run a model with one cache strategy, and nothing about the CLI."""
@@ -62,6 +79,10 @@ class RunContext:
     """``perplexity(input_ids) -> PerplexityResult``: streaming loss over a token sequence."""
     on_cache: Callable[[Cache], None] | None = None
     """Called with each cache after use (memory accounting)."""
+    generate_scored: Callable[..., ScoredAnswer] | None = None
+    """``generate_scored(prompt_ids, answer_ids, max_new_tokens, eos_token_ids=None, min_new_tokens=0)
+    -> ScoredAnswer``: `generate`, plus the log-likelihood of the gold ``answer_ids`` teacher-forced right
+    after the prompt, from the same prefill (`kvstream.engine.scoring`); None where the runner cannot score."""
 
 
 @runtime_checkable

@@ -9,6 +9,12 @@ the end of the prompt; a sample scores 1 when every expected value appears in th
 * ``niah_multikey``: the asked needle among distractor needles carrying other keys.
 * ``niah_multivalue``: several needles with the same key; all their values must be recalled.
 * ``niah_multiquery``: several needles with different keys, all of them asked.
+* ``niah_multikey_3``: RULER's hardest multi-key needle: the whole haystack is distractor needles with
+  UUID keys and UUID values, and one key's value is asked.
+* ``vt``: RULER variable tracking: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... hidden in filler;
+  every variable that holds the value must be named.
+* ``fwe``: RULER frequent-word extraction: a list of coded words drawn from a Zipf distribution; the
+  three most frequent must be named.
 
 The haystack of the ``niah_*`` tasks is Paul Graham's essays (`kvstream.data.texts.load_corpus`),
 or any corpus ``TaskOptions.corpus`` names. Each sample starts at a seeded position of the corpus.
@@ -21,6 +27,14 @@ the share ``d`` of the haystack's words. Samples are deterministic for ``TaskOpt
 The RULER-style needle prompts are the single user message of the tokenizer's chat template
 (generation prompt added) when it has one, followed by an answer prefix; the classic passkey
 prompt is plain text ending in "The pass key is", as the original test is run.
+
+Gold answer: besides the values scored by exact match, every sample carries the continuation of its
+answer prefix that states them (``meta["answer_text"]``: a space, then the values joined by ", " in
+the order the question lists them, or for several values of one key in the order the text holds them;
+no closing period) and its token ids (``meta["answer_ids"]``, the text encoded alone, no special
+tokens: every prefix ends in a word or colon, so the split is a pre-tokenizer boundary and the ids
+equal those of prompt and answer encoded together). `SyntheticTask.run` reports their teacher-forced
+log-likelihood per token (``answer_logprob``) where the runner can score it.
 """
 
 from __future__ import annotations
@@ -28,11 +42,16 @@ from __future__ import annotations
 import json
 import random
 import re
+import string
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kvstream.tasks.base import Row, RunContext, Sample, TaskDataMissing, TaskOptions
+
+ANSWER_LOGPROB = "answer_logprob"
+"""Per-sample metric: the gold answer's teacher-forced log-likelihood per token (nats, higher is better)."""
 
 DEFAULT_LENGTH = 4096
 DEFAULT_SAMPLES = 10
@@ -47,6 +66,15 @@ PASSKEY_INSTRUCTION = (
 NIAH_INSTRUCTION = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
     "I will quiz you about the numbers afterwards."
+)
+UUID_INSTRUCTION = (
+    "Some special magic uuids are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the uuids afterwards."
+)
+VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text."
+FWE_INSTRUCTION = (
+    "Read the following coded text and track the frequency of each coded word. "
+    "Find the three most frequently appeared coded words."
 )
 
 _ADJECTIVES = (
@@ -133,6 +161,17 @@ class Haystack:
             if j < len(pieces) and pieces[j]:
                 out.append(" ".join(pieces[j]))
         return " ".join(out), depths
+
+
+class HaystackSource(Protocol):
+    """What a sample's text is cut from: `Haystack`, or a task's own (`CodedText`)."""
+
+    start: int
+    """Where reading starts (recorded in the sample's meta)."""
+
+    def build(self, n_words: int, needles: list[Needle]) -> tuple[str, list[float]]:
+        """The first ``n_words`` words with ``needles`` inserted at their depths; each needle's realised depth."""
+        ...
 
 
 # --------------------------------------------------------------------------- prompts
@@ -233,6 +272,21 @@ class SyntheticTask:
     def plan(self, rng: random.Random, depth: float) -> NeedleSpec:
         raise NotImplementedError
 
+    def sample_haystack(
+        self, rng: random.Random, sentences: list[str], spec: NeedleSpec, length: int
+    ) -> HaystackSource:
+        """The haystack of one sample (after `plan`, from the same generator): ``sentences`` read from a seeded
+        sentence when ``random_start``, else from the first."""
+        return Haystack(sentences, rng.randrange(len(sentences)) if self.random_start else 0)
+
+    def gold_values(self, spec: NeedleSpec, prompt: str) -> list[str]:
+        """The expected values in the order the gold answer states them: as the question lists them."""
+        return list(spec.expected)
+
+    def gold_answer(self, spec: NeedleSpec, prompt: str) -> str:
+        """The continuation of the answer prefix that states the expected values (see the module docstring)."""
+        return " " + ", ".join(self.gold_values(spec, prompt))
+
     def haystack_sentences(self, options: TaskOptions) -> list[str]:
         from kvstream.data.store import DataError
         from kvstream.data.texts import load_corpus
@@ -271,12 +325,12 @@ class SyntheticTask:
             depth = float(depths[i % len(depths)])
             rng = random.Random(f"{self.name}:{options.seed}:{length}:{i}")
             spec = self.plan(rng, depth)
-            start = rng.randrange(len(sentences)) if self.random_start else 0
-            out.append(self._build_sample(i, depth, length, spec, Haystack(sentences, start), tokenizer))
+            haystack = self.sample_haystack(rng, sentences, spec, length)
+            out.append(self._build_sample(i, depth, length, spec, haystack, tokenizer))
         return out
 
     def _build_sample(
-        self, index: int, depth: float, length: int, spec: NeedleSpec, haystack: Haystack, tokenizer: Any
+        self, index: int, depth: float, length: int, spec: NeedleSpec, haystack: HaystackSource, tokenizer: Any
     ) -> Sample:
         def build(n_words: int) -> tuple[tuple[str, list[float]], list[int]]:
             if n_words:
@@ -288,6 +342,7 @@ class SyntheticTask:
             return (text, realised), ids
 
         words, ((text, realised), ids) = fit_length(build, length)
+        answer_text = self.gold_answer(spec, text)
         meta = {
             "task": self.name,
             "index": index,
@@ -300,18 +355,28 @@ class SyntheticTask:
             "prompt_tokens": len(ids),
             "prompt_ids": ids,
             "max_new_tokens": self.max_new_tokens,
+            "answer_text": answer_text,
+            "answer_ids": list(tokenizer.encode(answer_text, add_special_tokens=False)),
             **spec.info,
         }
         return Sample(id=f"{self.name}-{length}-{index:03d}", prompt=text, answers=list(spec.expected), meta=meta)
 
     def run(self, ctx: RunContext, sample: Sample) -> list[Row]:
-        """Greedy answer, scored: ``accuracy`` (all values found), plus ``recall`` for multi-value tasks."""
+        """Greedy answer, scored: ``accuracy`` (all values found), plus ``recall`` for multi-value tasks, and
+        ``answer_logprob`` (the gold answer's teacher-forced log-likelihood per token, from the same prefill)
+        where the sample has gold answer ids and the runner can score them (``ctx.generate_scored``)."""
         ids = sample.meta.get("prompt_ids")
         if ids is None:
             chat = self.chat and has_chat_template(ctx.tokenizer)
             ids = ctx.tokenizer.encode(sample.prompt, add_special_tokens=not chat)
         max_new = int(sample.meta.get("max_new_tokens", self.max_new_tokens))
-        prediction = ctx.generate(list(ids), max_new)
+        answer_ids = sample.meta.get("answer_ids")
+        scored = None
+        if answer_ids and ctx.generate_scored is not None:
+            scored = ctx.generate_scored(list(ids), list(answer_ids), max_new)
+            prediction = scored.text
+        else:
+            prediction = ctx.generate(list(ids), max_new)
         accuracy, recall = score_answers(prediction, sample.answers)
         extra = {
             "prediction": prediction,
@@ -322,6 +387,13 @@ class SyntheticTask:
         rows = [Row(metric="accuracy", value=accuracy, sample=sample.id, extra=extra)]
         if self.multi:
             rows.append(Row(metric="recall", value=recall, sample=sample.id, extra=extra))
+        if scored is not None:
+            score_extra = {
+                "answer_text": sample.meta.get("answer_text"),
+                "answer_tokens": scored.tokens,
+                "answer_logprob_sum": scored.logprob,
+            }
+            rows.append(Row(metric=ANSWER_LOGPROB, value=scored.mean_logprob, sample=sample.id, extra=score_extra))
         return rows
 
 
@@ -416,6 +488,10 @@ class NiahMultiValue(SyntheticTask):
     multi = True
     values = 4
 
+    def gold_values(self, spec: NeedleSpec, prompt: str) -> list[str]:
+        """The key's values in the order the text holds them (the question lists none)."""
+        return sorted(spec.expected, key=prompt.find)
+
     def plan(self, rng: random.Random, depth: float) -> NeedleSpec:
         (key,) = _keys(rng, 1)
         taken: set[str] = set()
@@ -456,12 +532,220 @@ class NiahMultiQuery(SyntheticTask):
         )
 
 
+def _uuid(rng: random.Random, taken: set[str]) -> str:
+    """A random version-4 UUID (RULER's keys and values) not in ``taken``, which it joins."""
+    while True:
+        value = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        if value not in taken:
+            taken.add(value)
+            return value
+
+
+def _uuid_needle(key: str, value: str) -> str:
+    return f"One of the special magic uuids for {key} is: {value}."
+
+
+class NiahMultiKey3(SyntheticTask):
+    """RULER ``niah_multikey_3``: the haystack is all distractor needles, keys and values UUIDs.
+
+    Every sentence of the haystack is a needle of the asked form with another key, so nothing but the
+    key (36 characters, most of them shared in shape with every other key) tells the asked needle
+    apart; the value to copy is a UUID too. Each sample draws its own distractors (enough to fill the
+    length), and the asked needle sits at the requested depth among them.
+    """
+
+    name = "niah_multikey_3"
+    description = (
+        "needle in a haystack (RULER multi-key 3): one UUID key's UUID value among distractor UUID needles "
+        "that make the whole haystack (accuracy)"
+    )
+    instruction = UUID_INSTRUCTION
+    max_new_tokens = 48
+    random_start = False
+    words_per_distractor = 10
+    """Words of one distractor needle (the haystack holds enough of them for the length in words)."""
+
+    def haystack_sentences(self, options: TaskOptions) -> list[str]:
+        return []  # drawn per sample (`sample_haystack`)
+
+    def plan(self, rng: random.Random, depth: float) -> NeedleSpec:
+        taken: set[str] = set()
+        key, value = _uuid(rng, taken), _uuid(rng, taken)
+        return NeedleSpec(
+            [Needle(_uuid_needle(key, value), depth)],
+            f"What is the special magic uuid for {key} mentioned in the provided text?",
+            f"The special magic uuid for {key} mentioned in the provided text is",
+            [value],
+            {"keys": [key], "asked": [key]},
+        )
+
+    def sample_haystack(self, rng: random.Random, sentences: list[str], spec: NeedleSpec, length: int) -> Haystack:
+        """Distractor needles with fresh UUID keys and values: at least one word per token of ``length``, so
+        the haystack never repeats a distractor (every tokenizer spends at least a token per word)."""
+        taken = {*spec.info["keys"], *spec.expected}
+        count = length // self.words_per_distractor + 16
+        return Haystack([_uuid_needle(_uuid(rng, taken), _uuid(rng, taken)) for _ in range(count)])
+
+
+def _variable(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+class VariableTracking(SyntheticTask):
+    """RULER variable tracking (``vt``): a chain of assignments hidden in filler; name every variable of it.
+
+    ``VAR A = 12345.`` comes first, at the requested depth, then ``VAR B = VAR A.``, ``VAR C = VAR B.``,
+    ... at sorted random depths after it (``hops`` assignments of one variable to another, RULER's 4 by
+    default); ``chains - 1`` distractor chains of the same form hold other values. The answer is every
+    variable of the asked chain, in assignment order. The haystack is the passkey filler, as RULER's.
+    """
+
+    name = "vt"
+    description = (
+        "variable tracking (RULER vt): name all 5 variables a chain of VAR X = VAR Y assignments gives one value "
+        "(accuracy, recall)"
+    )
+    instruction = VT_INSTRUCTION
+    max_new_tokens = 32
+    multi = True
+    random_start = False
+    hops = 4
+    chains = 1
+
+    def haystack_sentences(self, options: TaskOptions) -> list[str]:
+        return split_sentences(PASSKEY_FILLER)
+
+    def plan(self, rng: random.Random, depth: float) -> NeedleSpec:
+        names: set[str] = set()
+        values: set[str] = set()
+        chains = []
+        for c in range(self.chains):
+            variables = [_variable(rng, names) for _ in range(self.hops + 1)]
+            value = _number(rng, 5, values)
+            first = depth if c == 0 else rng.random()
+            depths = [first, *sorted(first + (1.0 - first) * rng.random() for _ in range(self.hops))]
+            texts = [f"VAR {variables[0]} = {value}."]
+            texts += [f"VAR {variables[i]} = VAR {variables[i - 1]}." for i in range(1, len(variables))]
+            chains.append((variables, value, [Needle(t, d) for t, d in zip(texts, depths, strict=True)]))
+        variables, value, _ = chains[0]
+        needles = sorted((n for chain in chains for n in chain[2]), key=lambda n: n.depth)
+        return NeedleSpec(
+            needles,
+            f"Question: Find all variables that are assigned the value {value} in the text above.",
+            f"Answer: According to the chain(s) of variable assignment in the text above, {len(variables)} "
+            f"variables are assigned the value {value}, they are:",
+            variables,
+            {"value": value, "chains": [{"variables": v, "value": x} for v, x, _ in chains]},
+        )
+
+
+class CodedText:
+    """A Zipf-distributed list of coded words (`FrequentWords`): the haystack of one sample.
+
+    For ``n`` words, the word of rank ``r`` (``vocabulary[r - 1]``) occurs about ``n r^-alpha / H`` times
+    (largest remainders, so the counts add up to ``n``) in a seeded order; the vocabulary is a stream
+    of distinct random words, so the top ranks are the same words whatever ``n``.
+    """
+
+    start = 0
+
+    def __init__(self, seed: str, alpha: float, word_length: int, vocabulary: int) -> None:
+        self.seed = seed
+        self.alpha = alpha
+        self.word_length = word_length
+        self.vocabulary = vocabulary
+        self._words: list[str] = []
+
+    def words(self, n: int) -> list[str]:
+        """The first ``n`` words of the vocabulary stream."""
+        if len(self._words) < n:
+            rng = random.Random(f"{self.seed}:vocabulary")
+            seen: set[str] = set()
+            words: list[str] = []
+            while len(words) < n:
+                word = "".join(rng.choices(string.ascii_lowercase, k=self.word_length))
+                if word not in seen:
+                    seen.add(word)
+                    words.append(word)
+            self._words = words
+        return self._words[:n]
+
+    def counts(self, n: int) -> list[int]:
+        """Occurrences of each rank in a text of ``n`` words (rank 1 first)."""
+        weights = [r**-self.alpha for r in range(1, self.vocabulary + 1)]
+        total = sum(weights)
+        exact = [n * w / total for w in weights]
+        counts = [int(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda r: (counts[r] - exact[r], r))
+        for r in by_remainder[: n - sum(counts)]:
+            counts[r] += 1
+        return counts
+
+    def build(self, n_words: int, needles: list[Needle]) -> tuple[str, list[float]]:
+        counts = self.counts(n_words)
+        text = [word for word, count in zip(self.words(len(counts)), counts, strict=True) for _ in range(count)]
+        random.Random(f"{self.seed}:{n_words}").shuffle(text)
+        return " ".join(text), [0.0] * len(needles)
+
+
+class FrequentWords(SyntheticTask):
+    """RULER frequent-word extraction (``fwe``): the three most frequent words of a Zipf-distributed coded list.
+
+    The words are random 6-letter strings over a vocabulary of 100 (RULER's coded words), drawn with
+    Zipf exponent ``alpha`` 2 (RULER's), so the ranks are far apart (rank 3 occurs 16/9 times as often as
+    rank 4) and the answer is unique; the text is nothing but the list. The sample's depth plays no part.
+    """
+
+    name = "fwe"
+    description = (
+        "frequent-word extraction (RULER fwe): the 3 most frequent words of a Zipf-distributed list of coded words "
+        "(accuracy, recall)"
+    )
+    instruction = FWE_INSTRUCTION
+    max_new_tokens = 32
+    multi = True
+    random_start = False
+    top = 3
+    alpha = 2.0
+    word_length = 6
+    vocabulary = 100
+
+    def haystack_sentences(self, options: TaskOptions) -> list[str]:
+        return []  # the coded text is drawn per sample (`sample_haystack`)
+
+    def plan(self, rng: random.Random, depth: float) -> NeedleSpec:
+        seed = f"{rng.getrandbits(64):016x}"
+        text = CodedText(seed, self.alpha, self.word_length, self.vocabulary)
+        return NeedleSpec(
+            [],
+            "Question: Do not provide any explanation. What are the three most frequently appeared words in the "
+            "above coded text?",
+            "Answer: According to the coded text above, the three most frequently appeared words are:",
+            text.words(self.top),
+            {"coded_seed": seed},
+        )
+
+    def sample_haystack(
+        self, rng: random.Random, sentences: list[str], spec: NeedleSpec, length: int
+    ) -> HaystackSource:
+        return CodedText(spec.info["coded_seed"], self.alpha, self.word_length, self.vocabulary)
+
+
 passkey = PasskeyTask()
 niah_single = NiahSingle()
 niah_multikey = NiahMultiKey()
 niah_multivalue = NiahMultiValue()
 niah_multiquery = NiahMultiQuery()
+niah_multikey_3 = NiahMultiKey3()
+vt = VariableTracking()
+fwe = FrequentWords()
 
 TASKS: dict[str, SyntheticTask] = {
-    task.name: task for task in (passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery)
+    task.name: task
+    for task in (passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery, niah_multikey_3, vt, fwe)
 }
+"""Every synthetic task by name (each registered under the entry-point group ``kvstream.tasks``)."""
