@@ -1,19 +1,35 @@
-"""Retrieval benchmark of the evaluation suite: passkey and RULER-style needles, each cache against full precision.
+"""Retrieval benchmark of the evaluation suite: RULER-style rows, each cache against full precision on the same samples.
 
-What runs is declared in `PLAN` (sized to finish within three hours on two CPU cores) and `EXTENDED`
-(``--extended``: the multi-needle tasks, about an hour more): rows of (model, task, context length,
+What runs is declared in `PLAN` (the default, Qwen2.5-Coder-0.5B at 4k tokens) and `EXTENDED`
+(``--extended``: 3/8 bits at 4k, and 8k and 16k tokens): rows of (model, task, context length,
 samples) with the configurations run on them, the plain widths (normal bits N, sinks and outliers at
 8: "N/8 bits") and the bit-budget presets of ``configs/`` (a missing preset file is named in one
-line and its configurations are left out). The estimated time of what is selected is printed first.
+line and its configurations are left out). The rows run as *cells* (one configuration of one row,
+`cells`) in a fixed order: model by model, shorter contexts first, and at each context the screen
+first (every row's 2/8 bits, which also measures the row's full-precision baseline) so that whether
+a row separates caches is known before the other configurations spend their time. ``--plan``
+prints the cells in that order with the expected seconds of each and the total, and exits; a run
+prints the same before it starts. Expected seconds come from the stored runs (`Timing`).
 
 Every run is stored as it finishes under ``--results`` (committed with the repository, so an
 interrupted benchmark resumes in a later session on a fresh clone): a stored run is skipped only
-when its full key (prompts, model files, dtype, device, library versions) still matches, and the
-full-precision baseline of a row is measured once and reused by every configuration. The page is
-rebuilt from every intact stored run, also with ``--report-only``.
+when its full key (prompts, gold answers, model files, dtype, device, library versions) still
+matches, and the full-precision baseline of a row is measured once and reused by every
+configuration. The page is rebuilt from every intact stored run, also with ``--report-only``.
 
+Each row reports accuracy and, paired with full precision per sample, the gold answer's
+teacher-forced log-likelihood per token (``answer_logprob``, `kvstream.engine.scoring`) with its
+bootstrap interval. A task/context cell *separates* caches when full precision answers at least
+`SEPARATING_ACCURACY` of its samples and 2/8 bits (the known-lossy cache) measurably falls: its
+accuracy delta's interval, or its answer log-likelihood delta's, lies below 0.
+
+Rows need not be kvstream configurations: a record is labelled by ``label`` and names its
+``source``, so rows of other tools (peers) run on the same samples can join the tables through
+`collect`'s ``extra`` records.
+
+    python benchmarks/retrieval.py --plan
     python benchmarks/retrieval.py --out docs/benchmarks-retrieval.md
-    python benchmarks/retrieval.py --extended --tasks niah_multikey --lengths 4096
+    python benchmarks/retrieval.py --extended --tasks vt --lengths 8192 --configs "2/8 bits"
     python benchmarks/retrieval.py --report-only
 """
 
@@ -21,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
+import statistics
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +57,7 @@ from kvstream.results import ResultsStore, StoredRun
 from kvstream.results.provenance import short_revision
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 from kvstream.tasks.base import Sample, TaskOptions
+from kvstream.tasks.synthetic import ANSWER_LOGPROB
 
 QWEN = "qwen2.5-coder-0.5b"
 SMOLLM2 = "smollm2-135m"
@@ -47,16 +66,27 @@ WIDTHS: dict[str, int] = {"4/8 bits": 4, "3/8 bits": 3, "2/8 bits": 2}
 """Plain configurations by label: normal key and value bits, sinks and outliers at 8."""
 PRESETS = ("bits-3.3", "bits-2.5")
 """Bit-budget presets of ``configs/``, labelled by name."""
-ALL_CONFIGS = (*PRESETS, *WIDTHS)
+ORDER = ("4/8 bits", "bits-3.3", "3/8 bits", "bits-2.5", "2/8 bits")
+"""Configurations in the order the tables list them (most bits first)."""
+ALL_CONFIGS = ORDER
 LOSSY = "2/8 bits"
-"""The known-lossy cache: a row where it scores like full precision cannot tell a good cache from a bad one."""
+"""The known-lossy cache: a cell where it does not measurably fall cannot tell a good cache from a bad one."""
+SEPARATING_ACCURACY = 0.8
+"""The least full-precision accuracy of a cell that can separate caches."""
 
 TOLERANCE: dict[str, int] = {"4/8 bits": 1, "3/8 bits": 1, "bits-3.3": 0, "bits-2.5": 1}
 """Target per configuration: the most samples by which its accuracy may differ from full precision (0: equal)."""
 BUDGET: dict[str, float] = {"bits-3.3": 3.3, "bits-2.5": 2.5}
 """The most effective bits a preset may hold for its row to count: quality reached by spending more bits does not."""
-ORDER = ("4/8 bits", "bits-3.3", "3/8 bits", "bits-2.5", "2/8 bits")
-"""Configurations in the order the tables list them (most bits first)."""
+NOT_WORSE = ("4/8 bits", "bits-3.3")
+"""Configurations that, on every separating cell, may not fall below full precision beyond the interval."""
+METRICS = ("accuracy", "recall", ANSWER_LOGPROB)
+"""The per-sample metrics the page reads from each run."""
+
+TASKS = ("niah_single", "niah_multikey_3", "vt", "fwe")
+"""The rows' tasks: RULER's single needle (separating at 4k at f14537e), and the harder RULER rows."""
+CORE = ("4/8 bits", "bits-3.3", "bits-2.5", LOSSY)
+"""The default plan's configurations: the known-lossy screen and every configuration the targets name."""
 
 SAMPLE_SECONDS: dict[tuple[str, int], float] = {
     (QWEN, 2048): 18.0,
@@ -64,7 +94,14 @@ SAMPLE_SECONDS: dict[tuple[str, int], float] = {
     (SMOLLM2, 8192): 43.0,
 }
 """Seconds one sample takes through one cache on two CPU cores (prefill and answer): the durations of the
-stored runs of revision f14537e divided by their samples, rounded up."""
+stored runs of revision f14537e divided by their samples, rounded up. What `Timing` falls back on."""
+
+ATTENTION_LENGTH: dict[str, int] = {QWEN: 16650, SMOLLM2: 6140}
+"""Per model, the prompt length ``H`` at which a prefill's attention work equals the rest of it, for
+`scaled_seconds`: a prefill of ``L`` tokens costs ``P L + A L^2 / 2`` (``P``: 2 FLOPs per non-embedding
+weight per token; ``A = 4 x layers x query heads x head size``: the score and value products per earlier
+token), that is ``P L (1 + L / H)`` with ``H = 2 P / A``. Qwen2.5-0.5B: 358M weights, 24 x 14 x 64;
+SmolLM2-135M: 106M weights, 30 x 9 x 64."""
 
 
 @dataclass(frozen=True)
@@ -92,33 +129,141 @@ class PlanRow:
         return f"{self.model} {self.task} {self.length}"
 
 
-PLAN: tuple[PlanRow, ...] = (
-    *(PlanRow(QWEN, task, length, 10, ALL_CONFIGS) for length in (2048, 4096) for task in ("passkey", "niah_single")),
-    PlanRow(SMOLLM2, "passkey", 8192, 10, tuple(WIDTHS)),
-    PlanRow(SMOLLM2, "niah_single", 8192, 10, tuple(WIDTHS)),
-)
-"""The benchmark `make bench` runs: presets and plain widths on the second model at 2k and 4k, SmolLM2 at 8k."""
+PLAN: tuple[PlanRow, ...] = tuple(PlanRow(QWEN, task, 4096, 20, CORE) for task in TASKS)
+"""The benchmark `make bench` runs: every task at 4k tokens, 20 samples, the screen and the targets' configurations."""
 
-EXTENDED: tuple[PlanRow, ...] = tuple(
-    PlanRow(QWEN, task, length, 5, tuple(WIDTHS))
-    for length in (2048, 4096)
-    for task in ("niah_multikey", "niah_multivalue", "niah_multiquery")
+EXTENDED: tuple[PlanRow, ...] = (
+    *(PlanRow(QWEN, task, 4096, 20, ("3/8 bits",)) for task in TASKS),
+    *(PlanRow(QWEN, task, 8192, 20, ALL_CONFIGS) for task in TASKS),
+    *(PlanRow(QWEN, task, 16384, 10, ALL_CONFIGS) for task in TASKS),
 )
-"""``--extended``: the multi-needle tasks on the second model at 2k and 4k."""
+"""``--extended``: 3/8 bits at 4k, every configuration at 8k (20 samples) and at 16k (10 samples: by the scaling
+of `Timing` a sample takes about 3.6 min per cache there, 20 would take 29 hours)."""
 
 
 # --------------------------------------------------------------------------- planning
 
 
-def estimate_seconds(plan: Iterable[PlanRow]) -> float:
+def scaled_seconds(seconds: float, measured_at: int, length: int, attention_length: int) -> float:
+    """``seconds`` measured at ``measured_at`` tokens carried to ``length``: ``L (1 + L / H)`` (see
+    `ATTENTION_LENGTH`)."""
+
+    def work(tokens: int) -> float:
+        return tokens * (1 + tokens / attention_length)
+
+    return seconds * work(length) / work(measured_at)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds one sample takes through one cache on two CPU cores, by model and context length.
+
+    Measured where runs of the model at that length are stored (each variant's seconds over its
+    samples, the median over the runs, whatever the task); otherwise `scaled_seconds` from the
+    nearest measured length of the same model (by ratio)."""
+
+    measured: Mapping[tuple[str, int], float] = field(default_factory=lambda: dict(SAMPLE_SECONDS))
+    source: str = "the stored runs of revision f14537e"
+
+    @classmethod
+    def from_store(cls, results: Path) -> Timing:
+        """The stored runs' per-sample seconds (median per model and length) over `SAMPLE_SECONDS`."""
+        store = ResultsStore(results)
+        found: dict[tuple[str, int], list[float]] = {}
+        intact, _ = store.scan() if store.root.is_dir() else ([], [])
+        for run_id in intact:
+            manifest = store.read_run(run_id).manifest
+            n = int(manifest.get("n_samples") or 0)
+            length = (manifest.get("options") or {}).get("length")
+            if not n or not length:
+                continue
+            for info in (manifest.get("variants") or {}).values():
+                if isinstance(info, dict) and info.get("seconds"):
+                    found.setdefault((manifest["model"], int(length)), []).append(float(info["seconds"]) / n)
+        measured = {**SAMPLE_SECONDS, **{key: statistics.median(values) for key, values in found.items()}}
+        source = f"the {len(intact)} runs stored under {results}" if found else cls.source
+        return cls(measured, source)
+
+    def basis(self, model: str, length: int) -> int | None:
+        """The measured length the figure of ``model`` at ``length`` comes from (itself when measured)."""
+        lengths = [n for m, n in self.measured if m == model]
+        if not lengths:
+            return None
+        return min(lengths, key=lambda n: (abs(math.log(n / length)), -n))
+
+    def per_sample(self, model: str, length: int) -> float:
+        basis = self.basis(model, length)
+        if basis is None:
+            raise KeyError(f"no stored run of {model} to time a sample by")
+        seconds = self.measured[(model, basis)]
+        return seconds if basis == length else scaled_seconds(seconds, basis, length, ATTENTION_LENGTH[model])
+
+    def describe(self, pairs: Iterable[tuple[str, int]]) -> str:
+        """``model L tokens N s`` for each pair, saying which are scaled and from where."""
+        parts = []
+        for model, length in dict.fromkeys(pairs):
+            basis = self.basis(model, length)
+            how = "" if basis == length else f" (scaled from {basis})"
+            parts.append(f"{model} {length} tokens {self.per_sample(model, length):.0f} s{how}")
+        return "; ".join(parts)
+
+
+FALLBACK = Timing()
+"""`SAMPLE_SECONDS` alone: the timing of the tests and of a results folder without runs."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of one plan row: what one stored run holds."""
+
+    model: str
+    task: str
+    length: int
+    samples: int
+    label: str
+    baseline: bool
+    """Whether this cell measures its slot's full-precision baseline (the first cell of the slot to run)."""
+
+    @property
+    def slot(self) -> tuple[str, str, int, int]:
+        return self.model, self.task, self.length, self.samples
+
+    def options(self) -> TaskOptions:
+        return TaskOptions(samples=self.samples, length=self.length, seed=0)
+
+    def name(self) -> str:
+        return f"{self.model} {self.task} {self.length}"
+
+    def seconds(self, timing: Timing = FALLBACK) -> float:
+        """Expected seconds: every sample through the configuration's cache, and through full precision's if
+        this cell measures the baseline."""
+        return self.samples * timing.per_sample(self.model, self.length) * (2 if self.baseline else 1)
+
+
+def cells(plan: Iterable[PlanRow]) -> list[Cell]:
+    """The plan's cells in run order: model by model (each loaded once), contexts from the shortest, and at each
+    context first every row's `LOSSY` cell (the screen), then the rows' other configurations, each in plan order.
+    A configuration planned twice for one slot runs once; a slot's first cell measures its baseline."""
+    rows = list(plan)
+    out: list[Cell] = []
+    planned: set[tuple[Any, ...]] = set()
+    slots: set[tuple[str, str, int, int]] = set()
+    for model in dict.fromkeys(row.model for row in rows):
+        for length in sorted({row.length for row in rows if row.model == model}):
+            for screen in (True, False):
+                for row in (r for r in rows if r.model == model and r.length == length):
+                    for label in (c for c in row.configs if (c == LOSSY) == screen):
+                        if (*row.slot, label) in planned:
+                            continue
+                        planned.add((*row.slot, label))
+                        out.append(Cell(*row.slot, label, baseline=row.slot not in slots))
+                        slots.add(row.slot)
+    return out
+
+
+def estimate_seconds(plan: Iterable[PlanRow], timing: Timing = FALLBACK) -> float:
     """Time on two cores: each baseline once per shared slot, and every configuration, over every sample."""
-    configs: dict[tuple[str, str, int, int], set[str]] = {}
-    for row in plan:
-        configs.setdefault(row.slot, set()).update(row.configs)
-    return sum(
-        SAMPLE_SECONDS[(model, length)] * samples * (len(labels) + 1)
-        for (model, _, length, samples), labels in configs.items()
-    )
+    return sum(cell.seconds(timing) for cell in cells(plan))
 
 
 def minutes(seconds: float) -> int:
@@ -146,35 +291,79 @@ def select(plan: Iterable[PlanRow], labels: Iterable[str], keep: Callable[[PlanR
     return [row for row in rows if row.configs]
 
 
+def run_id(cell: Cell, configs: Mapping[str, CompressionConfig]) -> str:
+    return EvalSpec(cell.task, cell.model, configs[cell.label], cell.options()).run_id()
+
+
+def plan_lines(
+    plan: Iterable[PlanRow],
+    timing: Timing = FALLBACK,
+    configs: Mapping[str, CompressionConfig] | None = None,
+    results: Path | None = None,
+) -> list[str]:
+    """The cells in run order, each with its expected seconds (``stored`` where a run of it is in ``results``, kept
+    if its key still matches), and the total; what ``--plan`` prints."""
+    planned = cells(plan)
+    store = ResultsStore(results) if results is not None and configs is not None else None
+    width = max((len(c.task) for c in planned), default=4)
+    lines = [
+        f"{len(planned)} cells in run order, expected seconds on two CPU cores (a sample through one cache: "
+        f"{timing.describe((c.model, c.length) for c in planned) or 'none'}; from {timing.source}):",
+        f"{'#':>3}  {'model':<18} {'task':<{width}} {'context':>7} {'samples':>7}  {'configuration':<34} "
+        f"{'seconds':>8}",
+    ]
+    todo = 0.0
+    for i, cell in enumerate(planned, start=1):
+        label = f"{cell.label} + full precision" if cell.baseline else cell.label
+        stored = store is not None and store.has_run(run_id(cell, configs))
+        todo += 0 if stored else cell.seconds(timing)
+        lines.append(
+            f"{i:>3}  {cell.model:<18} {cell.task:<{width}} {cell.length:>7} {cell.samples:>7}  {label:<34} "
+            f"{cell.seconds(timing):>8.0f}" + ("  stored" if stored else "")
+        )
+    total = sum(cell.seconds(timing) for cell in planned)
+    line = f"total: {total:.0f} s ({minutes(total)} min)"
+    if store is not None:
+        line += f"; {todo:.0f} s ({minutes(todo)} min) for the cells not stored yet"
+    return [*lines, line]
+
+
 # --------------------------------------------------------------------------- running
 
 Loader = Callable[[str], tuple[Any, Any]]
 """A model name -> (model, tokenizer)."""
 
 
-def run_row(row: PlanRow, configs: dict[str, CompressionConfig], bundle: tuple[Any, Any], results: Path) -> None:
-    """Each configuration of ``row`` on the same samples, skipping the runs stored on the same key."""
-    samples: list[Sample] | None = None
-    for label in row.configs:
-        spec = EvalSpec(row.task, row.model, configs[label], row.options(), results_dir=results)
-        planned = plan_eval(spec, bundle, samples=samples)
-        samples = planned.samples
-        if planned.stored.reusable:  # skipped only when its full key (prompts, model, versions, ...) matches
-            continue
-        for line in planned.notes():
-            print(line, flush=True)
-        start = time.perf_counter()
-        run_plan(planned)
-        print(f"{row.name()} {label}: {time.perf_counter() - start:.0f}s", flush=True)
+def run_cell(
+    cell: Cell,
+    configs: Mapping[str, CompressionConfig],
+    bundle: tuple[Any, Any],
+    results: Path,
+    samples: dict[tuple[str, str, int, int], list[Sample]],
+) -> None:
+    """One cell, unless its run is stored on the same key; the slot's samples are built once (kept in ``samples``)
+    and its baseline is the stored one whenever that was measured on the same key."""
+    spec = EvalSpec(cell.task, cell.model, configs[cell.label], cell.options(), results_dir=results)
+    planned = plan_eval(spec, bundle, samples=samples.get(cell.slot))
+    samples[cell.slot] = planned.samples
+    if planned.stored.reusable:  # skipped only when its full key (prompts, model, versions, ...) matches
+        return
+    for line in planned.notes():
+        print(line, flush=True)
+    start = time.perf_counter()
+    run_plan(planned)
+    print(f"{cell.name()} {cell.label}: {time.perf_counter() - start:.0f}s", flush=True)
 
 
 def run(plan: list[PlanRow], configs: dict[str, CompressionConfig], results: Path, load: Loader) -> None:
-    """Every row of ``plan`` in order, each model loaded once (its rows together)."""
-    for model in dict.fromkeys(row.model for row in plan):
+    """Every cell of ``plan`` in run order (`cells`), each model loaded once."""
+    planned = cells(plan)
+    for model in dict.fromkeys(cell.model for cell in planned):
         bundle = load(model)
-        for row in (r for r in plan if r.model == model):
-            run_row(row, configs, bundle, results)
-        del bundle
+        samples: dict[tuple[str, str, int, int], list[Sample]] = {}
+        for cell in (c for c in planned if c.model == model):
+            run_cell(cell, configs, bundle, results, samples)
+        del bundle, samples
         gc.collect()
 
 
@@ -192,34 +381,50 @@ def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
 
 
 COLUMNS = (
-    *("model", "task", "length", "n", "label", "metric", "fp", "quantized", "delta", "ci_low", "ci_high"),
+    *("model", "task", "length", "n", "label", "source", "metric", "fp", "quantized", "delta", "ci_low", "ci_high"),
     *("lost", "gained", "bits", "bits_min", "bits_max", "revision", "torch", "started", "finished", "seconds"),
 )
-"""The fields of one record of `run_rows`."""
+"""The fields of one record of `run_rows`: one metric of one labelled row. ``source`` is ``kvstream`` for the runs
+of kvstream configurations; records of other tools (peers) carry their own source and label."""
+
+
+def run_label(manifest: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """A stored run's label: by its config hash, else by the hash its config has today (fields added since it
+    was stored take their defaults), else ``config <hash>``."""
+    config_hash = manifest["config_hash"]
+    if config_hash in labels:
+        return labels[config_hash]
+    try:
+        today = CompressionConfig.from_dict(dict(manifest.get("config") or {})).config_hash()
+    except (ConfigError, TypeError):
+        today = None
+    return labels.get(today, f"config {config_hash}") if today else f"config {config_hash}"
 
 
 def run_rows(stored: StoredRun, labels: dict[str, str]) -> list[dict[str, Any]]:
-    """One record per retrieval metric (accuracy, recall) of a stored run; ``labels`` maps config hashes to labels."""
+    """One record per retrieval metric (accuracy, recall, answer log-likelihood) of a stored run; ``labels`` maps
+    config hashes to labels."""
     run, summary = stored.manifest, stored.summary.set_index("metric")
-    config_hash = run["config_hash"]
+    label = run_label(run, labels)
 
     def quantized(name: str) -> float:
         return float(summary[QUANTIZED].get(name, float("nan")))
 
     records = []
-    for metric in ("accuracy", "recall"):
+    for metric in METRICS:
         if metric not in summary.index:
             continue
         line = summary.loc[metric]
         n = int(line["n"]) if pd.notna(line["n"]) else 1
-        lost, gained = flips(stored.rows, metric)
+        lost, gained = flips(stored.rows, metric) if metric != ANSWER_LOGPROB else (0, 0)
         records.append(
             dict(
                 model=run["model"],
                 task=run["task"],
                 length=int(run["options"]["length"]),
                 n=n,
-                label=labels.get(config_hash, f"config {config_hash}"),
+                label=label,
+                source="kvstream",
                 metric=metric,
                 fp=float(line[FULL_PRECISION]),
                 quantized=float(line[QUANTIZED]),
@@ -241,14 +446,15 @@ def run_rows(stored: StoredRun, labels: dict[str, str]) -> list[dict[str, Any]]:
     return records
 
 
-def collect(results: Path, labels: dict[str, str]) -> pd.DataFrame:
-    """Every intact stored run's retrieval records, sorted for the tables; damaged runs are named and left out."""
+def collect(results: Path, labels: dict[str, str], extra: Iterable[Mapping[str, Any]] = ()) -> pd.DataFrame:
+    """Every intact stored run's retrieval records, and the ``extra`` records (rows of other tools, with every
+    field of `COLUMNS`), sorted for the tables; damaged runs are named and left out."""
     store = ResultsStore(results)
     intact, damaged = store.scan()
     for broken in damaged:
         print(f"damaged run {broken.run_id}: {broken.problem} (left out; the next run of the benchmark redoes it)")
     records = [record for run_id in intact for record in run_rows(store.read_run(run_id), labels)]
-    frame = pd.DataFrame(records, columns=list(COLUMNS))
+    frame = pd.DataFrame([*records, *(dict(r) for r in extra)], columns=list(COLUMNS))
     frame["rank"] = frame["label"].map({label: i for i, label in enumerate(ORDER)}).fillna(len(ORDER))
     return frame.sort_values(["model", "task", "length", "n", "rank", "label", "metric"], ignore_index=True)
 
@@ -274,7 +480,7 @@ def over_budget(row: Any) -> bool:
 
 def verdict(row: Any) -> str:
     """``met`` / ``**missed**`` against the configuration's target (accuracy, and a preset's bit budget), ``-``
-    where it has none (or for recall)."""
+    where it has none (another metric, a peer's row)."""
     tolerance = TOLERANCE.get(row.label)
     if tolerance is None or row.metric != "accuracy":
         return "-"
@@ -316,9 +522,85 @@ def target_lines(accuracy: pd.DataFrame) -> list[str]:
     return lines
 
 
-def interval(low: float, high: float) -> str:
+def interval(low: float, high: float, digits: int = 2) -> str:
     """A paired-bootstrap interval as ``[low, high]``, or ``-`` where there is none (one sample)."""
-    return "-" if pd.isna(low) or pd.isna(high) else f"[{low:+.2f}, {high:+.2f}]"
+    return "-" if pd.isna(low) or pd.isna(high) else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def falls(record: Any) -> bool:
+    """Whether a delta's whole interval lies below 0: the cache measurably worse than full precision."""
+    return record is not None and pd.notna(record.ci_high) and record.ci_high < 0
+
+
+def _record(rows: pd.DataFrame, label: str, metric: str) -> Any:
+    found = rows[(rows["label"] == label) & (rows["metric"] == metric)]
+    return next(found.itertuples(), None)
+
+
+def _delta_text(record: Any, digits: int = 2) -> str:
+    return f"{record.delta:+.{digits}f} {interval(record.ci_low, record.ci_high, digits)}"
+
+
+def separation(rows: pd.DataFrame) -> tuple[bool, str]:
+    """Whether one task/context cell (all its rows) separates caches, and why (not)."""
+    accuracy = rows[rows["metric"] == "accuracy"]
+    if accuracy.empty:
+        return False, "no accuracy recorded"
+    fp, n = float(accuracy["fp"].iloc[0]), int(accuracy["n"].iloc[0])
+    if fp < SEPARATING_ACCURACY:
+        return False, f"full precision answers {round(fp * n)} of {n}, below {SEPARATING_ACCURACY}"
+    lossy_accuracy, lossy_score = _record(rows, LOSSY, "accuracy"), _record(rows, LOSSY, ANSWER_LOGPROB)
+    if lossy_accuracy is None:
+        return False, f"full precision answers {round(fp * n)} of {n}; no {LOSSY} run yet"
+    found = [f"accuracy {_delta_text(lossy_accuracy)}"]
+    if lossy_score is not None:
+        found.append(f"answer log-likelihood {_delta_text(lossy_score, 3)} nats/token")
+    if falls(lossy_accuracy) or falls(lossy_score):
+        return True, f"full precision answers {round(fp * n)} of {n}; {LOSSY} falls: {'; '.join(found)}"
+    return False, f"full precision answers {round(fp * n)} of {n}; {LOSSY} does not fall measurably: {'; '.join(found)}"
+
+
+def cell_groups(frame: pd.DataFrame) -> Iterable[tuple[tuple[Any, ...], pd.DataFrame]]:
+    return frame.groupby(["model", "task", "length", "n"], sort=False)
+
+
+def separation_lines(frame: pd.DataFrame) -> list[str]:
+    """One line per task/context cell: separating or not, and why."""
+    lines = []
+    for (model, task, length, n), rows in cell_groups(frame):
+        separates, why = separation(rows)
+        samples = f"{n} sample{'s' if n != 1 else ''}"
+        lines.append(
+            f"- {model} {task} {length} ({samples}): {'**separating**' if separates else 'not separating'}; {why}."
+        )
+    return lines or ["- no run recorded yet."]
+
+
+def separating_lines(frame: pd.DataFrame) -> list[str]:
+    """The targets on separating cells: at least three of them, and on each, `NOT_WORSE`'s configurations not below
+    full precision beyond the interval (accuracy or answer log-likelihood)."""
+    cells_ = [(key, rows) for key, rows in cell_groups(frame) if separation(rows)[0]]
+    names = [f"{m} {t} {n}" for (m, t, n, _), _ in cells_]
+    lines = [
+        f"- Separating cells (full precision at {SEPARATING_ACCURACY} or more, {LOSSY} falling beyond its interval in "
+        f"accuracy or answer log-likelihood), at least 3: {len(cells_)} ({', '.join(names) or 'none yet'})."
+    ]
+    for label in NOT_WORSE:
+        checked, worse = 0, []
+        for (model, task, length, _), rows in cells_:
+            records = [_record(rows, label, m) for m in ("accuracy", ANSWER_LOGPROB)]
+            if records[0] is None:
+                continue
+            checked += 1
+            if any(falls(r) for r in records):
+                worse.append(f"{model} {task} {length}")
+        head = f"- {label} on separating cells, not worse than full precision beyond the interval:"
+        lines.append(
+            f"{head} no run recorded yet."
+            if not checked
+            else f"{head} met on {checked - len(worse)} of {checked}; missed: {', '.join(worse) or 'none'}."
+        )
+    return lines
 
 
 def model_title(model: str) -> str:
@@ -327,37 +609,27 @@ def model_title(model: str) -> str:
 
 
 def model_table(rows: pd.DataFrame) -> list[str]:
-    """The table of one model: a row per task, length, configuration and metric, full precision beside it."""
+    """The table of one model: a row per task, length and configuration, full precision beside it."""
     lines = [
-        "| task | context | configuration | effective bits (range) | samples | metric | full precision | quantized "
-        "| delta | 95% CI | lost / gained | target | revision |",
+        "| task | context | configuration | effective bits (range) | samples | accuracy, full precision | accuracy "
+        "| delta (95% CI) | lost / gained | answer log-likelihood delta, nats/token (95% CI) "
+        "| recall, full precision / cache | target | revision |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows.itertuples():
-        changed = f"{r.lost} / {r.gained}" if r.metric == "accuracy" else "-"
+    for (task, length, n, label), group in rows.groupby(["task", "length", "n", "label"], sort=False):
+        acc, score, recall = (_record(group, label, m) for m in ("accuracy", ANSWER_LOGPROB, "recall"))
+        base = acc or score or recall
+        if base is None:
+            continue
         lines.append(
-            f"| {r.task} | {r.length} | {r.label} | {r.bits:.2f} ({r.bits_min:.2f}-{r.bits_max:.2f}) | {r.n} "
-            f"| {r.metric} | {r.fp:.3g} | {r.quantized:.3g} | {r.delta:+.3g} | {interval(r.ci_low, r.ci_high)} "
-            f"| {changed} | {verdict(r)} | `{r.revision}` |"
+            f"| {task} | {length} | {label} | {base.bits:.2f} ({base.bits_min:.2f}-{base.bits_max:.2f}) | {n} "
+            f"| {f'{acc.fp:.2f}' if acc else '-'} | {f'{acc.quantized:.2f}' if acc else '-'} "
+            f"| {_delta_text(acc) if acc else '-'} | {f'{acc.lost} / {acc.gained}' if acc else '-'} "
+            f"| {_delta_text(score, 3) if score else '-'} "
+            f"| {f'{recall.fp:.2f} / {recall.quantized:.2f}' if recall else '-'} "
+            f"| {verdict(acc) if acc else '-'} | `{base.revision}` |"
         )
     return lines
-
-
-def blind_rows(accuracy: pd.DataFrame) -> list[str]:
-    """Task/length rows that cannot separate caches: full precision fails most samples, or 2/8 bits scores alike."""
-    lines = []
-    for (model, task, length, n), rows in accuracy.groupby(["model", "task", "length", "n"], sort=False):
-        reasons = []
-        fp = rows["fp"].iloc[0]
-        if fp <= 0.5:
-            reasons.append(f"full precision answers {round(fp * n)} of {n}")
-        lossy = rows[rows["label"] == LOSSY]
-        if not lossy.empty and lossy["quantized"].iloc[0] == lossy["fp"].iloc[0]:
-            reasons.append(f"{LOSSY} scores the same as full precision ({round(fp * n)} of {n})")
-        if reasons:
-            samples = f"{n} sample{'s' if n != 1 else ''}"
-            lines.append(f"- {model} {task} {length} ({samples}): {'; '.join(reasons)}.")
-    return lines or ["- none among the recorded rows."]
 
 
 def provenance_line(frame: pd.DataFrame) -> str:
@@ -379,23 +651,27 @@ def provenance_line(frame: pd.DataFrame) -> str:
 
 
 def plan_table(
-    plan: tuple[PlanRow, ...], recorded: set[tuple[str, str, int, int, str]], before: tuple[PlanRow, ...] = ()
+    plan: tuple[PlanRow, ...],
+    recorded: set[tuple[str, str, int, int, str]],
+    before: tuple[PlanRow, ...] = (),
+    timing: Timing = FALLBACK,
 ) -> list[str]:
-    """The plan's rows with their estimated minutes and how many of their configurations are recorded.
+    """The plan's cells in run order with their estimated minutes and whether they are recorded.
 
-    A row's minutes are what it adds to ``before`` and the rows above it (a baseline already planned is not
-    counted again)."""
+    A cell's minutes are what it adds to ``before`` (a baseline already planned there is not counted again)."""
     lines = [
-        "| model | task | context | samples | configurations | estimated min | recorded |",
-        "|---|---|---|---|---|---|---|",
+        "| # | model | task | context | samples | configuration | estimated min | recorded |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in plan:
-        done = sum((*row.slot, label) in recorded for label in row.configs)
-        added = estimate_seconds((*before, row)) - estimate_seconds(before)
-        before = (*before, row)
+    earlier = {cell.slot for cell in cells(before)}
+    for i, cell in enumerate(cells(plan), start=1):
+        if cell.slot in earlier:
+            cell = replace(cell, baseline=False)
+        label = f"{cell.label} + full precision" if cell.baseline else cell.label
+        done = "yes" if (*cell.slot, cell.label) in recorded else "no"
         lines.append(
-            f"| {row.model} | {row.task} | {row.length} | {row.samples} | {', '.join(row.configs)} "
-            f"| {minutes(added)} | {done} of {len(row.configs)} |"
+            f"| {i} | {cell.model} | {cell.task} | {cell.length} | {cell.samples} | {label} "
+            f"| {minutes(cell.seconds(timing))} | {done} |"
         )
     return lines
 
@@ -404,36 +680,45 @@ def models_by_length(plan: Iterable[PlanRow]) -> str:
     lengths: dict[str, set[int]] = {}
     for row in plan:
         lengths.setdefault(row.model, set()).add(row.length)
-    return "; ".join(f"`{model}` at {' and '.join(map(str, sorted(n)))} tokens" for model, n in lengths.items())
+    return "; ".join(f"`{model}` at {', '.join(map(str, sorted(n)))} tokens" for model, n in lengths.items())
 
 
-def render(frame: pd.DataFrame, plan: tuple[PlanRow, ...], extended: tuple[PlanRow, ...]) -> str:
-    """The Markdown page: status, targets, one table per model, the rows that cannot separate caches, the plan."""
-    core = minutes(estimate_seconds(plan))
-    more = minutes(estimate_seconds(plan + extended)) - core
+def render(
+    frame: pd.DataFrame, plan: tuple[PlanRow, ...], extended: tuple[PlanRow, ...], timing: Timing = FALLBACK
+) -> str:
+    """The Markdown page: status, targets, one table per model, which cells separate caches, the plan."""
+    core = minutes(estimate_seconds(plan, timing))
+    more = minutes(estimate_seconds(plan + extended, timing)) - core
     lines = [
         "# Retrieval (evaluation suite)",
         "",
         "Written by `python benchmarks/retrieval.py` from every intact run stored under its `--results` folder "
         "(`benchmarks/results/retrieval`, committed with the repository, so an interrupted benchmark resumes in a "
-        "later session). Passkey (the classic test) and RULER-style needles in Paul Graham essays, offline data, "
-        f"fp32, chunk size 256; models by length: {models_by_length(plan + extended)}. Each cache runs on the same "
-        "samples as the full-precision cache, which is measured once per model, task, length and sample count and "
-        "reused by every configuration while its key (prompts, model files, dtype, device, library versions) "
-        "matches. Configurations: normal bits N with sinks and outliers at 8 (`N/8 bits`) and the bit-budget "
-        "presets `configs/bits-3.3.yaml` and `configs/bits-2.5.yaml`, each with the effective bits it held: every "
-        "byte at the end of generation, full-precision tail included, mean over the samples (range). The tail (the "
-        "tokens since the last full chunk, the prompt's last partial chunk and the answer's tokens) is held exact "
-        "in fp32 for every configuration: 255 such tokens alone add about 4 bits per element at 2048 tokens and 2 "
-        "at 4096, which is why the bits of one row range so widely across its samples.",
+        "later session). RULER-style tasks on offline data: the single needle in Paul Graham essays "
+        "(`niah_single`), the multi-key needle whose haystack is all distractor needles with UUID keys and values "
+        "(`niah_multikey_3`), variable tracking (`vt`: name the 5 variables of a chain of assignments hidden in "
+        "filler) and frequent-word extraction (`fwe`: the 3 most frequent words of a Zipf-distributed coded list); "
+        f"fp32, chunk size 256; the plan's models by length: {models_by_length(plan + extended)}. Each cache runs "
+        "on the same samples as the full-precision cache, which is measured once per model, task, length and "
+        "sample count and reused by every configuration while its key (prompts, gold answers, model files, dtype, "
+        "device, library versions) matches. Configurations: normal bits N with sinks and outliers at 8 "
+        "(`N/8 bits`) and the bit-budget presets `configs/bits-3.3.yaml` and `configs/bits-2.5.yaml`, each with "
+        "the effective bits it held: every byte at the end of generation, exact tail included, mean over the "
+        "samples (range). Rows may come from other tools run on the same samples; the configuration column names "
+        "them.",
         "",
-        "Accuracy is the share of samples whose answer holds every expected value, recall (multi-value and "
-        "multi-query needles) the share of expected values found; the interval is the 95% paired bootstrap "
-        "interval of the delta over samples; lost / gained count the samples full precision answers and the cache "
-        "does not, and the reverse. A preset's row meets its target only while it held at most the preset's "
-        "effective bits (mean over the samples): quality reached by spending more bits does not count. Each row "
-        "names the revision it was measured at. Perplexity per strategy is "
-        "measured by `benchmarks/quality.py` ([benchmarks-quality.md](benchmarks-quality.md)).",
+        "Accuracy is the share of samples whose answer holds every expected value, recall (multi-value tasks) the "
+        "share of expected values found. The answer log-likelihood is the gold answer's teacher-forced "
+        "log-probability per token right after the prompt, from the same prefill as the generated answer (one "
+        "forward of the answer's tokens on a fork of the prefilled cache; generation continues from the cache "
+        "as the prompt left it); its delta is the cache's minus full precision's, sample by sample. Intervals are "
+        "95% paired bootstrap intervals of the delta over samples; lost / gained count the samples full precision "
+        "answers and the cache does not, and the reverse. A preset's row meets its target only while it held at "
+        "most the preset's effective bits (mean over the samples). A task/context cell **separates** caches when "
+        f"full precision answers at least {SEPARATING_ACCURACY} of its samples and {LOSSY} (a known-lossy cache) "
+        "falls beyond its interval, in accuracy or in answer log-likelihood; only there does a target met say "
+        "much. Each row names the revision it was measured at. Perplexity per strategy is measured by "
+        "`benchmarks/quality.py` ([benchmarks-quality.md](benchmarks-quality.md)).",
         "",
     ]
     if frame.empty:
@@ -441,40 +726,47 @@ def render(frame: pd.DataFrame, plan: tuple[PlanRow, ...], extended: tuple[PlanR
     else:
         status = provenance_line(frame)
     accuracy = frame[frame["metric"] == "accuracy"]
-    lines += [status, "", "## Targets", "", *target_lines(accuracy), ""]
+    lines += [status, "", "## Targets", "", *separating_lines(frame), *target_lines(accuracy), ""]
     for model, rows in frame.groupby("model", sort=False):
         lines += [f"## {model_title(str(model))}", "", *model_table(rows), ""]
     lines += [
-        "## Rows that cannot separate a good cache from a bad one",
+        "## Which cells separate caches",
         "",
-        f"A task/length row where full precision itself fails most samples (accuracy <= 0.5), or where {LOSSY} "
-        "(a known-lossy cache) scores the same as full precision, cannot tell caches apart: a target met there "
-        f"says little. Rows without a {LOSSY} run are judged on full precision alone.",
+        f"A task/context cell where full precision answers fewer than {SEPARATING_ACCURACY} of the samples, or where "
+        f"{LOSSY} stays within its interval of full precision in accuracy and in answer log-likelihood, cannot tell "
+        "a good cache from a bad one.",
         "",
-        *(blind_rows(accuracy) if not accuracy.empty else ["- no run recorded yet."]),
+        *separation_lines(frame),
         "",
     ]
     recorded = set(zip(frame.model, frame.task, frame.length, frame.n, frame.label, strict=True))
+    pairs = [(c.model, c.length) for c in cells(plan + extended)]
     lines += [
         "## Plan",
         "",
-        f"`make bench` runs these rows, estimated {core} min on two CPU cores (a sample through one cache: "
-        + ", ".join(f"{model} {length} tokens {s:.0f} s" for (model, length), s in SAMPLE_SECONDS.items())
-        + "; each baseline once):",
+        f"The cells run in this order (`python benchmarks/retrieval.py --plan` prints it with seconds): at each "
+        f"context, first every task's {LOSSY} with its full-precision baseline (the screen), then the other "
+        f"configurations. A sample through one cache on two CPU cores: {timing.describe(pairs)}; measured from "
+        f"{timing.source}, and carried to other lengths as L (1 + L / H), H the length at which a prefill's "
+        "attention work equals the rest ("
+        + ", ".join(f"{n} tokens for `{m}`" for m, n in ATTENTION_LENGTH.items())
+        + ").",
         "",
-        *plan_table(plan, recorded),
+        f"`make bench` runs these cells, estimated {core} min on two CPU cores:",
         "",
-        f"`--extended` adds these rows, another {more} min (the results store resumes them across sessions):",
+        *plan_table(plan, recorded, timing=timing),
         "",
-        *plan_table(extended, recorded, plan),
+        f"`--extended` adds these, another {more} min (the results store resumes them across sessions):",
+        "",
+        *plan_table(extended, recorded, plan, timing),
     ]
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Path, out: Path, configs: dict[str, CompressionConfig]) -> None:
+def write_report(results: Path, out: Path, configs: dict[str, CompressionConfig], timing: Timing = FALLBACK) -> None:
     """Rebuild the page at ``out`` from every intact run under ``results``."""
     labels = {config.config_hash(): label for label, config in configs.items()}
-    page = render(collect(results, labels), PLAN, EXTENDED)
+    page = render(collect(results, labels), PLAN, EXTENDED, timing)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     print(f"wrote {out}")
@@ -490,7 +782,8 @@ def comma_list(text: str) -> list[str]:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--extended", action="store_true", help="also run the extended rows (about an hour more)")
+    parser.add_argument("--plan", action="store_true", help="print the cells in run order with their seconds, and exit")
+    parser.add_argument("--extended", action="store_true", help="also run the extended rows (8k and 16k tokens)")
     parser.add_argument("--models", type=comma_list, default=None, help="only these models of the plan")
     parser.add_argument("--tasks", type=comma_list, default=None, help="only these tasks of the plan")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in comma_list(s)], default=None)
@@ -524,14 +817,17 @@ def wanted(row: PlanRow, args: argparse.Namespace) -> bool:
 
 def main() -> None:
     args = arguments()
-    torch.set_num_threads(args.threads)
     configs = configurations()
-    if not args.report_only:
+    timing = Timing.from_store(args.results)
+    if args.plan or not args.report_only:
         labels = [label for label in configs if args.configs is None or label in args.configs]
         plan = select(PLAN + EXTENDED if args.extended else PLAN, labels, lambda row: wanted(row, args))
-        print(f"{len(plan)} rows, estimated {minutes(estimate_seconds(plan))} min on two CPU cores", flush=True)
+        print("\n".join(plan_lines(plan, timing, configs, args.results)), flush=True)
+        if args.plan:
+            return
+        torch.set_num_threads(args.threads)
         run(plan, configs, args.results, kvstream.load_model)
-    write_report(args.results, args.out, configs)
+    write_report(args.results, args.out, configs, timing)
 
 
 if __name__ == "__main__":

@@ -14,36 +14,67 @@ from kvstream.testing import tiny_llama
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import retrieval  # noqa: E402
 
-THREE_HOURS = 3 * 3600
+FOUR_HOURS = 4 * 3600
 
 
-def test_models_by_length_cover_every_task():
+def test_the_plan_covers_every_task_at_4k_8k_and_16k_on_qwen():
     everything = retrieval.PLAN + retrieval.EXTENDED
-    assert {row.model for row in everything if row.length in (2048, 4096)} == {retrieval.QWEN}
-    assert {row.model for row in everything if row.length == 8192} == {retrieval.SMOLLM2}
-    assert {row.task for row in everything if row.length == 8192} == {"passkey", "niah_single"}
-    tasks = {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
-    for length in (2048, 4096):
-        covered = {row.task for row in everything if row.length == length and set(retrieval.WIDTHS) <= set(row.configs)}
-        assert covered == tasks, length
+    assert {row.model for row in everything} == {retrieval.QWEN}
+    for length, samples in ((4096, 20), (8192, 20), (16384, 10)):
+        rows = [row for row in everything if row.length == length]
+        assert {row.task for row in rows} == set(retrieval.TASKS), length
+        assert {row.samples for row in rows} == {samples}, length  # one sample count per slot: one baseline
+        for task in retrieval.TASKS:
+            configs = {c for row in rows if row.task == task for c in row.configs}
+            assert configs == set(retrieval.ORDER), (length, task)
+    assert {row.configs for row in retrieval.PLAN} == {retrieval.CORE}
+    assert {row.length for row in retrieval.PLAN} == {4096} and retrieval.LOSSY in retrieval.CORE
+    assert set(retrieval.TASKS) >= {"niah_multikey_3", "vt", "fwe"}
 
 
-def test_preset_rows_are_the_second_model_with_ten_samples():
-    with_presets = {row.slot for row in retrieval.PLAN if set(retrieval.PRESETS) <= set(row.configs)}
-    expected = {(retrieval.QWEN, task, n, 10) for task in ("passkey", "niah_single") for n in (2048, 4096)}
-    assert with_presets == expected
-    assert not any(set(retrieval.PRESETS) & set(row.configs) for row in retrieval.EXTENDED)
-    # rows of one slot share their baseline: one sample count per (model, task, length)
-    slots = {(row.model, row.task, row.length): row.samples for row in retrieval.PLAN + retrieval.EXTENDED}
-    assert all(row.samples == slots[(row.model, row.task, row.length)] for row in retrieval.EXTENDED)
+def test_cells_run_screen_first_each_baseline_once_and_shorter_contexts_first():
+    plan = retrieval.cells(retrieval.PLAN)
+    assert len(plan) == len(retrieval.TASKS) * len(retrieval.CORE) == 16
+    screen = plan[: len(retrieval.TASKS)]
+    assert [c.task for c in screen] == list(retrieval.TASKS)
+    assert all(c.label == retrieval.LOSSY and c.baseline for c in screen)
+    rest = plan[len(retrieval.TASKS) :]
+    assert not any(c.baseline or c.label == retrieval.LOSSY for c in rest)
+    assert [(c.task, c.label) for c in rest[:3]] == [("niah_single", label) for label in retrieval.CORE[:3]]
+
+    everything = retrieval.cells(retrieval.PLAN + retrieval.EXTENDED)
+    assert len(everything) == 4 * 5 * 3 == 60  # every task, configuration and length once
+    assert len({(*c.slot, c.label) for c in everything}) == len(everything)
+    assert [c.length for c in everything] == sorted(c.length for c in everything)
+    for length in (4096, 8192, 16384):
+        at = [c for c in everything if c.length == length]
+        assert [c.label for c in at[:4]] == [retrieval.LOSSY] * 4 and all(c.baseline for c in at[:4])
+        assert sum(c.baseline for c in at) == 4
+    assert everything[: len(plan)] == plan  # the default plan's cells first, in the same order
+    assert [c.label for c in everything[len(plan) : len(plan) + 4]] == ["3/8 bits"] * 4
 
 
-def test_the_estimate_fits_three_hours_and_counts_each_baseline_once():
-    assert 120 * 60 < retrieval.estimate_seconds(retrieval.PLAN) < THREE_HOURS
+def test_the_estimate_counts_each_baseline_once_and_the_plan_fits_an_afternoon():
+    assert 3 * 3600 < retrieval.estimate_seconds(retrieval.PLAN) < FOUR_HOURS
     row = retrieval.PlanRow(retrieval.QWEN, "passkey", 2048, 10, ("4/8 bits",))
     again = retrieval.PlanRow(retrieval.QWEN, "passkey", 2048, 10, ("3/8 bits",))
     assert retrieval.estimate_seconds([row]) == 2 * 10 * retrieval.SAMPLE_SECONDS[(retrieval.QWEN, 2048)]
     assert retrieval.estimate_seconds([row, again]) == 3 * 10 * retrieval.SAMPLE_SECONDS[(retrieval.QWEN, 2048)]
+
+
+def test_lengths_without_stored_runs_are_scaled_from_the_nearest_measured_one():
+    timing = retrieval.Timing({(retrieval.QWEN, 4096): 30.0, (retrieval.QWEN, 2048): 10.0}, "test")
+    assert timing.per_sample(retrieval.QWEN, 4096) == 30.0
+    h = retrieval.ATTENTION_LENGTH[retrieval.QWEN]
+    want = 30.0 * 16384 * (1 + 16384 / h) / (4096 * (1 + 4096 / h))
+    assert timing.per_sample(retrieval.QWEN, 16384) == pytest.approx(want)
+    assert timing.per_sample(retrieval.QWEN, 1024) == pytest.approx(retrieval.scaled_seconds(10.0, 2048, 1024, h))
+    assert 2 * 30.0 < timing.per_sample(retrieval.QWEN, 8192) < 3 * 30.0  # attention makes it more than linear
+    assert "8192 tokens" in timing.describe([(retrieval.QWEN, 8192)]) and "(scaled from 4096)" in timing.describe(
+        [(retrieval.QWEN, 8192)]
+    )
+    with pytest.raises(KeyError, match="no stored run"):
+        timing.per_sample("unknown", 4096)
 
 
 def test_a_missing_preset_is_named_in_one_line_and_its_rows_dropped(monkeypatch, capsys):
@@ -52,15 +83,17 @@ def test_a_missing_preset_is_named_in_one_line_and_its_rows_dropped(monkeypatch,
     assert set(configs) == set(retrieval.WIDTHS)
     assert capsys.readouterr().out.count("\n") == 1
     plan = retrieval.select(retrieval.PLAN, configs, lambda row: True)
-    assert [row.configs for row in plan] == [tuple(retrieval.WIDTHS)] * len(retrieval.PLAN)
+    assert [row.configs for row in plan] == [("4/8 bits", "2/8 bits")] * len(retrieval.PLAN)
 
 
 def test_the_page_without_runs_shows_the_plan(tmp_path):
     page = retrieval.render(retrieval.collect(tmp_path, {}), retrieval.PLAN, retrieval.EXTENDED)
     minutes = retrieval.minutes(retrieval.estimate_seconds(retrieval.PLAN))
     assert f"**No runs are recorded yet for this plan** (estimated {minutes} min" in page
-    assert "| qwen2.5-coder-0.5b | passkey | 2048 | 10 | bits-3.3, bits-2.5, 4/8 bits, 3/8 bits, 2/8 bits |" in page
-    assert "## Rows that cannot separate a good cache from a bad one" in page
+    assert "| 1 | qwen2.5-coder-0.5b | niah_single | 4096 | 20 | 2/8 bits + full precision | 23 | no |" in page
+    assert "| 5 | qwen2.5-coder-0.5b | niah_single | 4096 | 20 | 4/8 bits | 11 | no |" in page
+    assert "## Which cells separate caches" in page and "- no run recorded yet." in page
+    assert "- Separating cells (full precision at 0.8 or more, 2/8 bits falling beyond its interval" in page
 
 
 def tiny(bits: int) -> CompressionConfig:
@@ -69,7 +102,7 @@ def tiny(bits: int) -> CompressionConfig:
 
 def test_runs_resume_and_the_page_renders_from_them(tmp_path, capsys):
     configs = {"4/8 bits": tiny(4), "2/8 bits": tiny(2)}
-    plan = [retrieval.PlanRow("tiny", "passkey", 120, 1, ("4/8 bits", "2/8 bits"))]
+    plan = [retrieval.PlanRow("tiny", "passkey", 120, 2, ("4/8 bits", "2/8 bits"))]
     loads: list[str] = []
 
     def load(name: str):
@@ -77,24 +110,86 @@ def test_runs_resume_and_the_page_renders_from_them(tmp_path, capsys):
         return tiny_llama(max_position_embeddings=512), WordTokenizer()
 
     retrieval.run(plan, configs, tmp_path, load)
-    assert capsys.readouterr().out.count("tiny passkey 120") == 2
+    out = capsys.readouterr().out
+    assert out.count("tiny passkey 120") == 2 and out.index("2/8 bits") < out.index("4/8 bits")  # screen first
     retrieval.run(plan, configs, tmp_path, load)  # every run stored on the same key: nothing runs again
     assert "tiny passkey 120" not in capsys.readouterr().out and loads == ["tiny", "tiny"]
+    assert len(list((tmp_path / "_baseline").iterdir())) == 1  # one baseline for both configurations
 
     labels = {config.config_hash(): label for label, config in configs.items()}
     frame = retrieval.collect(tmp_path, labels)
-    assert sorted(frame["label"]) == ["2/8 bits", "4/8 bits"] and set(frame["metric"]) == {"accuracy"}
+    assert sorted(set(frame["label"])) == ["2/8 bits", "4/8 bits"]
+    assert set(frame["metric"]) == {"accuracy", "answer_logprob"} and set(frame["source"]) == {"kvstream"}
     page = retrieval.render(frame, retrieval.PLAN, retrieval.EXTENDED)
     revision = frame["revision"].iloc[0]
     assert f"**All rows come from one revision, `{revision}`.**" in page
     assert "## `tiny`" in page and "No runs are recorded yet" not in page
     row = next(line for line in page.splitlines() if line.startswith("| passkey | 120 | 4/8 bits |"))
+    score = frame[(frame["label"] == "4/8 bits") & (frame["metric"] == "answer_logprob")].iloc[0]
+    assert f"| {score.delta:+.3f} [{score.ci_low:+.3f}, {score.ci_high:+.3f}] |" in row  # the log-likelihood delta
     assert row.endswith(f"| met | `{revision}` |")  # a random model answers nothing either way: 0 samples apart
     assert "- 4/8 bits, accuracy within one sample of full precision: met on 1 of 1 rows; missed: none." in page
     budget = "holding at most 3.3 effective bits"
     assert f"- bits-3.3, accuracy equal to full precision, {budget}: no run recorded yet." in page
-    blind = page.split("## Rows that cannot separate")[1].split("## Plan")[0]
-    assert "- tiny passkey 120 (1 sample): full precision answers 0 of 1; 2/8 bits scores the same" in blind
+    which = page.split("## Which cells separate caches")[1].split("## Plan")[0]
+    assert "- tiny passkey 120 (2 samples): not separating; full precision answers 0 of 2, below 0.8." in which
+    assert retrieval.Timing.from_store(tmp_path).measured[("tiny", 120)] > 0  # timed by its stored runs
+
+
+def record(label: str, metric: str, delta: float, low: float, high: float, fp: float = 1.0, **more) -> dict:
+    base = dict(model="m", task="vt", length=4096, n=20, label=label, source="kvstream", metric=metric, fp=fp)
+    base.update(quantized=fp + delta, delta=delta, ci_low=low, ci_high=high, lost=0, gained=0, bits=3.0)
+    base.update(bits_min=3.0, bits_max=3.0, revision="abc", torch="2", started="s", finished="f", seconds=1.0)
+    return {**base, **more}
+
+
+@pytest.mark.parametrize(
+    ("records", "separates", "why"),
+    [
+        ([record("2/8 bits", "accuracy", -0.3, -0.5, -0.1)], True, "2/8 bits falls: accuracy -0.30 [-0.50, -0.10]"),
+        (
+            [
+                record("2/8 bits", "accuracy", -0.05, -0.15, 0.0),
+                record("2/8 bits", "answer_logprob", -0.2, -0.3, -0.1, fp=-0.5),
+            ],
+            True,
+            "answer log-likelihood -0.200 [-0.300, -0.100] nats/token",
+        ),
+        (
+            [
+                record("2/8 bits", "accuracy", -0.05, -0.15, 0.0),
+                record("2/8 bits", "answer_logprob", -0.1, -0.3, 0.05, fp=-0.5),
+            ],
+            False,
+            "2/8 bits does not fall measurably",
+        ),
+        ([record("2/8 bits", "accuracy", -0.3, -0.5, -0.1, fp=0.75)], False, "full precision answers 15 of 20"),
+        ([record("4/8 bits", "accuracy", 0.0, 0.0, 0.0)], False, "no 2/8 bits run yet"),
+    ],
+)
+def test_a_cell_separates_when_full_precision_passes_and_the_lossy_cache_falls(records, separates, why):
+    got, reason = retrieval.separation(retrieval.pd.DataFrame(records))
+    assert got is separates and why in reason
+
+
+def test_separating_targets_and_peer_rows(tmp_path):
+    peer = record("peer-q4", "accuracy", -0.1, -0.2, 0.0, source="peer")
+    records = [
+        record("2/8 bits", "accuracy", -0.3, -0.5, -0.1),
+        record("4/8 bits", "accuracy", 0.0, -0.1, 0.1),
+        record("4/8 bits", "answer_logprob", -0.01, -0.02, -0.001, fp=-0.4),
+        record("bits-3.3", "accuracy", 0.0, 0.0, 0.0),
+        peer,
+    ]
+    frame = retrieval.collect(tmp_path, {}, extra=records)
+    lines = retrieval.separating_lines(frame)
+    assert lines[0].endswith("at least 3: 1 (m vt 4096).")
+    assert lines[1].endswith("met on 0 of 1; missed: m vt 4096.")  # 4/8 bits' log-likelihood falls
+    assert lines[2].endswith("met on 1 of 1; missed: none.")
+    page = retrieval.render(frame, retrieval.PLAN, retrieval.EXTENDED)
+    row = next(line for line in page.splitlines() if line.startswith("| vt | 4096 | peer-q4 |"))
+    assert row.endswith("| -0.10 [-0.20, +0.00] | 0 / 0 | - | - | - | `abc` |")  # no target for a peer's row
+    assert page.index("| vt | 4096 | 4/8 bits |") < page.index("| vt | 4096 | 2/8 bits |") < page.index("peer-q4")
 
 
 @pytest.mark.parametrize(
@@ -112,7 +207,7 @@ def test_verdicts_follow_each_target(delta, label, bits, expected):
     assert retrieval.verdict(row) == expected
 
 
-def test_main_prints_the_estimate_first_and_writes_the_page(tmp_path, monkeypatch, capsys):
+def test_main_prints_the_cells_first_and_writes_the_page(tmp_path, monkeypatch, capsys):
     configs = {label: CompressionConfig(chunk_size=64 * (i + 1)) for i, label in enumerate(retrieval.ORDER)}
     monkeypatch.setattr(retrieval, "configurations", lambda: configs)
     planned: list[list] = []
@@ -120,10 +215,42 @@ def test_main_prints_the_estimate_first_and_writes_the_page(tmp_path, monkeypatc
     out = tmp_path / "page.md"
     monkeypatch.setattr(sys, "argv", ["retrieval.py", "--results", str(tmp_path / "runs"), "--out", str(out)])
     retrieval.main()
+    printed = capsys.readouterr().out.splitlines()
+    cells = retrieval.cells(retrieval.PLAN)
+    assert printed[0].startswith(f"{len(cells)} cells in run order, expected seconds on two CPU cores")
+    assert printed[2].split()[:6] == ["1", retrieval.QWEN, "niah_single", "4096", "20", "2/8"]
     minutes = retrieval.minutes(retrieval.estimate_seconds(retrieval.PLAN))
-    rows = len(retrieval.PLAN)
-    assert capsys.readouterr().out.startswith(f"{rows} rows, estimated {minutes} min on two CPU cores\n")
+    assert printed[len(cells) + 2].startswith(
+        f"total: {retrieval.estimate_seconds(retrieval.PLAN):.0f} s ({minutes} min)"
+    )
     assert planned == [list(retrieval.PLAN)] and "No runs are recorded yet" in out.read_text()
+
+
+def test_plan_prints_every_cell_in_run_order_and_exits(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(retrieval, "run", lambda *args: pytest.fail("--plan must not run anything"))
+    monkeypatch.setattr(retrieval, "write_report", lambda *args: pytest.fail("--plan must not write the page"))
+    argv = ["retrieval.py", "--plan", "--extended", "--results", str(tmp_path), "--tasks", "vt,fwe"]
+    monkeypatch.setattr(sys, "argv", argv)
+    retrieval.main()
+    lines = capsys.readouterr().out.splitlines()
+    lines = lines[lines.index(next(x for x in lines if " cells in run order" in x)) :]
+    cells = retrieval.cells(
+        retrieval.select(retrieval.PLAN + retrieval.EXTENDED, retrieval.ORDER, lambda r: r.task in ("vt", "fwe"))
+    )
+    assert lines[0].startswith(f"{len(cells)} cells in run order") and len(cells) == 2 * 5 * 3
+    body = lines[2 : 2 + len(cells)]
+    for i, (line, cell) in enumerate(zip(body, cells, strict=True), start=1):
+        number, model, task, length, samples, *rest = line.split()
+        assert (int(number), model, task, int(length), int(samples)) == (
+            i,
+            cell.model,
+            cell.task,
+            cell.length,
+            cell.samples,
+        )
+        assert " ".join(rest[:-1]).startswith(cell.label) and float(rest[-1]) == pytest.approx(cell.seconds(), abs=1)
+    total = sum(c.seconds(retrieval.Timing.from_store(tmp_path)) for c in cells)
+    assert lines[2 + len(cells)].startswith(f"total: {total:.0f} s")
 
 
 def test_target_lines_name_each_miss_with_its_reason():
