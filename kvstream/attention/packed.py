@@ -182,14 +182,21 @@ def packed_attention(
     ``layer`` is a `PackedLayer` whose packed history precedes ``tail_keys``; ``mask`` is the
     model's mask over history and tail, or None when everything is visible (decode) or only
     causality applies (no history). ``reader(layer, q, mask, n_rep, state)`` folds the history in;
-    by default the reference reader.
+    by default the reference reader. A reader with ``attend(layer, query, tail_keys, tail_values, mask,
+    scaling)`` may serve the whole call instead, returning the output and the bytes it held (or None).
     """
+    reader = reader or reference_history
+    attend = getattr(reader, "attend", None)  # a kernel that serves the whole step and writes the output
+    answer = None if attend is None else attend(layer, query, tail_keys, tail_values, mask, scaling)
+    if answer is not None:
+        out, held = answer
+        layer.owner.note_transient(held)
+        return out
     b, hq, q_len, d = query.shape
     kv_heads = tail_keys.shape[1]
     n_rep = hq // kv_heads
     q = grouped_queries(query, kv_heads) * scaling
     state = OnlineSoftmax()
-    reader = reader or reference_history
     if getattr(reader, "reads_tail", False):  # a fused kernel reads history and tail in one call
         reader(layer, q, mask, n_rep, state, tail=(tail_keys, tail_values))
     else:

@@ -61,7 +61,11 @@ class PackedDecode:
 
 
 class TritonDecode:
-    """History reader for decode steps on a GPU: the Triton kernel over the blocks, the sink copies exactly."""
+    """History reader for decode steps on a GPU: the Triton kernels over the blocks, the sink copies and the tail.
+
+    `attend` serves a whole decode step (blocks, sink copies and tail merged and normalised by the kernels, the
+    output written in the query's dtype); called as a reader, it folds the blocks and the sink copies into the
+    state and leaves the tail to `packed_attention`."""
 
     name = "triton kernel"
 
@@ -72,17 +76,36 @@ class TritonDecode:
 
         sinks = layer.sink_tokens()
         visible, sink_visible = visibility(layer, mask, None if sinks is None else sinks[0])
-        if sinks is not None:
-            scores = q @ sinks[1].transpose(-1, -2)
-            scores.masked_fill_(~sink_visible[:, None, None, :], float("-inf"))
-            state.add(scores, sinks[2])
-        rotation = layer.value_rotation()
-        if rotation is None:
-            triton_decode.decode_history(layer, q, visible, state)
-            return
-        blocks = OnlineSoftmax()  # values stored rotated: the blocks' output is rotated back once per head
-        triton_decode.decode_history(layer, q, visible, blocks)
-        state.merge(rotation.unrotate(blocks.acc), blocks.m, blocks.norm)
+        segment = None if sinks is None else triton_decode.Segment(sinks[1], sinks[2], sink_visible)
+        triton_decode.read_history(layer, q, visible, segment, state)
+
+    def attend(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+    ) -> tuple[torch.Tensor, int] | None:
+        """Attention output ``[B, 1, Hq, D]`` of one query token per row over the packed history, the sink
+        copies and the exact tail, with the bytes it held; None unless the step is one query token under a
+        bool mask or none (the reader's call serves the rest)."""
+        if query.shape[2] != 1 or (mask is not None and mask.dtype != torch.bool):
+            return None
+        from kvstream.kernels import triton_decode
+
+        sinks = layer.sink_tokens()
+        visible, sink_visible = visibility(layer, mask, None if sinks is None else sinks[0])
+        segment = None if sinks is None else triton_decode.Segment(sinks[1], sinks[2], sink_visible)
+        tail = None
+        if tail_keys.shape[2]:
+            seen = None
+            if mask is not None:
+                column = layer.length - tail_keys.shape[2] - layer.offset
+                seen = mask[:, 0, -1, column : column + tail_keys.shape[2]]
+            tail = triton_decode.Segment(tail_keys, tail_values, seen)
+        return triton_decode.attention(layer, query, scaling, visible, segment, tail)
 
 
 def triton_available() -> bool:

@@ -1,14 +1,29 @@
-"""Decode attention over packed blocks on a GPU, in Triton (split-K: one program per block and KV head).
+"""Decode attention over packed blocks on a GPU, in Triton: split-K over sub-tiles of the blocks, one merge.
 
-Each program decodes one block's bit-packed key codes for one (batch row, KV head), dequantizes
-them (uniform codes or a level table, key ranges per token group), rotates them by angle addition
-from the block's first position (`BlockRope`), scores the
-grouped queries, and writes the block's softmax partial (max, sum, unnormalised output from the
-value codes). The partials are merged with the log-sum-exp rule; sink copies and the exact tail
-are read by the reference code beside it. Tested on the CPU with ``TRITON_INTERPRET=1`` against
-the reference reader; timed on a GPU when one is available.
+`_block_kernel` runs a grid of (programs, batch row x KV head). The blocks of a group are cut into
+sub-tiles of ``BLOCK_T`` tokens (the last one of a block may be short) and each program takes a
+contiguous run of them, a whole block, part of one or several, so that a short history still fills
+the GPU and a long one writes few partials. Per sub-tile it unpacks the key and value codes of both
+precision parts (one 4-byte window of the bit stream serves a group of codes), dequantizes them
+(uniform codes or a level table, key ranges per token group, symmetric or zero-point), turns the
+keys by the sub-tile's RoPE offsets and the queries by the block's first position (`BlockRope`'s
+angle addition, split between the two sides), scores the grouped queries with fp32 products and
+sums, and folds the sub-tile into the program's running max, sum and output (online softmax). Only
+``[head_dim / 2, BLOCK_T]`` key and ``[BLOCK_T, head_dim]`` value tiles are live at once.
+
+`_merge_kernel` then folds every program's partial, and the exact segments (sink copies, the
+tail) read from fp32 or 16-bit keys and values, into one row per query head: the final attention
+output in the query's dtype, or an ``(acc, max, sum)`` partial for an `OnlineSoftmax`. A decode step
+is one launch per block group and one merge (two merges and a rotation when values are stored
+rotated). Arguments of a block group are built once and kept while the group lives (groups are
+replaced, never edited, when blocks are packed, freed or rows selected). Tested on the CPU with
+``TRITON_INTERPRET=1`` against the reference reader; timed on a GPU when one is available.
 """
 
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,345 +33,891 @@ import triton.language as tl
 from kvstream.kernels.cpu import group_args
 from kvstream.kernels.online import OnlineSoftmax
 
+TILE_ELEMENTS = 4096
+"""Elements of one sub-tile (tokens x head_dim): 32 tokens of a 128-wide head, 64 of a 64-wide one, so a
+program's key, value and RoPE tiles stay in registers."""
+PROGRAMS_PER_SM = 4
+"""Programs launched per streaming multiprocessor (all of a group's sub-tiles shared among them): about
+as many as are resident at once, so every SM streams codes while the partials stay few."""
+INTERPRETED_PROGRAMS = 4
+"""Programs per launch without a GPU (Triton's interpreter): few, so each one runs over sub-tiles of
+several blocks, the path long histories take on a GPU."""
+MERGE_ELEMENTS = 4096
+"""Elements of one tile of partials (partials x head_dim) the merge reads at a time."""
+TINY = torch.finfo(torch.float32).tiny
+
 
 @triton.jit
-def _codes(codes_ptr, nbytes, element, bits):
-    """Code ``element`` (a tensor of indices) of a little-endian bit stream of ``bits``-wide codes.
+def _unpack(codes, nbytes, first, ok, BITS: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr):
+    """Codes ``first .. first + GROUP - 1`` of a little-endian stream of ``BITS``-wide codes for every group
+    start ``first`` ([X, Y] int64): [X, Y, GROUP] int32.
 
-    Indices outside the stream (another part's slots, which the caller discards) read as code 0, never
-    past either end of the buffer; bit offsets are 64-bit, so streams beyond 2^31 bits are addressed."""
-    bit = element.to(tl.int64) * bits
+    One window of at most 4 bytes serves the group's codes: exactly its bytes when every group starts on a
+    byte (``ALIGNED``), else the bytes its bits touch, shifted. Groups not ``ok`` and bytes past the stream
+    read as 0, so a lane of the other precision part never addresses outside this one."""
+    if ALIGNED:
+        WINDOW: tl.constexpr = GROUP * BITS // 8
+    else:
+        WINDOW: tl.constexpr = (GROUP * BITS + 14) // 8
+    bit = first * BITS
     byte = bit >> 3
-    shift = (bit & 7).to(tl.int32)
-    inside = (byte >= 0) & (byte < nbytes)
-    low = tl.load(codes_ptr + byte, mask=inside, other=0).to(tl.int32)
-    high = tl.load(codes_ptr + byte + 1, mask=inside & (byte + 1 < nbytes), other=0).to(tl.int32)
-    return (((high << 8) | low) >> shift) & ((1 << bits) - 1)
+    i = tl.arange(0, 4)
+    address = byte[:, :, None] + i[None, None, :]
+    inside = ok[:, :, None] & (i < WINDOW)[None, None, :] & (address < nbytes)
+    raw = tl.load(codes + address, mask=inside, other=0).to(tl.int32)
+    word = tl.sum(raw << (8 * i)[None, None, :], axis=2)
+    if not ALIGNED:
+        word = word >> (bit & 7).to(tl.int32)
+    j = tl.arange(0, GROUP)
+    return (word[:, :, None] >> (BITS * j)[None, None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit
 def _dequant(
-    codes_hi,
-    scale_hi,
-    zero_hi,
-    nbytes_hi,
-    bits_hi,
-    units_hi,
-    codes_lo,
-    scale_lo,
-    zero_lo,
-    nbytes_lo,
-    bits_lo,
-    units_lo,
-    table_hi,
-    table_lo,
-    slot,
-    sbh,
-    element_in_row,
-    row_len,
-    meta_index_in_row,
-    meta_per_row,
-    SYM_HI: tl.constexpr,
-    SYM_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    TABLE_HI: tl.constexpr,
-    TABLE_LO: tl.constexpr,
-    mask,
+    codes,
+    scale,
+    zero,
+    table,
+    nbytes,
+    first,
+    ok,
+    meta,
+    meta_ok,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SYM: tl.constexpr,
+    TABLE: tl.constexpr,
 ):
-    """Dequantized values of units ``slot`` (high part when ``slot < units_hi``) at ``element_in_row``: a code
-    stands for itself (uniform) or for its entry of the part's level table, times the scale, plus the zero."""
-    is_hi = slot < units_hi
-    row_lo = sbh * units_lo + (slot - units_hi)
-    code_lo = _codes(codes_lo, nbytes_lo, row_lo * row_len + element_in_row, bits_lo)
-    if TABLE_LO:  # noqa: SIM108 (a branch on a constexpr, resolved when the kernel is compiled)
-        value_lo = tl.load(table_lo + code_lo, mask=mask, other=0.0)
+    """[X, Y, GROUP] values of the codes from group starts ``first``: a code stands for itself (uniform) or
+    its entry of the level table, times the scale at ``meta``, plus the zero-point (or minus the middle
+    level when symmetric). Lanes not ``meta_ok`` are exactly 0, so the two precision parts add up."""
+    code = _unpack(codes, nbytes, first, ok, BITS, GROUP, ALIGNED)
+    if TABLE:  # noqa: SIM108 (a branch on a constexpr, resolved when the kernel is compiled)
+        level = tl.load(table + code)
     else:
-        value_lo = code_lo.to(tl.float32)
-    meta_lo = row_lo * meta_per_row + meta_index_in_row
-    s_lo = tl.load(scale_lo + meta_lo, mask=mask & (slot >= units_hi), other=0.0).to(tl.float32)
-    if SYM_LO and TABLE_LO:
-        z_lo = 0.0 * s_lo
-    elif SYM_LO:
-        z_lo = -((1 << (bits_lo - 1)) - 1) * s_lo
+        level = code.to(tl.float32)
+    s = tl.load(scale + meta, mask=meta_ok, other=0.0).to(tl.float32)
+    if SYM and TABLE:
+        value = level * s
+    elif SYM:
+        value = level * s - ((1 << (BITS - 1)) - 1) * s
     else:
-        z_lo = tl.load(zero_lo + meta_lo, mask=mask & (slot >= units_hi), other=0.0).to(tl.float32)
-    out = value_lo * s_lo + z_lo
-    if HAS_HI:
-        row_hi = sbh * units_hi + slot
-        code_hi = _codes(codes_hi, nbytes_hi, row_hi * row_len + element_in_row, bits_hi)
-        if TABLE_HI:  # noqa: SIM108
-            value_hi = tl.load(table_hi + code_hi, mask=mask & is_hi, other=0.0)
-        else:
-            value_hi = code_hi.to(tl.float32)
-        meta_hi = row_hi * meta_per_row + meta_index_in_row
-        s_hi = tl.load(scale_hi + meta_hi, mask=mask & is_hi, other=0.0).to(tl.float32)
-        if SYM_HI and TABLE_HI:
-            z_hi = 0.0 * s_hi
-        elif SYM_HI:
-            z_hi = -((1 << (bits_hi - 1)) - 1) * s_hi
-        else:
-            z_hi = tl.load(zero_hi + meta_hi, mask=mask & is_hi, other=0.0).to(tl.float32)
-        out = tl.where(is_hi, value_hi * s_hi + z_hi, out)
-    return out
+        value = level * s + tl.load(zero + meta, mask=meta_ok, other=0.0).to(tl.float32)
+    return value
 
 
 @triton.jit
-def _block_kernel(
-    q_ptr,
-    visible_ptr,
-    L,
+def _key_part(
+    codes,
+    scale,
+    zero,
+    table,
+    nbytes,
+    row,
+    own,
+    t0,
+    T,
+    KG,
+    HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ONE_RANGE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SYM: tl.constexpr,
+    TABLE: tl.constexpr,
+):
+    """[HALF, BLOCK_T] keys of one part: channel rows ``row`` ([HALF] int64, this part's where ``own``), tokens
+    ``t0 ..`` of the block; a key row is one channel over the block's ``T`` tokens, ``KG`` ranges along it."""
+    NG: tl.constexpr = BLOCK_T // GROUP
+    start = t0 + tl.arange(0, NG) * GROUP
+    first = row[:, None] * T + start[None, :]
+    ok = own[:, None] & (start < T)[None, :]
+    if ONE_RANGE:
+        meta = row[:, None, None]
+        meta_ok = own[:, None, None]
+    else:
+        t = start[None, :, None] + tl.arange(0, GROUP)[None, None, :]
+        meta = row[:, None, None] * KG + t // (T // KG)
+        meta_ok = own[:, None, None] & (t < T)
+    keys = _dequant(codes, scale, zero, table, nbytes, first, ok, meta, meta_ok, BITS, GROUP, ALIGNED, SYM, TABLE)
+    return tl.reshape(keys, (HALF, BLOCK_T))
+
+
+@triton.jit
+def _keys(
     kc_hi,
     ks_hi,
     kz_hi,
+    kt_hi,
     kn_hi,
-    kbits_hi,
     kunits_hi,
     kc_lo,
     ks_lo,
     kz_lo,
-    kn_lo,
-    kbits_lo,
-    kunits_lo,
-    kslot_ptr,
-    kt_hi,
     kt_lo,
+    kn_lo,
+    kunits_lo,
+    kslot,
+    sbh,
+    channel,
+    t0,
+    T,
+    KG,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ONE_RANGE: tl.constexpr,
+    K_SPLIT: tl.constexpr,
+    K_HI: tl.constexpr,
+    K_LO: tl.constexpr,
+    KB_HI: tl.constexpr,
+    KG_HI: tl.constexpr,
+    KA_HI: tl.constexpr,
+    KS_HI: tl.constexpr,
+    KT_HI: tl.constexpr,
+    KB_LO: tl.constexpr,
+    KG_LO: tl.constexpr,
+    KA_LO: tl.constexpr,
+    KS_LO: tl.constexpr,
+    KT_LO: tl.constexpr,
+):
+    """[HALF, BLOCK_T] keys of ``channel`` ([HALF]) in block row ``sbh``: each channel's slot says its part."""
+    slot = tl.load(kslot + sbh * D + channel).to(tl.int64) if K_SPLIT else channel.to(tl.int64) + kunits_hi
+    keys = tl.zeros([HALF, BLOCK_T], tl.float32)
+    if K_HI:
+        row = sbh * kunits_hi + slot
+        keys += _key_part(
+            kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, row, slot < kunits_hi, t0, T, KG,
+            HALF, BLOCK_T, ONE_RANGE, KB_HI, KG_HI, KA_HI, KS_HI, KT_HI,
+        )  # fmt: skip
+    if K_LO:
+        row = sbh * kunits_lo + slot - kunits_hi
+        keys += _key_part(
+            kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, row, slot >= kunits_hi, t0, T, KG,
+            HALF, BLOCK_T, ONE_RANGE, KB_LO, KG_LO, KA_LO, KS_LO, KT_LO,
+        )  # fmt: skip
+    return keys
+
+
+@triton.jit
+def _value_part(
+    codes,
+    scale,
+    zero,
+    table,
+    nbytes,
+    units,
+    units_hi,
+    vslot,
+    sbh,
+    t,
+    t_ok,
+    T,
+    U,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    V_SPLIT: tl.constexpr,
+    HIGH: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SYM: tl.constexpr,
+    TABLE: tl.constexpr,
+):
+    """[BLOCK_T, D] values of one part at tokens ``t`` of block row ``sbh`` (0 in the other part's channels).
+
+    A value row is one unit (``U`` channels) over the block's tokens, ``t * U + channel % U`` along it, one range
+    per token; codes are unpacked ``GROUP`` channels at a time (``GROUP`` divides ``U``)."""
+    NG: tl.constexpr = D // GROUP
+    channel = tl.arange(0, NG) * GROUP
+    unit = channel // U
+    slot = tl.load(vslot + sbh * (D // U) + unit).to(tl.int64) if V_SPLIT else unit.to(tl.int64) + units_hi
+    if HIGH:
+        own = slot < units_hi
+        row = sbh * units + slot
+    else:
+        own = slot >= units_hi
+        row = sbh * units + slot - units_hi
+    first = row[None, :] * T * U + (t * U)[:, None] + (channel - unit * U)[None, :]
+    ok = t_ok[:, None] & own[None, :]
+    meta = row[None, :] * T + t[:, None]
+    values = _dequant(
+        codes, scale, zero, table, nbytes, first, ok, meta[:, :, None], ok[:, :, None], BITS, GROUP, ALIGNED, SYM, TABLE
+    )
+    return tl.reshape(values, (BLOCK_T, D))
+
+
+@triton.jit
+def _block_kernel(
+    q,
+    q_sb,
+    q_sh,
+    q_sr,
+    scaling,
+    visible,
+    vis_sb,
+    m_out,
+    l_out,
+    acc_out,
+    B,
+    H,
+    chunks,
+    programs,
+    kc_hi,
+    ks_hi,
+    kz_hi,
+    kt_hi,
+    kn_hi,
+    kunits_hi,
+    kc_lo,
+    ks_lo,
+    kz_lo,
+    kt_lo,
+    kn_lo,
+    kunits_lo,
+    kslot,
     vc_hi,
     vs_hi,
     vz_hi,
+    vt_hi,
     vn_hi,
-    vbits_hi,
     vunits_hi,
     vc_lo,
     vs_lo,
     vz_lo,
-    vn_lo,
-    vbits_lo,
-    vunits_lo,
-    vslot_ptr,
-    vt_hi,
     vt_lo,
+    vn_lo,
+    vunits_lo,
+    vslot,
     ocos,
     osin,
     bcos,
     bsin,
-    acc_ptr,
-    m_ptr,
-    l_ptr,
-    B,
-    H,
-    R,
     T,
     start,
     U,
     KG,
     D: tl.constexpr,
     HALF: tl.constexpr,
+    R: tl.constexpr,
     R_PAD: tl.constexpr,
-    T_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    PV_DOT: tl.constexpr,
     ROTATE: tl.constexpr,
+    ONE_RANGE: tl.constexpr,
     K_SPLIT: tl.constexpr,
     V_SPLIT: tl.constexpr,
-    K_SYM_HI: tl.constexpr,
-    K_SYM_LO: tl.constexpr,
-    V_SYM_HI: tl.constexpr,
-    V_SYM_LO: tl.constexpr,
-    K_HAS_HI: tl.constexpr,
-    V_HAS_HI: tl.constexpr,
-    K_TABLE_HI: tl.constexpr,
-    K_TABLE_LO: tl.constexpr,
-    V_TABLE_HI: tl.constexpr,
-    V_TABLE_LO: tl.constexpr,
+    K_HI: tl.constexpr,
+    K_LO: tl.constexpr,
+    V_HI: tl.constexpr,
+    V_LO: tl.constexpr,
+    KB_HI: tl.constexpr,
+    KG_HI: tl.constexpr,
+    KA_HI: tl.constexpr,
+    KS_HI: tl.constexpr,
+    KT_HI: tl.constexpr,
+    KB_LO: tl.constexpr,
+    KG_LO: tl.constexpr,
+    KA_LO: tl.constexpr,
+    KS_LO: tl.constexpr,
+    KT_LO: tl.constexpr,
+    VB_HI: tl.constexpr,
+    VG_HI: tl.constexpr,
+    VA_HI: tl.constexpr,
+    VS_HI: tl.constexpr,
+    VT_HI: tl.constexpr,
+    VB_LO: tl.constexpr,
+    VG_LO: tl.constexpr,
+    VA_LO: tl.constexpr,
+    VS_LO: tl.constexpr,
+    VT_LO: tl.constexpr,
 ):
-    s = tl.program_id(0)
+    """One program: sub-tiles ``[p * chunks / programs, (p + 1) * chunks / programs)`` of the group's blocks
+    (``chunks`` in all, block-major) for batch row and KV head ``bh``; writes its ``(max, sum, acc)`` of the
+    ``R`` grouped queries. Per part of keys and values: bits, codes per window, aligned, symmetric, table."""
+    p = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b = bh // H
-    sbh = s * B * H + bh
-    t = tl.arange(0, T_PAD)
-    t_ok = t < T
-    r = tl.arange(0, R_PAD)
-    r_ok = r < R
-    c = tl.arange(0, HALF)
-    vis = tl.load(visible_ptr + b * L + start + s * T + t, mask=t_ok, other=0) != 0
-
-    # keys as [T_PAD, HALF] tiles: channels c (first half) and c + HALF (second half)
-    ca = c
-    cb = c + HALF
-    if K_SPLIT:
-        slot_a = tl.load(kslot_ptr + sbh * D + ca).to(tl.int32)
-        slot_b = tl.load(kslot_ptr + sbh * D + cb).to(tl.int32)
-    else:
-        slot_a = ca + kunits_hi
-        slot_b = cb + kunits_hi
-    m2 = t_ok[:, None]
-    ka = _dequant(
-        kc_hi,
-        ks_hi,
-        kz_hi,
-        kn_hi,
-        kbits_hi,
-        kunits_hi,
-        kc_lo,
-        ks_lo,
-        kz_lo,
-        kn_lo,
-        kbits_lo,
-        kunits_lo,
-        kt_hi,
-        kt_lo,
-        slot_a[None, :],
-        sbh,
-        t[:, None],
-        T,
-        t[:, None] // (T // KG),
-        KG,
-        K_SYM_HI,
-        K_SYM_LO,
-        K_HAS_HI,
-        K_TABLE_HI,
-        K_TABLE_LO,
-        m2,
-    )
-    kb = _dequant(
-        kc_hi,
-        ks_hi,
-        kz_hi,
-        kn_hi,
-        kbits_hi,
-        kunits_hi,
-        kc_lo,
-        ks_lo,
-        kz_lo,
-        kn_lo,
-        kbits_lo,
-        kunits_lo,
-        kt_hi,
-        kt_lo,
-        slot_b[None, :],
-        sbh,
-        t[:, None],
-        T,
-        t[:, None] // (T // KG),
-        KG,
-        K_SYM_HI,
-        K_SYM_LO,
-        K_HAS_HI,
-        K_TABLE_HI,
-        K_TABLE_LO,
-        m2,
-    )
-    if ROTATE:
-        base = (s * B + b) * D
-        bca = tl.load(bcos + base + ca)[None, :]
-        bsa = tl.load(bsin + base + ca)[None, :]
-        bcb = tl.load(bcos + base + cb)[None, :]
-        bsb = tl.load(bsin + base + cb)[None, :]
-        oca = tl.load(ocos + ca[None, :] * T + t[:, None], mask=m2, other=0.0)
-        osa = tl.load(osin + ca[None, :] * T + t[:, None], mask=m2, other=0.0)
-        ocb = tl.load(ocos + cb[None, :] * T + t[:, None], mask=m2, other=0.0)
-        osb = tl.load(osin + cb[None, :] * T + t[:, None], mask=m2, other=0.0)
-        cos_a = bca * oca - bsa * osa
-        sin_a = bsa * oca + bca * osa
-        cos_b = bcb * ocb - bsb * osb
-        sin_b = bsb * ocb + bcb * osb
-        ra = ka * cos_a - kb * sin_a
-        rb = kb * cos_b + ka * sin_b
-        ka = ra
-        kb = rb
-    q_base = q_ptr + bh * R * D
-    qa = tl.load(q_base + r[:, None] * D + ca[None, :], mask=r_ok[:, None], other=0.0)
-    qb = tl.load(q_base + r[:, None] * D + cb[None, :], mask=r_ok[:, None], other=0.0)
-    scores = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kb), input_precision="ieee")
-    scores = tl.where(vis[None, :], scores, float("-inf"))
-    m = tl.max(scores, axis=1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp(scores - m_safe[:, None])
-    p = tl.where(vis[None, :], p, 0.0)
-    norm = tl.sum(p, axis=1)
-
-    # values as a [T_PAD, D] tile: unit d // U, element t * U + d % U of its row
+    h = bh % H
+    first = p * chunks // programs
+    last = (p + 1) * chunks // programs
+    per_block = (T + BLOCK_T - 1) // BLOCK_T
+    rows = tl.arange(0, R_PAD)
+    ca = tl.arange(0, HALF)
+    cb = ca + HALF
     d = tl.arange(0, D)
-    unit = d // U
-    vslot = tl.load(vslot_ptr + sbh * (D // U) + unit).to(tl.int32) if V_SPLIT else unit + vunits_hi
-    v = _dequant(
-        vc_hi,
-        vs_hi,
-        vz_hi,
-        vn_hi,
-        vbits_hi,
-        vunits_hi,
-        vc_lo,
-        vs_lo,
-        vz_lo,
-        vn_lo,
-        vbits_lo,
-        vunits_lo,
-        vt_hi,
-        vt_lo,
-        vslot[None, :],
-        sbh,
-        t[:, None] * U + (d % U)[None, :],
-        T * U,
-        t[:, None],
-        T,
-        V_SYM_HI,
-        V_SYM_LO,
-        V_HAS_HI,
-        V_TABLE_HI,
-        V_TABLE_LO,
-        m2,
-    )
-    v = tl.where(m2, v, 0.0)
-    acc = tl.dot(p, v, input_precision="ieee")  # [R_PAD, D]
-    out = (sbh * R + r) * D
-    tl.store(acc_ptr + out[:, None] + d[None, :], acc, mask=r_ok[:, None])
-    tl.store(m_ptr + sbh * R + r, m, mask=r_ok)
-    tl.store(l_ptr + sbh * R + r, norm, mask=r_ok)
+    q_head = q + b * q_sb + h * q_sh
+    m_i = tl.full([R_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([R_PAD], tl.float32)
+    acc = tl.zeros([R_PAD, D], tl.float32)
+    for c in range(first, last):
+        s = c // per_block
+        t0 = (c - s * per_block) * BLOCK_T
+        sbh = s * B * H + bh
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        seen = t_ok & (tl.load(visible + b * vis_sb + start + s * T + t, mask=t_ok, other=0) != 0)
+        ka = _keys(
+            kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kunits_hi, kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kunits_lo, kslot,
+            sbh, ca, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, K_HI, K_LO,
+            KB_HI, KG_HI, KA_HI, KS_HI, KT_HI, KB_LO, KG_LO, KA_LO, KS_LO, KT_LO,
+        )  # fmt: skip
+        kb = _keys(
+            kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kunits_hi, kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kunits_lo, kslot,
+            sbh, cb, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, K_HI, K_LO,
+            KB_HI, KG_HI, KA_HI, KS_HI, KT_HI, KB_LO, KG_LO, KA_LO, KS_LO, KT_LO,
+        )  # fmt: skip
+        if ROTATE:
+            # RoPE at p0 + t by angle addition, split: keys turn by the offset t, queries back by the block's p0
+            oc = tl.load(ocos + ca[:, None] * T + t[None, :], mask=t_ok[None, :], other=0.0)
+            os = tl.load(osin + ca[:, None] * T + t[None, :], mask=t_ok[None, :], other=0.0)
+            ra = ka * oc - kb * os
+            rb = kb * oc + ka * os
+            ka = ra
+            kb = rb
+            base = (s * B + b) * D
+            bca = tl.load(bcos + base + ca)
+            bsa = tl.load(bsin + base + ca)
+            bcb = tl.load(bcos + base + cb)
+            bsb = tl.load(bsin + base + cb)
+        scores = tl.full([R_PAD, BLOCK_T], float("-inf"), tl.float32)
+        for r in tl.static_range(R):
+            qa = tl.load(q_head + r * q_sr + ca).to(tl.float32) * scaling
+            qb = tl.load(q_head + r * q_sr + cb).to(tl.float32) * scaling
+            if ROTATE:
+                ua = qa * bca + qb * bsb
+                ub = qb * bcb - qa * bsa
+                qa = ua
+                qb = ub
+            row = tl.sum(ka * qa[:, None] + kb * qb[:, None], axis=0)
+            scores = tl.where(rows[:, None] == r, row[None, :], scores)
+        scores = tl.where(seen[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        prob = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        v = tl.zeros([BLOCK_T, D], tl.float32)
+        if V_HI:
+            v += _value_part(
+                vc_hi, vs_hi, vz_hi, vt_hi, vn_hi, vunits_hi, vunits_hi, vslot, sbh, t, t_ok, T, U,
+                D, BLOCK_T, V_SPLIT, True, VB_HI, VG_HI, VA_HI, VS_HI, VT_HI,
+            )  # fmt: skip
+        if V_LO:
+            v += _value_part(
+                vc_lo, vs_lo, vz_lo, vt_lo, vn_lo, vunits_lo, vunits_hi, vslot, sbh, t, t_ok, T, U,
+                D, BLOCK_T, V_SPLIT, False, VB_LO, VG_LO, VA_LO, VS_LO, VT_LO,
+            )  # fmt: skip
+        if PV_DOT:
+            pv = tl.dot(prob, v, input_precision="ieee")
+        else:
+            pv = tl.zeros([R_PAD, D], tl.float32)
+            for r in tl.static_range(R):
+                weight = tl.sum(tl.where(rows[:, None] == r, prob, 0.0), axis=0)
+                out = tl.sum(weight[:, None] * v, axis=0)
+                pv = tl.where(rows[:, None] == r, out[None, :], pv)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    slot_out = (p * B * H + bh) * R + rows
+    ok = rows < R
+    tl.store(m_out + slot_out, m_i, mask=ok)
+    tl.store(l_out + slot_out, l_i, mask=ok)
+    tl.store(acc_out + slot_out[:, None] * D + d[None, :], acc, mask=ok[:, None])
 
 
-def _part(tensors: list[torch.Tensor], meta: list[int], device: torch.device) -> list[Any]:
-    """``codes, scale, zero, nbytes, bits, units`` of one part (dummies when absent)."""
+@triton.jit
+def _exact(
+    q,
+    keys,
+    values,
+    visible,
+    n,
+    k_sb,
+    k_sh,
+    k_st,
+    v_sb,
+    v_sh,
+    v_st,
+    vis_sb,
+    vis_st,
+    b,
+    h,
+    m,
+    norm,
+    acc,
+    D: tl.constexpr,
+    TILE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """``(m, norm, acc)`` of one query row with the ``n`` exact tokens of a segment folded in (keys and values
+    [B, H, n, D] of any float dtype, read in fp32; where ``MASKED``, only tokens ``visible`` [B, n])."""
+    d = tl.arange(0, D)
+    for first in range(0, n, TILE):
+        t = first + tl.arange(0, TILE)
+        ok = t < n
+        k = tl.load(keys + b * k_sb + h * k_sh + t[:, None] * k_st + d[None, :], mask=ok[:, None], other=0.0)
+        score = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        if MASKED:
+            ok = ok & (tl.load(visible + b * vis_sb + t * vis_st, mask=ok, other=0) != 0)
+        score = tl.where(ok, score, float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        prob = tl.exp(score - m_safe)
+        v = tl.load(values + b * v_sb + h * v_sh + t[:, None] * v_st + d[None, :], mask=ok[:, None], other=0.0)
+        norm = norm * alpha + tl.sum(prob, axis=0)
+        acc = acc * alpha + tl.sum(prob[:, None] * v.to(tl.float32), axis=0)
+        m = m_new
+    return m, norm, acc
+
+
+@triton.jit
+def _merge_kernel(
+    m_in,
+    l_in,
+    acc_in,
+    partials,
+    q,
+    q_sb,
+    q_sh,
+    q_sr,
+    scaling,
+    sink_k,
+    sink_v,
+    sink_vis,
+    n_sink,
+    sk_sb,
+    sk_sh,
+    sk_st,
+    sv_sb,
+    sv_sh,
+    sv_st,
+    svis_sb,
+    svis_st,
+    tail_k,
+    tail_v,
+    tail_vis,
+    n_tail,
+    tk_sb,
+    tk_sh,
+    tk_st,
+    tv_sb,
+    tv_sh,
+    tv_st,
+    tvis_sb,
+    tvis_st,
+    out,
+    o_sb,
+    o_sh,
+    o_sr,
+    m_out,
+    l_out,
+    H,
+    R,
+    tiny,
+    D: tl.constexpr,
+    TILE: tl.constexpr,
+    EXACT_TILE: tl.constexpr,
+    SINKS: tl.constexpr,
+    TAIL: tl.constexpr,
+    TAIL_MASKED: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    """One query row ``(b * H + h) * R + r``: its ``partials`` block partials ([P, B * H * R] and
+    [P, B * H * R, D]) merged by the log-sum-exp rule, then the sink copies and the tail read exactly; written
+    as the attention output (``FINAL``, in ``out``'s dtype at strides ``o_*``) or as ``(acc, max, sum)``."""
+    row = tl.program_id(0)
+    rows_all = tl.num_programs(0)
+    r = row % R
+    bh = row // R
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D)
+    m = tl.full([], float("-inf"), tl.float32)
+    norm = tl.zeros([], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for first in range(0, partials, TILE):
+        i = (first + tl.arange(0, TILE)).to(tl.int64)
+        ok = i < partials
+        slot = i * rows_all + row
+        mp = tl.load(m_in + slot, mask=ok, other=float("-inf"))
+        lp = tl.load(l_in + slot, mask=ok, other=0.0)
+        ap = tl.load(acc_in + slot[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(mp, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        weight = tl.exp(mp - m_safe)
+        norm = norm * alpha + tl.sum(lp * weight, axis=0)
+        acc = acc * alpha + tl.sum(ap * weight[:, None], axis=0)
+        m = m_new
+    if SINKS or TAIL:
+        query = tl.load(q + b * q_sb + h * q_sh + r * q_sr + d).to(tl.float32) * scaling
+        if SINKS:
+            m, norm, acc = _exact(
+                query, sink_k, sink_v, sink_vis, n_sink, sk_sb, sk_sh, sk_st, sv_sb, sv_sh, sv_st, svis_sb, svis_st,
+                b, h, m, norm, acc, D, EXACT_TILE, True,
+            )  # fmt: skip
+        if TAIL:
+            m, norm, acc = _exact(
+                query, tail_k, tail_v, tail_vis, n_tail, tk_sb, tk_sh, tk_st, tv_sb, tv_sh, tv_st, tvis_sb, tvis_st,
+                b, h, m, norm, acc, D, EXACT_TILE, TAIL_MASKED,
+            )  # fmt: skip
+    if FINAL:
+        result = acc / tl.maximum(norm, tiny)
+        tl.store(out + b * o_sb + h * o_sh + r * o_sr + d, result.to(out.dtype.element_ty))
+    else:
+        tl.store(out + row * D + d, acc)
+        tl.store(m_out + row, m)
+        tl.store(l_out + row, norm)
+
+
+# -- host side ------------------------------------------------------------------------------------------------
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _window(bits: int, rows_on_bytes: bool, limit: int) -> tuple[int, bool]:
+    """(codes unpacked per window, aligned) of a part: a 4-byte window serves 32 bits of codes when every group
+    of them starts on a byte, else 25 (the rest is the shift); a power of two, at most ``limit``."""
+    if rows_on_bytes:
+        group = min(_pow2_floor(32 // bits), limit)
+        if group * bits % 8 == 0:
+            return group, True
+    return min(_pow2_floor(25 // bits), limit), False
+
+
+class _Dummies:
+    """One-element stand-ins for absent tensors, made once per device."""
+
+    _made: dict[torch.device, dict[torch.dtype, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        per_device = cls._made.setdefault(device, {})
+        if dtype not in per_device:
+            per_device[dtype] = torch.zeros(1, dtype=dtype, device=device)
+        return per_device[dtype]
+
+
+def _part(
+    tensors: list[torch.Tensor], table: torch.Tensor, bits: int, units: int, limit: int, row_len: int, name: str
+) -> tuple[list[Any], dict[str, Any]]:
+    """Kernel arguments ``codes, scale, zero, table, nbytes, units`` and constexprs (``{store}B_{part}`` bits,
+    ``G`` codes per window, ``A`` aligned, ``S`` symmetric, ``T`` table) of one precision part ``name``
+    (``"K_HI"`` ...): ``row_len`` codes of a row decide alignment, ``limit`` caps the codes per window."""
     codes, scale, zero = tensors
-    dummy = torch.zeros(1, dtype=torch.uint8, device=device)
+    device = codes.device
+    store, part = name.split("_")
     if codes.numel() == 0:
-        return [dummy, dummy.half(), dummy.half(), 0, 2, 0]
-    bits, units = meta
-    return [codes, scale, zero if zero.numel() else scale, codes.numel(), bits, units]
+        dummy = _Dummies.of(device, torch.float32)
+        flags = {"B": 8, "G": 1, "A": True, "S": True, "T": False}
+        args = [_Dummies.of(device, torch.uint8), dummy, dummy, dummy, 0, 0]
+    else:
+        group, aligned = _window(bits, row_len * bits % 8 == 0, limit)
+        flags = {"B": bits, "G": group, "A": aligned, "S": zero.numel() == 0, "T": table.numel() > 0}
+        level = table.to(device) if table.numel() else _Dummies.of(device, torch.float32)
+        args = [codes, scale, zero if zero.numel() else scale, level, codes.numel(), units]
+    return args, {f"{store}{letter}_{part}": value for letter, value in flags.items()}
+
+
+def _halves_match(table: torch.Tensor) -> bool:
+    """True when both halves of a RoPE offset table ([D, T]) are the same: the angle of channel c is that of
+    c + D / 2, which lets the kernel turn the query by the block's first position instead of every key."""
+    half = table.shape[0] // 2
+    return bool(torch.equal(table[:half], table[half:]))
+
+
+_SYMMETRIC: dict[int, tuple[weakref.ref, bool]] = {}
+
+
+def rope_refusal(layer: Any) -> str | None:
+    """Why the Triton kernel cannot read ``layer``'s pre-RoPE keys beyond `kernel_refusal`, or None: RoPE tables
+    whose two halves turn at different rates (checked once per table)."""
+    owner = layer.owner
+    if owner.config.key_rope != "pre":
+        return None
+    rope = owner.block_rope(layer)
+    if rope is None:
+        return None
+    table = rope.offsets[0]
+    seen = _SYMMETRIC.get(id(table))
+    if seen is None or seen[0]() is not table:
+        seen = (weakref.ref(table), _halves_match(rope.offsets[0]) and _halves_match(rope.offsets[1]))
+        _SYMMETRIC[id(table)] = seen
+    return None if seen[1] else "RoPE whose two halves turn at different rates (the Triton kernel)"
+
+
+@dataclass
+class _GroupPlan:
+    """A block group's arguments as `_block_kernel` takes them, built once per group object."""
+
+    args: list[Any]
+    flags: dict[str, Any]
+    blocks: int
+    block_len: int
+    head_dim: int
+    codes_ptr: int
+    launches: dict[tuple[int, ...], tuple[int, int, int, int]] = field(default_factory=dict)
+
+    def geometry(self, rows: int, device: torch.device) -> tuple[int, int, int, int]:
+        """``(BLOCK_T, sub-tiles, programs per batch row and head, warps)`` for ``rows`` batch rows x KV heads."""
+        target = _target_programs(device)
+        key = (rows, target, TILE_ELEMENTS)
+        if key not in self.launches:
+            block_t = max(
+                16, min(_pow2_floor(max(1, TILE_ELEMENTS // self.head_dim)), 1 << (self.block_len - 1).bit_length())
+            )
+            chunks = self.blocks * -(-self.block_len // block_t)
+            programs = max(1, min(chunks, -(-target // rows)))
+            warps = max(1, min(4, block_t * self.head_dim // 1024))
+            self.launches[key] = (block_t, chunks, programs, warps)
+        return self.launches[key]
+
+
+_PLANS: dict[int, tuple[weakref.ref, _GroupPlan]] = {}
+
+
+def _forget(key: int) -> Any:
+    def callback(ref: weakref.ref) -> None:
+        if key in _PLANS and _PLANS[key][0] is ref:
+            del _PLANS[key]
+
+    return callback
+
+
+def _plan(layer: Any, group: Any) -> _GroupPlan:
+    """The kept `_GroupPlan` of ``group`` (built on first use; dropped with the group, never holding its bytes)."""
+    entry = _PLANS.get(id(group))
+    if entry is not None and entry[0]() is group:
+        plan = entry[1]
+        if plan.blocks == group.n_blocks and plan.codes_ptr == _codes_ptr(group):
+            return plan
+    plan = _build_plan(layer, group)
+    _PLANS[id(group)] = (weakref.ref(group, _forget(id(group))), plan)
+    return plan
+
+
+def _codes_ptr(group: Any) -> int:
+    part = group.keys.low if group.keys.low is not None else group.keys.high
+    return part.codes.data_ptr()
+
+
+def _build_plan(layer: Any, group: Any) -> _GroupPlan:
+    (tensors,), (meta,) = group_args(layer, [group])
+    s, t, start = meta[0], meta[1], meta[2]
+    u, kg = meta[11], meta[12]
+    d = layer.keys.shape[-1]
+    device = layer.keys.device
+    key_limit, value_limit = 16, u & -u
+    k_hi, f_k_hi = _part(tensors[0:3], tensors[14], *meta[3:5], key_limit, t, "K_HI")
+    k_lo, f_k_lo = _part(tensors[3:6], tensors[15], *meta[5:7], key_limit, t, "K_LO")
+    v_hi, f_v_hi = _part(tensors[7:10], tensors[16], *meta[7:9], value_limit, u, "V_HI")
+    v_lo, f_v_lo = _part(tensors[10:13], tensors[17], *meta[9:11], value_limit, u, "V_LO")
+    k_slot, v_slot = tensors[6], tensors[13]
+    rotate = len(tensors) >= 22  # after the stores (0-13) and their level tables (14-17)
+    dummy = _Dummies.of(device, torch.float32)
+    rope = tensors[18:22] if rotate else [dummy] * 4
+    slot_dummy = _Dummies.of(device, torch.int16)
+    args = [
+        *k_hi, *k_lo, k_slot if k_slot.numel() else slot_dummy,
+        *v_hi, *v_lo, v_slot if v_slot.numel() else slot_dummy,
+        *rope, t, start, u, kg,
+    ]  # fmt: skip
+    flags = {
+        "D": d, "HALF": d // 2, "ROTATE": rotate, "ONE_RANGE": kg == 1,
+        "K_SPLIT": k_slot.numel() > 0, "V_SPLIT": v_slot.numel() > 0,
+        "K_HI": meta[4] > 0, "K_LO": meta[6] > 0, "V_HI": meta[8] > 0, "V_LO": meta[10] > 0,
+        **f_k_hi, **f_k_lo, **f_v_hi, **f_v_lo,
+    }  # fmt: skip
+    return _GroupPlan(args, flags, s, t, d, _codes_ptr(group))
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs one launch aims at: `PROGRAMS_PER_SM` per streaming multiprocessor of a GPU."""
+    if device.type != "cuda":
+        return INTERPRETED_PROGRAMS
+    return PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_SMS: dict[int, int] = {}
+
+
+def _multiprocessors(index: int) -> int:
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+@dataclass
+class _Partials:
+    """Every program's ``(max, sum, acc)`` of one decode step: [P, B * H * R] and [P, B * H * R, D] fp32."""
+
+    m: torch.Tensor
+    norm: torch.Tensor
+    acc: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.m.shape[0]
+
+    def nbytes(self) -> int:
+        return 4 * (self.m.numel() + self.norm.numel() + self.acc.numel())
+
+
+def _block_partials(
+    layer: Any, q: torch.Tensor, strides: tuple[int, int, int], rows: int, scaling: float, visible: torch.Tensor
+) -> _Partials:
+    """Launch `_block_kernel` over every block group of ``layer`` for queries at ``q`` (``strides`` of batch,
+    KV head and grouped row; channels contiguous; ``rows`` per KV head), tokens of ``visible`` [B, packed]."""
+    batch, kv_heads, d = q.shape[0], layer.keys.shape[1], layer.keys.shape[-1]
+    device = q.device
+    plans = [_plan(layer, group) for group in layer.groups]
+    pairs = batch * kv_heads
+    shapes = [plan.geometry(pairs, device) for plan in plans]
+    total = sum(shape[2] for shape in shapes)
+    width = pairs * rows
+    buffer = torch.empty(total * width * (d + 2), device=device)
+    m = buffer[: total * width].view(total, width)
+    norm = buffer[total * width : 2 * total * width].view(total, width)
+    acc = buffer[2 * total * width :].view(total, width, d)
+    r_pad = triton.next_power_of_2(rows)
+    offset = 0
+    for plan, (block_t, chunks, programs, warps) in zip(plans, shapes, strict=True):
+        _block_kernel[(programs, pairs)](
+            q, *strides, scaling, visible, visible.stride(0), m[offset:], norm[offset:], acc[offset:],
+            batch, kv_heads, chunks, programs, *plan.args,
+            R=rows, R_PAD=r_pad, BLOCK_T=block_t, PV_DOT=r_pad >= 16, num_warps=warps, **plan.flags,
+        )  # fmt: skip
+        offset += programs
+    return _Partials(m, norm, acc)
+
+
+@dataclass
+class Segment:
+    """Exact tokens read beside the blocks: keys and values [B, H, n, D] (fp32 or 16-bit, channels contiguous)
+    and which of them each row sees ([B, n] bool, any strides), or None for all."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    visible: torch.Tensor | None
+
+
+def _segment_args(segment: Segment | None, device: torch.device) -> list[Any]:
+    if segment is None or segment.keys.shape[2] == 0:
+        dummy = _Dummies.of(device, torch.float32)
+        return [dummy, dummy, _Dummies.of(device, torch.bool), 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    k, v, seen = _channels_contiguous(segment.keys), _channels_contiguous(segment.values), segment.visible
+    visible = [seen, seen.stride(0), seen.stride(1)] if seen is not None else [_Dummies.of(device, torch.bool), 0, 0]
+    return [
+        k, v, visible[0], k.shape[2], k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *visible[1:],
+    ]  # fmt: skip
+
+
+def _merge(
+    parts: _Partials,
+    q: torch.Tensor,
+    strides: tuple[int, int, int],
+    scaling: float,
+    heads: tuple[int, int, int],
+    sinks: Segment | None = None,
+    tail: Segment | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Fold ``parts`` and the exact segments into one row per (batch row, KV head, grouped row) ``heads``:
+    written into ``out`` ([B, H * R, 1, D]) as the attention output when given, else returned as
+    ``(acc [B, H, R, D], max [B, H, R], sum [B, H, R])``."""
+    batch, kv_heads, rows = heads
+    d = parts.acc.shape[-1]
+    device = parts.acc.device
+    width = batch * kv_heads * rows
+    final = out is not None
+    if final:
+        targets = [out, out.stride(0), rows * out.stride(1), out.stride(1), parts.m, parts.m]
+    else:
+        acc = torch.empty(batch, kv_heads, rows, d, device=device)
+        m = torch.empty(batch, kv_heads, rows, device=device)
+        norm = torch.empty(batch, kv_heads, rows, device=device)
+        targets = [acc, 0, 0, 0, m, norm]
+    has_sinks = sinks is not None and sinks.keys.shape[2] > 0
+    has_tail = tail is not None and tail.keys.shape[2] > 0
+    _merge_kernel[(width,)](
+        parts.m, parts.norm, parts.acc, parts.count, q, *strides, scaling,
+        *_segment_args(sinks, device), *_segment_args(tail, device), *targets, kv_heads, rows, TINY,
+        D=d, TILE=max(1, min(64, MERGE_ELEMENTS // d)), EXACT_TILE=max(1, min(32, MERGE_ELEMENTS // d)),
+        SINKS=has_sinks, TAIL=has_tail, TAIL_MASKED=has_tail and tail.visible is not None, FINAL=final,
+        num_warps=4 if d >= 64 else 1,
+    )  # fmt: skip
+    return None if final else (acc, m, norm)
+
+
+def _channels_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def decode_history(layer: Any, q: torch.Tensor, visible: torch.Tensor, state: OnlineSoftmax) -> None:
-    """Fold attention of grouped queries ``q`` ([B, Hkv, R, D] fp32) over every packed block of ``layer``
-    (tokens where ``visible`` [B, L]) into ``state``."""
-    b, h, r, d = q.shape
-    device = q.device
-    groups, metas = group_args(layer)
-    for tensors, meta in zip(groups, metas, strict=True):
-        s, t, start = meta[0], meta[1], meta[2]
-        k_hi = _part(tensors[0:3], meta[3:5], device)
-        k_lo = _part(tensors[3:6], meta[5:7], device)
-        v_hi = _part(tensors[7:10], meta[7:9], device)
-        v_lo = _part(tensors[10:13], meta[9:11], device)
-        k_slot, v_slot = tensors[6], tensors[13]
-        tables = [table.to(device) if table.numel() else q for table in tensors[14:18]]
-        rotate = len(tensors) >= 22  # after the stores (0-13) and their level tables (14-17)
-        rope = tensors[18:22] if rotate else [q, q, q, q]
-        acc = torch.empty(s, b, h, r, d, device=device)
-        m = torch.empty(s, b, h, r, device=device)
-        norm = torch.empty(s, b, h, r, device=device)
-        _block_kernel[(s, b * h)](
-            q.contiguous(), visible.to(torch.uint8).contiguous(), visible.shape[1],
-            *k_hi, *k_lo, k_slot if k_slot.numel() else q, *tables[:2],
-            *v_hi, *v_lo, v_slot if v_slot.numel() else q, *tables[2:],
-            *rope,
-            acc, m, norm,
-            b, h, r, t, start, meta[11], meta[12],
-            D=d, HALF=d // 2, R_PAD=max(16, triton.next_power_of_2(r)), T_PAD=max(16, triton.next_power_of_2(t)),
-            ROTATE=rotate, K_SPLIT=k_slot.numel() > 0, V_SPLIT=v_slot.numel() > 0,
-            K_SYM_HI=tensors[2].numel() == 0, K_SYM_LO=tensors[5].numel() == 0,
-            V_SYM_HI=tensors[9].numel() == 0, V_SYM_LO=tensors[12].numel() == 0,
-            K_HAS_HI=meta[4] > 0, V_HAS_HI=meta[8] > 0,
-            K_TABLE_HI=tensors[14].numel() > 0, K_TABLE_LO=tensors[15].numel() > 0,
-            V_TABLE_HI=tensors[16].numel() > 0, V_TABLE_LO=tensors[17].numel() > 0,
-        )  # fmt: skip
-        top = m.amax(dim=0)
-        weight = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))
-        state.merge((acc * weight.unsqueeze(-1)).sum(0), top, (norm * weight).sum(0))
+    """Fold attention of grouped queries ``q`` ([B, Hkv, R, D] fp32, scaled) over every packed block of ``layer``
+    (tokens where ``visible`` [B, packed]) into ``state``, as stored (values in their rotated basis if so)."""
+    q = _channels_contiguous(q)
+    strides = (q.stride(0), q.stride(1), q.stride(2))
+    parts = _block_partials(layer, q, strides, q.shape[2], 1.0, visible)
+    state.merge(*_merge(parts, q, strides, 1.0, (q.shape[0], q.shape[1], q.shape[2])))
+
+
+def _unrotated(
+    parts: _Partials, rotation: Any, heads: tuple[int, int, int], merged: tuple[torch.Tensor, ...]
+) -> _Partials:
+    """The blocks' merged partial with its output rotated back once per head, as a single partial."""
+    acc, m, norm = merged
+    width = heads[0] * heads[1] * heads[2]
+    return _Partials(m.view(1, width), norm.view(1, width), rotation.unrotate(acc).view(1, width, acc.shape[-1]))
+
+
+def read_history(
+    layer: Any, q: torch.Tensor, visible: torch.Tensor, sinks: Segment | None, state: OnlineSoftmax
+) -> None:
+    """Fold the blocks (values rotated back when stored rotated) and the exact sink copies into ``state`` for
+    grouped queries ``q`` ([B, Hkv, R, D] fp32, scaled)."""
+    q = _channels_contiguous(q)
+    strides = (q.stride(0), q.stride(1), q.stride(2))
+    heads = (q.shape[0], q.shape[1], q.shape[2])
+    parts = _block_partials(layer, q, strides, heads[2], 1.0, visible)
+    rotation = layer.value_rotation()
+    if rotation is not None:
+        parts = _unrotated(parts, rotation, heads, _merge(parts, q, strides, 1.0, heads))
+    state.merge(*_merge(parts, q, strides, 1.0, heads, sinks=sinks))
+    state.peak_transient = max(state.peak_transient, parts.nbytes())
+
+
+def attention(
+    layer: Any,
+    query: torch.Tensor,
+    scaling: float,
+    visible: torch.Tensor,
+    sinks: Segment | None,
+    tail: Segment | None,
+) -> tuple[torch.Tensor, int]:
+    """Decode attention of ``query`` ([B, Hq, 1, D], the model's) over ``layer``'s blocks (tokens where ``visible``),
+    the sink copies and the exact ``tail``: ``([B, 1, Hq, D]`` in the query's dtype, bytes it held on the way).
+
+    The query heads of one KV head are read as its rows in place and scaled in the kernels; the output is
+    written by the merge, so a step is one launch per block group and one merge."""
+    batch, q_heads, _, d = query.shape
+    kv_heads = layer.keys.shape[1]
+    rows = q_heads // kv_heads
+    query = _channels_contiguous(query)
+    strides = (query.stride(0), rows * query.stride(1), query.stride(1))
+    heads = (batch, kv_heads, rows)
+    parts = _block_partials(layer, query, strides, rows, scaling, visible)
+    held = parts.nbytes()
+    rotation = layer.value_rotation()
+    if rotation is not None:
+        parts = _unrotated(parts, rotation, heads, _merge(parts, query, strides, scaling, heads))
+        held += 2 * parts.nbytes()
+    out = torch.empty(batch, q_heads, 1, d, dtype=query.dtype, device=query.device)
+    _merge(parts, query, strides, scaling, heads, sinks, tail, out)
+    return out.transpose(1, 2), held + out.numel() * out.element_size()
