@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -143,6 +145,33 @@ def visibility(
     return answer
 
 
+_ANSWERS: weakref.WeakKeyDictionary[Any, dict[str, tuple[tuple[weakref.ref, ...], Any]]] = weakref.WeakKeyDictionary()
+
+
+def per_groups(layer: Any, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for ``layer``, asked again only once its block groups changed: a layer's groups are replaced,
+    never edited, when blocks are packed, freed or rows selected, and the answers kept here (whether a kernel
+    reads the layer) read the position tables on the device, which would cost a sync per layer and step."""
+    groups = getattr(layer, "groups", None)
+    if groups is None:
+        return compute()
+    kept = _ANSWERS.setdefault(layer, {})
+    seen = kept.get(name)
+    same = seen is not None and len(seen[0]) == len(groups)
+    if same and all(ref() is group for ref, group in zip(seen[0], groups, strict=True)):
+        return seen[1]
+    answer = compute()
+    kept[name] = (tuple(weakref.ref(g) for g in groups), answer)
+    return answer
+
+
+def _triton_refusal(layer: Any) -> str | None:
+    """Why the Triton kernel, beyond what every kernel needs, cannot read ``layer`` (`triton_decode.rope_refusal`)."""
+    from kvstream.kernels import triton_decode
+
+    return per_groups(layer, "triton", lambda: triton_decode.rope_refusal(layer))
+
+
 def fallback_reason(layer: Any, query: torch.Tensor) -> str | None:
     """Why a decode step of ``layer`` on ``query``'s device is read by the reference tiles, or None when no
     fused kernel was to be expected (nothing packed yet, a device or cache without one)."""
@@ -151,12 +180,15 @@ def fallback_reason(layer: Any, query: torch.Tensor) -> str | None:
     refusal = getattr(layer, "kernel_refusal", None)
     if refusal is None or not getattr(layer, "groups", None):
         return None
-    return refusal()
+    reason = refusal()
+    if reason is None and query.device.type == "cuda" and triton_available():
+        reason = _triton_refusal(layer)
+    return reason
 
 
-def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
+def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | TritonDecode | None:
     """The fused decode reader for this call (one new token per row), or None."""
-    if query.shape[2] != 1 or not getattr(layer, "kernel_ready", lambda: False)():
+    if query.shape[2] != 1 or not per_groups(layer, "ready", getattr(layer, "kernel_ready", lambda: False)):
         return None
     if query.device.type == "cpu":
         from kvstream.kernels import cpu
@@ -164,6 +196,6 @@ def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | None:
         if cpu.extension() is None:
             return None
         return PackedDecode(cpu.decode_attention)
-    if query.device.type == "cuda" and triton_available():
+    if query.device.type == "cuda" and triton_available() and _triton_refusal(layer) is None:
         return TritonDecode()
     return None
