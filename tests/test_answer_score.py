@@ -38,7 +38,7 @@ def test_the_score_is_the_hand_computed_log_likelihood_with_the_full_precision_c
     prompt, answer = random_ids(PROMPT, seed=3), random_ids(ANSWER, seed=4)[0]
     cache = make_cache(model, CompressionConfig(cache="full", chunk_size=chunk))
     last = chunked_prefill(model, prompt, cache, chunk)
-    got = answer_logprobs(model, cache, last, answer, chunk)
+    got = answer_logprobs(model, cache, last, answer)
     want = hand_logprobs(model, prompt, answer)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == PROMPT  # the cache itself still ends with the prompt
@@ -60,9 +60,9 @@ def test_one_token_answer_needs_no_forward_and_an_empty_one_scores_nothing(model
     prompt = random_ids(50, seed=7)
     cache = make_cache(model, CompressionConfig(cache="full", chunk_size=CHUNK))
     last = chunked_prefill(model, prompt, cache, CHUNK)
-    (one,) = answer_logprobs(model, cache, last, [9], CHUNK).tolist()
+    (one,) = answer_logprobs(model, cache, last, [9]).tolist()
     assert math.isclose(one, float(torch.log_softmax(last[0].double(), -1)[9]), rel_tol=1e-6)
-    assert score_answer(model, cache, last, [], CHUNK) == AnswerScore(0.0, 0)
+    assert score_answer(model, cache, last, []) == AnswerScore(0.0, 0)
     assert math.isnan(AnswerScore(0.0, 0).mean)
 
 
@@ -137,7 +137,7 @@ def test_scoring_leaves_the_cache_exactly_as_the_prompt_left_it(name, family):
         def after_prefill(logits: torch.Tensor) -> None:
             before = {k: (t, t.clone()) for k, t in tensors_of(cache).items()}
             report = cache.memory_report()
-            seen["score"] = score_answer(model, cache, logits, answer, CHUNK)
+            seen["score"] = score_answer(model, cache, logits, answer)
             after = tensors_of(cache)
             assert after.keys() == before.keys()
             for key, (tensor, copy) in before.items():
@@ -146,7 +146,9 @@ def test_scoring_leaves_the_cache_exactly_as_the_prompt_left_it(name, family):
                     assert torch.equal(tensor, copy), key  # nothing written
             assert cache.memory_report() == report
 
-        out = greedy_generate(model, prompt, cache, 8, CHUNK, after_prefill=after_prefill if score else None)
+        out = greedy_generate(
+            model, prompt, cache, 8, config.chunk_size, after_prefill=after_prefill if score else None
+        )
         return out, cache.memory_report(), seen.get("score")
 
     plain, plain_report, _ = run(False)
@@ -154,6 +156,55 @@ def test_scoring_leaves_the_cache_exactly_as_the_prompt_left_it(name, family):
     assert torch.equal(plain, scored)  # the same tokens from the same state
     assert scored_report == plain_report  # bytes, peak and effective bits untouched by the fork
     assert score.tokens == ANSWER and math.isfinite(score.logprob)
+
+
+@pytest.mark.parametrize("name", ["full", "4/8 bits", "bits-2.5"])
+def test_the_fork_gives_each_layer_back_once_its_decoder_layer_has_run(model, name, monkeypatch):
+    import weakref
+
+    from kvstream.engine import scoring
+
+    forks: list = []
+    real_fork = scoring.fork_cache
+    monkeypatch.setattr(scoring, "fork_cache", lambda cache: forks.append(real_fork(cache)) or forks[-1])
+    cache = make_cache(model, CACHES[name]())
+    last = chunked_prefill(model, random_ids(PROMPT, seed=8), cache, CHUNK)
+    refs: list = []
+    alive: list[list[bool]] = []
+
+    def before_layer(module, args):
+        if not refs:  # the fork's layers as `fork_cache` made them
+            refs.extend(weakref.ref(layer) for layer in forks.pop().layers)
+        alive.append([ref() is not None for ref in refs])
+
+    handles = [layer.register_forward_pre_hook(before_layer) for layer in model.model.layers]
+    try:
+        answer_logprobs(model, cache, last, random_ids(ANSWER, seed=9)[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    # before decoder layer i runs, the fork's layers before i (and what their appends built) are gone
+    layers = len(model.model.layers)
+    assert alive == [[j >= i for j in range(layers)] for i in range(layers)]
+    assert all(ref() is None for ref in refs)
+
+
+@pytest.mark.parametrize("name", list(CACHES))
+def test_giving_layers_back_changes_no_score(model, name, monkeypatch):
+    if name in PLUGINS and importlib.util.find_spec(PLUGINS[name]) is None:
+        pytest.skip(f"plugin {PLUGINS[name]} is not installed")
+    from contextlib import nullcontext
+
+    from kvstream.engine import scoring
+
+    def scores() -> torch.Tensor:
+        cache = make_cache(model, CACHES[name]())
+        last = chunked_prefill(model, random_ids(PROMPT, seed=13), cache, CHUNK)
+        return answer_logprobs(model, cache, last, random_ids(ANSWER, seed=14)[0])
+
+    released = scores()
+    monkeypatch.setattr(scoring, "released_as_they_finish", lambda *args: nullcontext())
+    assert torch.equal(released, scores())
 
 
 def test_a_fork_shares_the_tensors_and_copies_the_bookkeeping(model):

@@ -2,7 +2,7 @@
 
 The retrieval tasks score a cache twice per sample: exact match of the greedy answer (accuracy), and
 the log-probability the model gives the gold answer's tokens when they are fed after the compressed
-prompt (a continuous score that separates caches on far fewer samples). Both start from the cache
+prompt (a continuous score, which can separate caches on fewer samples than accuracy). Both start from the cache
 state right after the prompt, and the prompt is prefilled once. `answer_logprobs` therefore runs the
 answer on a *fork* of the prefilled cache (`fork_cache`) and generation then continues on the cache
 itself, exactly as if no answer had been scored.
@@ -13,13 +13,18 @@ runs (its packed caches, the full-precision baseline, the KIVI-style and quanto 
 their appends rebind new tensors (``torch.cat``, new blocks, ``torch.where``) and never write in
 place into a tensor they already held, so nothing the fork does reaches the original. A cache whose
 layers do write in place (transformers' static layers, ``is_compileable``) is deep-copied instead,
-tensors included; a cache may also provide its own ``fork()``. ``tests/test_answer_score.py`` checks
+tensors included, which costs a second cache (no cache kvstream runs takes that path); a cache may
+also provide its own ``fork()``. ``tests/test_answer_score.py`` checks
 the generation and memory report after scoring against a run without it, for every cache.
 
-Memory: the fork holds no copy of the history, only the answer's own keys and values (and whatever
-its appends pack), and the log-probabilities are taken one answer position at a time, so scoring
-costs what a decode step of the answer's length costs, below a prefill chunk's working set. The
-original cache's byte figures (stored and peak bytes, effective bits) are never touched by the fork.
+Memory: the fork shares the history instead of copying it, the answer goes through in one forward,
+and as soon as a decoder layer has run, the fork's layer gets the prompt's state back
+(`released_as_they_finish`), so whatever a layer's append builds beside the shared tensors (a
+full-precision layer's concatenated keys and values, a packed group re-joined with a new block, a
+re-quantized history) exists for one layer at a time, as in a prefill chunk or a decode step of the
+cache itself; the log-probabilities are taken one answer position at a time (one row of logits, as
+a decode step). The original cache's byte figures (stored and peak bytes, effective bits) are never
+touched by the fork.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from __future__ import annotations
 import copy
 import enum
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +87,7 @@ def fork_cache(cache: Any) -> Any:
         return own()
     if _writes_in_place(cache):
         return copy.deepcopy(cache)
-    return _fork(cache, {}, _SHARED + _shared_config_types())
+    return _fork(cache, {}, _shared_types())
 
 
 def _fork(obj: Any, memo: dict[int, Any], shared: tuple[type, ...]) -> Any:
@@ -143,51 +149,84 @@ class AnswerScore:
         return self.logprob / self.tokens if self.tokens else float("nan")
 
 
+def _shared_types() -> tuple[type, ...]:
+    return _SHARED + _shared_config_types()
+
+
+def _structural(cache: Any) -> bool:
+    """Whether `fork_cache` forks ``cache`` structurally (no ``fork()`` of its own, no layer writing in place)."""
+    return not callable(getattr(cache, "fork", None)) and not _writes_in_place(cache)
+
+
+@contextmanager
+def released_as_they_finish(model: Any, cache: Any, fork: Any) -> Iterator[None]:
+    """While the block runs, give each layer of ``fork`` back its state from ``cache`` (a fresh structural fork of
+    the original layer, owned by ``fork``) once its decoder layer's forward has returned, so that what the
+    layer's append built is freed then. A forward hook per decoder layer, removed on exit.
+
+    For a structural fork serving one forward: a layer is read only while its decoder layer runs, and what it
+    holds afterwards (the prompt alone, as in ``cache``) is consistent for any bookkeeping over every layer. A
+    decoder without a ``layers`` list, or a fork made otherwise, keeps its layers to the end of the block."""
+    modules = getattr(model.get_decoder(), "layers", None)
+    forked, original = getattr(fork, "layers", None), getattr(cache, "layers", None)
+    handles = []
+    if modules is not None and isinstance(forked, list) and isinstance(original, list) and _structural(cache):
+        shared = _shared_types()
+        for i, module in enumerate(modules):
+            index = getattr(getattr(module, "self_attn", None), "layer_idx", i)
+
+            def release(_module: Any, _args: Any, _output: Any, index: int = index) -> None:
+                if 0 <= index < min(len(forked), len(original)):
+                    forked[index] = _fork(original[index], {id(cache): fork}, shared)
+
+            handles.append(module.register_forward_hook(release))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.inference_mode()
 def answer_logprobs(
     model: Any,
     cache: Any,
     last_logits: torch.Tensor,
     answer_ids: Sequence[int] | torch.Tensor,
-    chunk_size: int,
 ) -> torch.Tensor:
     """Log-probability of each token of ``answer_ids`` after the prompt prefilled into ``cache`` (one row).
 
     ``last_logits`` ([1, vocab]) are the prompt's last-position logits (`chunked_prefill`'s return),
     which give the first answer token's; the others come from one forward of the answer's tokens but
-    the last (in chunks of ``chunk_size``) through a fork of ``cache`` (`fork_cache`), so ``cache`` is
-    left as it was. Each position's log-softmax is taken over the full vocabulary in fp32, one position
-    at a time. Returns a float tensor of ``len(answer_ids)`` entries.
+    the last through a fork of ``cache`` (`fork_cache`, released layer by layer), so ``cache`` is left
+    as it was. Each position's log-softmax is taken over the full vocabulary in fp32, one position at
+    a time. Returns a float tensor of ``len(answer_ids)`` entries.
     """
     device = input_device(model)
     ids = torch.as_tensor(answer_ids, dtype=torch.long, device=device).reshape(-1)
     if last_logits.dim() != 2 or last_logits.shape[0] != 1:
         raise ValueError(f"answer scoring takes one prompt, got logits of shape {tuple(last_logits.shape)}")
     n = ids.numel()
-    if n == 0:
-        return torch.zeros(0)
-    head = model.get_output_embeddings()
     out = torch.empty(n, dtype=torch.float32)
-    out[0] = torch.log_softmax(last_logits[0].float(), dim=-1)[ids[0]].cpu()
+    if n == 0:
+        return out
+    out[0] = torch.log_softmax(last_logits[0].float(), dim=-1)[ids[0].to(last_logits.device)].cpu()
     if n == 1:
         return out
     fork = fork_cache(cache)
-    start = fork.get_seq_length()
-    inputs = ids[:-1].unsqueeze(0)
-    for begin in range(0, n - 1, chunk_size):
-        end = min(begin + chunk_size, n - 1)
-        hidden = forward_hidden(model, inputs[:, begin:end], fork, start + begin, None)
-        for j in range(end - begin):
-            logits = head(hidden[:, j]).float()[0]
-            position = begin + j + 1
-            out[position] = torch.log_softmax(logits, dim=-1)[ids[position].to(logits.device)].cpu()
+    with released_as_they_finish(model, cache, fork):
+        hidden = forward_hidden(model, ids[:-1].unsqueeze(0), fork, fork.get_seq_length(), None)
     del fork
+    head = model.get_output_embeddings()
+    for position in range(1, n):
+        logits = head(hidden[:, position - 1]).float()[0]
+        out[position] = torch.log_softmax(logits, dim=-1)[ids[position].to(logits.device)].cpu()
     return out
 
 
 def score_answer(
-    model: Any, cache: Any, last_logits: torch.Tensor, answer_ids: Sequence[int] | torch.Tensor, chunk_size: int
+    model: Any, cache: Any, last_logits: torch.Tensor, answer_ids: Sequence[int] | torch.Tensor
 ) -> AnswerScore:
     """`answer_logprobs` summed: the answer's log-likelihood and its token count."""
-    logprobs = answer_logprobs(model, cache, last_logits, answer_ids, chunk_size)
+    logprobs = answer_logprobs(model, cache, last_logits, answer_ids)
     return AnswerScore(logprob=float(logprobs.double().sum()), tokens=int(logprobs.numel()))

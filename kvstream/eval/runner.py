@@ -11,10 +11,13 @@ One baseline serves every run of the same task, model and options (another bit w
 
 Tasks that score a gold answer (the synthetic retrieval tasks) get `RunContext.generate_scored`: one
 prefill, the gold answer's teacher-forced log-likelihood on a fork of the prefilled cache
-(`kvstream.engine.scoring`: the fork shares the cache's tensors and is dropped after one forward of the
-answer), then greedy decoding from the cache as the prompt left it. The memory reports are read from the
-cache itself, before and after generation, so the fork never enters them; the scoring's time is its own
-figure (``answer_score_seconds``), in neither the prefill's nor the decode's.
+(`kvstream.engine.scoring`: the fork shares the cache's tensors, lets go of each layer once the answer's
+one forward is done with it, and is dropped after it), then greedy decoding from the cache as the prompt
+left it. The memory reports are read from the cache itself, before and after generation, so the fork
+never enters them; the scoring holds at most one layer's worth of new tensors beside the cache, as a
+decode step does, and the activations of a few dozen tokens, so the peak memory figures stay those that
+prefill and decoding reach; its time is its own figure (``answer_score_seconds``), in neither the
+prefill's nor the decode's.
 """
 
 from __future__ import annotations
@@ -191,7 +194,7 @@ def make_context(
         def score(logits: torch.Tensor) -> None:
             # on a fork of the prefilled cache: the cache itself stays as the prompt left it (see scoring)
             begin = time.perf_counter()
-            scored.append(score_answer(model, cache, logits, answer_ids, config.chunk_size))
+            scored.append(score_answer(model, cache, logits, answer_ids))
             _sync(device)
             marks["decode"] = time.perf_counter()
             recorder.score_seconds.append(marks["decode"] - begin)
