@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: setup run test test-fast test-gpu lint format bench report clean
+.PHONY: setup run test test-fast test-gpu lint format bench report clean peers
 
 KERNEL := kvstream/kernels/csrc/packed_decode.cpp
 
@@ -22,6 +22,24 @@ $(BIN)/kvstream: pyproject.toml $(PLUGINS)
 # the CPU attention kernel, compiled for this machine once (kept per instruction set)
 $(VENV)/.kernel-built: $(BIN)/kvstream $(KERNEL)
 	$(BIN)/python -m kvstream.kernels.build
+	touch $@
+
+# optional peers (kvstream.peers; docs/guide.md#peers): llama-cpp-python compiled into .venv (about
+# 8 minutes on two cores; LLAMA_CMAKE_ARGS=-DGGML_NATIVE=OFF builds for any x86-64 instead of this
+# CPU), and kvpress in its own environment, since it pins an older transformers than kvstream
+KVPRESS_VENV := .venv-kvpress
+LLAMA_CMAKE_ARGS ?=
+
+peers: setup $(VENV)/.peers-native $(KVPRESS_VENV)/.kvpress
+
+$(VENV)/.peers-native: pyproject.toml | $(BIN)/kvstream
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,peers,peers-native]"
+	touch $@
+
+$(KVPRESS_VENV)/.kvpress: kvstream/peers/presses.py | $(BIN)/kvstream
+	$(PY) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install --quiet --upgrade pip
+	$(KVPRESS_VENV)/bin/pip install --quiet $$($(BIN)/python -c "from kvstream.peers.presses import KVPRESS_ENV; print(*KVPRESS_ENV)")
 	touch $@
 
 run: setup
