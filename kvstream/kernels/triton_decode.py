@@ -44,67 +44,79 @@ INTERPRETED_PROGRAMS = 4
 several blocks, the path long histories take on a GPU."""
 MERGE_ELEMENTS = 4096
 """Elements of one tile of partials (partials x head_dim) the merge reads at a time."""
+DOT_PRECISION = "tf32x3"
+"""How the kernel's products run on tensor cores: each fp32 operand split in two tf32 parts and three products
+summed, about fp32's accuracy (a relative error near 1e-6 where one tf32 product errs by 1e-3) at a few
+times the speed of fp32 multiply-adds; the grouped queries (padded to 16 rows) against a sub-tile's keys,
+then its probabilities against its values. Triton's interpreter computes them in fp32."""
 TINY = torch.finfo(torch.float32).tiny
 
 
 @triton.jit
-def _unpack(codes, nbytes, first, ok, BITS: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr):
-    """Codes ``first .. first + GROUP - 1`` of a little-endian stream of ``BITS``-wide codes for every group
-    start ``first`` ([X, Y] int64): [X, Y, GROUP] int32.
+def _word(codes, limit, first, ok, BITS: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr, WORDS: tl.constexpr):
+    """The bits of codes ``first .. first + GROUP - 1`` of a little-endian stream of ``BITS``-wide codes (from
+    ``codes``, a block's first byte or word), from bit 0, for every group start ``first`` ([X, Y] int32):
+    [X, Y] int32.
 
-    One window of at most 4 bytes serves the group's codes: exactly its bytes when every group starts on a
-    byte (``ALIGNED``), else the bytes its bits touch, shifted. Groups not ``ok`` and bytes past the stream
-    read as 0, so a lane of the other precision part never addresses outside this one."""
-    if ALIGNED:
-        WINDOW: tl.constexpr = GROUP * BITS // 8
-    else:
-        WINDOW: tl.constexpr = (GROUP * BITS + 14) // 8
+    With ``WORDS`` the stream is read as 32-bit words and a group is one word (one load); when every group
+    starts on a byte (``ALIGNED``) its bytes are loaded, else the bytes its bits touch (none at or past
+    ``limit``), shifted. Groups never cross a row's end; those not ``ok`` read as 0 and load nothing, so a
+    lane of the other precision part never addresses outside this one."""
     bit = first * BITS
-    byte = bit >> 3
-    i = tl.arange(0, 4)
-    address = byte[:, :, None] + i[None, None, :]
-    inside = ok[:, :, None] & (i < WINDOW)[None, None, :] & (address < nbytes)
-    raw = tl.load(codes + address, mask=inside, other=0).to(tl.int32)
-    word = tl.sum(raw << (8 * i)[None, None, :], axis=2)
-    if not ALIGNED:
-        word = word >> (bit & 7).to(tl.int32)
-    j = tl.arange(0, GROUP)
-    return (word[:, :, None] >> (BITS * j)[None, None, :]) & ((1 << BITS) - 1)
+    if WORDS:
+        word = tl.load(codes + (bit >> 5), mask=ok, other=0)
+    elif ALIGNED:
+        byte = bit >> 3
+        word = tl.zeros(first.shape, tl.int32)
+        for i in tl.static_range(GROUP * BITS // 8):
+            word |= tl.load(codes + byte + i, mask=ok, other=0).to(tl.int32) << (8 * i)
+    else:
+        byte = bit >> 3
+        word = tl.zeros(first.shape, tl.int32)
+        for i in tl.static_range((GROUP * BITS + 14) // 8):
+            word |= tl.load(codes + byte + i, mask=ok & (byte + i < limit), other=0).to(tl.int32) << (8 * i)
+        word = word >> (bit & 7)
+    return word
 
 
 @triton.jit
-def _dequant(
-    codes,
-    scale,
-    zero,
+def _spread(
+    word,
     table,
-    nbytes,
-    first,
-    ok,
-    meta,
-    meta_ok,
+    s,
+    z,
+    FIRST: tl.constexpr,
+    STEP: tl.constexpr,
+    COUNT: tl.constexpr,
     BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    SYM: tl.constexpr,
     TABLE: tl.constexpr,
 ):
-    """[X, Y, GROUP] values of the codes from group starts ``first``: a code stands for itself (uniform) or
-    its entry of the level table, times the scale at ``meta``, plus the zero-point (or minus the middle
-    level when symmetric). Lanes not ``meta_ok`` are exactly 0, so the two precision parts add up."""
-    code = _unpack(codes, nbytes, first, ok, BITS, GROUP, ALIGNED)
-    if TABLE:  # noqa: SIM108 (a branch on a constexpr, resolved when the kernel is compiled)
-        level = tl.load(table + code)
+    """Values ``level * s + z`` of codes ``FIRST, FIRST + STEP, ..`` (``COUNT`` of them) of every group ``word``,
+    in trailing dimensions of 2 held by each thread, so that flattening them lists the codes in stream order.
+
+    A code stands for itself (uniform) or its entry of the level ``table``."""
+    if COUNT == 1:
+        code = (word >> (FIRST * BITS)) & ((1 << BITS) - 1)
+        level = tl.load(table + code) if TABLE else code.to(tl.float32)
+        out = level * s + z
     else:
-        level = code.to(tl.float32)
-    s = tl.load(scale + meta, mask=meta_ok, other=0.0).to(tl.float32)
+        evens = _spread(word, table, s, z, FIRST, STEP * 2, COUNT // 2, BITS, TABLE)
+        odds = _spread(word, table, s, z, FIRST + STEP, STEP * 2, COUNT // 2, BITS, TABLE)
+        out = tl.join(evens, odds)
+    return out
+
+
+@triton.jit
+def _zero(zero, meta, ok, s, BITS: tl.constexpr, SYM: tl.constexpr, TABLE: tl.constexpr):
+    """Zero-points of the ranges at ``meta``: stored, or minus the middle level times the scale when symmetric
+    (0 under a level table, whose levels are centred)."""
     if SYM and TABLE:
-        value = level * s
+        z = 0.0 * s
     elif SYM:
-        value = level * s - ((1 << (BITS - 1)) - 1) * s
+        z = -((1 << (BITS - 1)) - 1) * s
     else:
-        value = level * s + tl.load(zero + meta, mask=meta_ok, other=0.0).to(tl.float32)
-    return value
+        z = tl.load(zero + meta, mask=ok, other=0.0).to(tl.float32)
+    return z
 
 
 @triton.jit
@@ -114,53 +126,150 @@ def _key_part(
     zero,
     table,
     nbytes,
+    codes_step,
+    meta_step,
+    s,
     row,
     own,
     t0,
     T,
     KG,
-    HALF: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ONE_RANGE: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
 ):
-    """[HALF, BLOCK_T] keys of one part: channel rows ``row`` ([HALF] int64, this part's where ``own``), tokens
-    ``t0 ..`` of the block; a key row is one channel over the block's ``T`` tokens, ``KG`` ranges along it."""
+    """[ROWS, BLOCK_T] keys of one part in block ``s``: channel rows ``row`` of the block ([ROWS]; this part's
+    where ``own``, 0 elsewhere), tokens ``t0 ..``; a key row is one channel over the block's ``T`` tokens, with
+    ``KG`` ranges along it (one: a scale per channel, applied per group of codes). A block's codes and ranges
+    start ``codes_step`` and ``meta_step`` entries after the previous block's."""
     NG: tl.constexpr = BLOCK_T // GROUP
     start = t0 + tl.arange(0, NG) * GROUP
-    first = row[:, None] * T + start[None, :]
     ok = own[:, None] & (start < T)[None, :]
+    block = codes + s * codes_step
+    limit = nbytes - s * codes_step
+    word = _word(block, limit, row[:, None] * T + start[None, :], ok, BITS, GROUP, ALIGNED, WORDS)
+    scale = scale + s * meta_step
+    zero = zero + s * meta_step
     if ONE_RANGE:
-        meta = row[:, None, None]
-        meta_ok = own[:, None, None]
+        sc = tl.load(scale + row, mask=own, other=0.0).to(tl.float32)
+        z = _zero(zero, row, own, sc, BITS, SYM, TABLE)
+        keys = tl.reshape(_spread(word, table, sc[:, None], z[:, None], 0, 1, GROUP, BITS, TABLE), (ROWS, BLOCK_T))
     else:
-        t = start[None, :, None] + tl.arange(0, GROUP)[None, None, :]
-        meta = row[:, None, None] * KG + t // (T // KG)
-        meta_ok = own[:, None, None] & (t < T)
-    keys = _dequant(codes, scale, zero, table, nbytes, first, ok, meta, meta_ok, BITS, GROUP, ALIGNED, SYM, TABLE)
-    return tl.reshape(keys, (HALF, BLOCK_T))
+        levels = tl.reshape(_spread(word, table, 1.0, 0.0, 0, 1, GROUP, BITS, TABLE), (ROWS, BLOCK_T))
+        t = t0 + tl.arange(0, BLOCK_T)
+        meta = row[:, None] * KG + t[None, :] // (T // KG)
+        meta_ok = own[:, None] & (t < T)[None, :]
+        sc = tl.load(scale + meta, mask=meta_ok, other=0.0).to(tl.float32)
+        keys = levels * sc + _zero(zero, meta, meta_ok, sc, BITS, SYM, TABLE)
+    return keys
 
 
 @triton.jit
-def _keys(
-    kc_hi,
-    ks_hi,
-    kz_hi,
-    kt_hi,
-    kn_hi,
-    kunits_hi,
-    kc_lo,
-    ks_lo,
-    kz_lo,
-    kt_lo,
-    kn_lo,
-    kunits_lo,
+def _high_scores(
+    scores,
+    q_rows,
+    scaling,
+    kc,
+    ks,
+    kz,
+    kt,
+    kn,
+    codes_step,
+    meta_step,
+    units_hi,
+    kinv,
+    ocos,
+    osin,
+    bcos,
+    bsin,
+    s,
+    b,
+    bh,
+    B,
+    BH,
+    t0,
+    T,
+    KG,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    KH_PAD: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ONE_RANGE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
+    SYM: tl.constexpr,
+    TABLE: tl.constexpr,
+):
+    """``scores`` plus the high-precision key channels' share, read compactly: the block's ``units_hi`` high rows
+    as a [KH_PAD, BLOCK_T] tile, ``kinv`` naming each one's channel (-1: a padding row).
+
+    Unrotated, the share is the queries at those channels times the tile. Under RoPE a channel ``c`` of the first
+    half (``c + HALF`` of the second) pairs with its partner as the low channels do: with the turned queries
+    ``ua``, ``ub`` at ``c``, its coefficient is ``ua * cos + ub * sin`` (``ub * cos - ua * sin``) of its place in
+    the sub-tile, so the share is two products of [R_PAD, KH_PAD] factors with the tile times cos and sin."""
+    i = tl.arange(0, KH_PAD)
+    rows = tl.arange(0, R_PAD)
+    channel = tl.load(kinv + (s * BH + bh) * units_hi + i, mask=i < units_hi, other=-1)
+    own = channel >= 0
+    keys = _key_part(
+        kc, ks, kz, kt, kn, codes_step, meta_step, s, bh * units_hi + i, own, t0, T, KG,
+        KH_PAD, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE,
+    )  # fmt: skip
+    take = (rows < R)[:, None] & own[None, :]
+    if ROTATE:
+        pair = tl.where(own, channel % HALF, 0)
+        second = channel >= HALF
+        j = tl.arange(0, BLOCK_T)
+        places = own[:, None] & (j < T)[None, :]
+        oc = tl.load(ocos + pair[:, None] * T + j[None, :], mask=places, other=0.0)
+        os = tl.load(osin + pair[:, None] * T + j[None, :], mask=places, other=0.0)
+        qa = tl.load(q_rows + pair[None, :], mask=take, other=0.0).to(tl.float32) * scaling
+        qb = tl.load(q_rows + HALF + pair[None, :], mask=take, other=0.0).to(tl.float32) * scaling
+        base = (s * B + b) * (2 * HALF)
+        oc0 = tl.load(ocos + pair * T + t0, mask=own, other=0.0)
+        os0 = tl.load(osin + pair * T + t0, mask=own, other=0.0)
+        bca = tl.load(bcos + base + pair, mask=own, other=0.0)
+        bsa = tl.load(bsin + base + pair, mask=own, other=0.0)
+        bcb = tl.load(bcos + base + HALF + pair, mask=own, other=0.0)
+        bsb = tl.load(bsin + base + HALF + pair, mask=own, other=0.0)
+        ua = qa * (bca * oc0 - bsa * os0)[None, :] + qb * (bsb * oc0 + bcb * os0)[None, :]
+        ub = qb * (bcb * oc0 - bsb * os0)[None, :] - qa * (bsa * oc0 + bca * os0)[None, :]
+        with_cos = tl.where(second[None, :], ub, ua)
+        with_sin = tl.where(second[None, :], -ua, ub)
+        scores = tl.dot(with_cos, keys * oc, scores, input_precision=PRECISION)
+        scores = tl.dot(with_sin, keys * os, scores, input_precision=PRECISION)
+    else:
+        qh = tl.load(q_rows + channel[None, :], mask=take, other=0.0).to(tl.float32) * scaling
+        scores = tl.dot(qh, keys, scores, input_precision=PRECISION)
+    return scores
+
+
+@triton.jit
+def _low_keys(
+    kc,
+    ks,
+    kz,
+    kt,
+    kn,
+    codes_step,
+    meta_step,
+    units,
+    units_hi,
     kslot,
-    sbh,
+    s,
+    bh,
+    BH,
     channel,
     t0,
     T,
@@ -170,35 +279,20 @@ def _keys(
     BLOCK_T: tl.constexpr,
     ONE_RANGE: tl.constexpr,
     K_SPLIT: tl.constexpr,
-    K_HI: tl.constexpr,
-    K_LO: tl.constexpr,
-    KB_HI: tl.constexpr,
-    KG_HI: tl.constexpr,
-    KA_HI: tl.constexpr,
-    KS_HI: tl.constexpr,
-    KT_HI: tl.constexpr,
-    KB_LO: tl.constexpr,
-    KG_LO: tl.constexpr,
-    KA_LO: tl.constexpr,
-    KS_LO: tl.constexpr,
-    KT_LO: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
+    SYM: tl.constexpr,
+    TABLE: tl.constexpr,
 ):
-    """[HALF, BLOCK_T] keys of ``channel`` ([HALF]) in block row ``sbh``: each channel's slot says its part."""
-    slot = tl.load(kslot + sbh * D + channel).to(tl.int64) if K_SPLIT else channel.to(tl.int64) + kunits_hi
-    keys = tl.zeros([HALF, BLOCK_T], tl.float32)
-    if K_HI:
-        row = sbh * kunits_hi + slot
-        keys += _key_part(
-            kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, row, slot < kunits_hi, t0, T, KG,
-            HALF, BLOCK_T, ONE_RANGE, KB_HI, KG_HI, KA_HI, KS_HI, KT_HI,
-        )  # fmt: skip
-    if K_LO:
-        row = sbh * kunits_lo + slot - kunits_hi
-        keys += _key_part(
-            kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, row, slot >= kunits_hi, t0, T, KG,
-            HALF, BLOCK_T, ONE_RANGE, KB_LO, KG_LO, KA_LO, KS_LO, KT_LO,
-        )  # fmt: skip
-    return keys
+    """[HALF, BLOCK_T] keys of ``channel`` ([HALF]) from the normal-precision part (0 in high channels, whose
+    share `_high_scores` adds)."""
+    slot = tl.load(kslot + (s * BH + bh) * D + channel).to(tl.int32) if K_SPLIT else channel + units_hi
+    return _key_part(
+        kc, ks, kz, kt, kn, codes_step, meta_step, s, bh * units + slot - units_hi, slot >= units_hi, t0, T, KG,
+        HALF, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -208,10 +302,14 @@ def _value_part(
     zero,
     table,
     nbytes,
+    codes_step,
+    meta_step,
     units,
     units_hi,
     vslot,
-    sbh,
+    s,
+    bh,
+    BH,
     t,
     t_ok,
     T,
@@ -223,30 +321,32 @@ def _value_part(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
 ):
-    """[BLOCK_T, D] values of one part at tokens ``t`` of block row ``sbh`` (0 in the other part's channels).
+    """[BLOCK_T, D] values of one part at tokens ``t`` of block ``s``, batch row and head ``bh`` of ``BH``
+    (0 in the other part's channels).
 
     A value row is one unit (``U`` channels) over the block's tokens, ``t * U + channel % U`` along it, one range
     per token; codes are unpacked ``GROUP`` channels at a time (``GROUP`` divides ``U``)."""
     NG: tl.constexpr = D // GROUP
     channel = tl.arange(0, NG) * GROUP
     unit = channel // U
-    slot = tl.load(vslot + sbh * (D // U) + unit).to(tl.int64) if V_SPLIT else unit.to(tl.int64) + units_hi
+    slot = tl.load(vslot + (s * BH + bh) * (D // U) + unit).to(tl.int32) if V_SPLIT else unit + units_hi
     if HIGH:
         own = slot < units_hi
-        row = sbh * units + slot
+        row = bh * units + slot
     else:
         own = slot >= units_hi
-        row = sbh * units + slot - units_hi
-    first = row[None, :] * T * U + (t * U)[:, None] + (channel - unit * U)[None, :]
+        row = bh * units + slot - units_hi
     ok = t_ok[:, None] & own[None, :]
+    first = row[None, :] * (T * U) + (t * U)[:, None] + (channel - unit * U)[None, :]
+    word = _word(codes + s * codes_step, nbytes - s * codes_step, first, ok, BITS, GROUP, ALIGNED, WORDS)
     meta = row[None, :] * T + t[:, None]
-    values = _dequant(
-        codes, scale, zero, table, nbytes, first, ok, meta[:, :, None], ok[:, :, None], BITS, GROUP, ALIGNED, SYM, TABLE
-    )
-    return tl.reshape(values, (BLOCK_T, D))
+    sc = tl.load(scale + s * meta_step + meta, mask=ok, other=0.0).to(tl.float32)
+    z = _zero(zero + s * meta_step, meta, ok, sc, BITS, SYM, TABLE)
+    return tl.reshape(_spread(word, table, sc, z, 0, 1, GROUP, BITS, TABLE), (BLOCK_T, D))
 
 
 @triton.jit
@@ -270,25 +370,34 @@ def _block_kernel(
     kz_hi,
     kt_hi,
     kn_hi,
+    kstep_hi,
+    kmeta_hi,
     kunits_hi,
     kc_lo,
     ks_lo,
     kz_lo,
     kt_lo,
     kn_lo,
+    kstep_lo,
+    kmeta_lo,
     kunits_lo,
     kslot,
+    kinv,
     vc_hi,
     vs_hi,
     vz_hi,
     vt_hi,
     vn_hi,
+    vstep_hi,
+    vmeta_hi,
     vunits_hi,
     vc_lo,
     vs_lo,
     vz_lo,
     vt_lo,
     vn_lo,
+    vstep_lo,
+    vmeta_lo,
     vunits_lo,
     vslot,
     ocos,
@@ -304,7 +413,8 @@ def _block_kernel(
     R: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    PV_DOT: tl.constexpr,
+    KH_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     ROTATE: tl.constexpr,
     ONE_RANGE: tl.constexpr,
     K_SPLIT: tl.constexpr,
@@ -316,29 +426,36 @@ def _block_kernel(
     KB_HI: tl.constexpr,
     KG_HI: tl.constexpr,
     KA_HI: tl.constexpr,
+    KW_HI: tl.constexpr,
     KS_HI: tl.constexpr,
     KT_HI: tl.constexpr,
     KB_LO: tl.constexpr,
     KG_LO: tl.constexpr,
     KA_LO: tl.constexpr,
+    KW_LO: tl.constexpr,
     KS_LO: tl.constexpr,
     KT_LO: tl.constexpr,
     VB_HI: tl.constexpr,
     VG_HI: tl.constexpr,
     VA_HI: tl.constexpr,
+    VW_HI: tl.constexpr,
     VS_HI: tl.constexpr,
     VT_HI: tl.constexpr,
     VB_LO: tl.constexpr,
     VG_LO: tl.constexpr,
     VA_LO: tl.constexpr,
+    VW_LO: tl.constexpr,
     VS_LO: tl.constexpr,
     VT_LO: tl.constexpr,
 ):
     """One program: sub-tiles ``[p * chunks / programs, (p + 1) * chunks / programs)`` of the group's blocks
     (``chunks`` in all, block-major) for batch row and KV head ``bh``; writes its ``(max, sum, acc)`` of the
-    ``R`` grouped queries. Per part of keys and values: bits, codes per window, aligned, symmetric, table."""
+    ``R`` grouped queries (padded to ``R_PAD`` rows for the tensor cores). Per part of keys and values: codes,
+    scales, zero-points, level table, bytes, codes and ranges per block, units; constexprs: bits, codes per
+    window, aligned, read as words, symmetric, table."""
     p = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
+    BH = B * H
     b = bh // H
     h = bh % H
     first = p * chunks // programs
@@ -348,51 +465,59 @@ def _block_kernel(
     ca = tl.arange(0, HALF)
     cb = ca + HALF
     d = tl.arange(0, D)
-    q_head = q + b * q_sb + h * q_sh
+    q_rows = q + b * q_sb + h * q_sh + rows[:, None] * q_sr
+    qa = tl.load(q_rows + ca[None, :], mask=(rows < R)[:, None], other=0.0).to(tl.float32) * scaling
+    qb = tl.load(q_rows + cb[None, :], mask=(rows < R)[:, None], other=0.0).to(tl.float32) * scaling
     m_i = tl.full([R_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([R_PAD], tl.float32)
     acc = tl.zeros([R_PAD, D], tl.float32)
+    if ROTATE:
+        # RoPE at p0 + t0 + j by angle addition, split: the keys turn by their place j in the sub-tile (the same
+        # table for every sub-tile), the queries by the sub-tile's first position p0 + t0
+        j = tl.arange(0, BLOCK_T)
+        oc = tl.load(ocos + ca[:, None] * T + j[None, :], mask=(j < T)[None, :], other=0.0)
+        os = tl.load(osin + ca[:, None] * T + j[None, :], mask=(j < T)[None, :], other=0.0)
     for c in range(first, last):
         s = c // per_block
-        t0 = (c - s * per_block) * BLOCK_T
-        sbh = s * B * H + bh
+        t0 = ((c - s * per_block) * BLOCK_T).to(tl.int32)
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < T
         seen = t_ok & (tl.load(visible + b * vis_sb + start + s * T + t, mask=t_ok, other=0) != 0)
-        ka = _keys(
-            kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kunits_hi, kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kunits_lo, kslot,
-            sbh, ca, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, K_HI, K_LO,
-            KB_HI, KG_HI, KA_HI, KS_HI, KT_HI, KB_LO, KG_LO, KA_LO, KS_LO, KT_LO,
-        )  # fmt: skip
-        kb = _keys(
-            kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kunits_hi, kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kunits_lo, kslot,
-            sbh, cb, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, K_HI, K_LO,
-            KB_HI, KG_HI, KA_HI, KS_HI, KT_HI, KB_LO, KG_LO, KA_LO, KS_LO, KT_LO,
-        )  # fmt: skip
-        if ROTATE:
-            # RoPE at p0 + t by angle addition, split: keys turn by the offset t, queries back by the block's p0
-            oc = tl.load(ocos + ca[:, None] * T + t[None, :], mask=t_ok[None, :], other=0.0)
-            os = tl.load(osin + ca[:, None] * T + t[None, :], mask=t_ok[None, :], other=0.0)
-            ra = ka * oc - kb * os
-            rb = kb * oc + ka * os
-            ka = ra
-            kb = rb
-            base = (s * B + b) * D
-            bca = tl.load(bcos + base + ca)
-            bsa = tl.load(bsin + base + ca)
-            bcb = tl.load(bcos + base + cb)
-            bsb = tl.load(bsin + base + cb)
-        scores = tl.full([R_PAD, BLOCK_T], float("-inf"), tl.float32)
-        for r in tl.static_range(R):
-            qa = tl.load(q_head + r * q_sr + ca).to(tl.float32) * scaling
-            qb = tl.load(q_head + r * q_sr + cb).to(tl.float32) * scaling
+        scores = tl.zeros([R_PAD, BLOCK_T], tl.float32)
+        if K_LO:
+            ka = _low_keys(
+                kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kstep_lo, kmeta_lo, kunits_lo, kunits_hi, kslot, s, bh, BH,
+                ca, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
+            )  # fmt: skip
+            kb = _low_keys(
+                kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kstep_lo, kmeta_lo, kunits_lo, kunits_hi, kslot, s, bh, BH,
+                cb, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
+            )  # fmt: skip
             if ROTATE:
-                ua = qa * bca + qb * bsb
-                ub = qb * bcb - qa * bsa
-                qa = ua
-                qb = ub
-            row = tl.sum(ka * qa[:, None] + kb * qb[:, None], axis=0)
-            scores = tl.where(rows[:, None] == r, row[None, :], scores)
+                ra = ka * oc - kb * os
+                rb = kb * oc + ka * os
+                ka = ra
+                kb = rb
+                base = (s * B + b) * D
+                oc0 = tl.load(ocos + ca * T + t0)
+                os0 = tl.load(osin + ca * T + t0)
+                bca = tl.load(bcos + base + ca)
+                bsa = tl.load(bsin + base + ca)
+                bcb = tl.load(bcos + base + cb)
+                bsb = tl.load(bsin + base + cb)
+                ua = qa * (bca * oc0 - bsa * os0)[None, :] + qb * (bsb * oc0 + bcb * os0)[None, :]
+                ub = qb * (bcb * oc0 - bsb * os0)[None, :] - qa * (bsa * oc0 + bca * os0)[None, :]
+            else:
+                ua = qa
+                ub = qb
+            scores = tl.dot(ub, kb, tl.dot(ua, ka, scores, input_precision=PRECISION), input_precision=PRECISION)
+        if K_HI:
+            scores = _high_scores(
+                scores, q_rows, scaling,
+                kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kstep_hi, kmeta_hi, kunits_hi, kinv, ocos, osin, bcos, bsin,
+                s, b, bh, B, BH, t0, T, KG, R, R_PAD, HALF, BLOCK_T, KH_PAD, ROTATE, ONE_RANGE, PRECISION,
+                KB_HI, KG_HI, KA_HI, KW_HI, KS_HI, KT_HI,
+            )  # fmt: skip
         scores = tl.where(seen[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -402,25 +527,17 @@ def _block_kernel(
         v = tl.zeros([BLOCK_T, D], tl.float32)
         if V_HI:
             v += _value_part(
-                vc_hi, vs_hi, vz_hi, vt_hi, vn_hi, vunits_hi, vunits_hi, vslot, sbh, t, t_ok, T, U,
-                D, BLOCK_T, V_SPLIT, True, VB_HI, VG_HI, VA_HI, VS_HI, VT_HI,
+                vc_hi, vs_hi, vz_hi, vt_hi, vn_hi, vstep_hi, vmeta_hi, vunits_hi, vunits_hi, vslot, s, bh, BH,
+                t, t_ok, T, U, D, BLOCK_T, V_SPLIT, True, VB_HI, VG_HI, VA_HI, VW_HI, VS_HI, VT_HI,
             )  # fmt: skip
         if V_LO:
             v += _value_part(
-                vc_lo, vs_lo, vz_lo, vt_lo, vn_lo, vunits_lo, vunits_hi, vslot, sbh, t, t_ok, T, U,
-                D, BLOCK_T, V_SPLIT, False, VB_LO, VG_LO, VA_LO, VS_LO, VT_LO,
+                vc_lo, vs_lo, vz_lo, vt_lo, vn_lo, vstep_lo, vmeta_lo, vunits_lo, vunits_hi, vslot, s, bh, BH,
+                t, t_ok, T, U, D, BLOCK_T, V_SPLIT, False, VB_LO, VG_LO, VA_LO, VW_LO, VS_LO, VT_LO,
             )  # fmt: skip
-        if PV_DOT:
-            pv = tl.dot(prob, v, input_precision="ieee")
-        else:
-            pv = tl.zeros([R_PAD, D], tl.float32)
-            for r in tl.static_range(R):
-                weight = tl.sum(tl.where(rows[:, None] == r, prob, 0.0), axis=0)
-                out = tl.sum(weight[:, None] * v, axis=0)
-                pv = tl.where(rows[:, None] == r, out[None, :], pv)
-        acc = acc * alpha[:, None] + pv
+        acc = tl.dot(prob, v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-    slot_out = (p * B * H + bh) * R + rows
+    slot_out = (p * BH + bh) * R + rows
     ok = rows < R
     tl.store(m_out + slot_out, m_i, mask=ok)
     tl.store(l_out + slot_out, l_i, mask=ok)
@@ -604,24 +721,52 @@ class _Dummies:
 
 
 def _part(
-    tensors: list[torch.Tensor], table: torch.Tensor, bits: int, units: int, limit: int, row_len: int, name: str
+    tensors: list[torch.Tensor],
+    table: torch.Tensor,
+    bits: int,
+    units: int,
+    blocks: int,
+    limit: int,
+    row_len: int,
+    name: str,
 ) -> tuple[list[Any], dict[str, Any]]:
-    """Kernel arguments ``codes, scale, zero, table, nbytes, units`` and constexprs (``{store}B_{part}`` bits,
-    ``G`` codes per window, ``A`` aligned, ``S`` symmetric, ``T`` table) of one precision part ``name``
-    (``"K_HI"`` ...): ``row_len`` codes of a row decide alignment, ``limit`` caps the codes per window."""
+    """Kernel arguments ``codes, scale, zero, table, bytes, codes per block, ranges per block, units`` and
+    constexprs (``{store}B_{part}`` bits, ``G`` codes per window, ``A`` aligned, ``W`` read as 32-bit words,
+    ``S`` symmetric, ``T`` table) of one precision part ``name`` (``"K_HI"`` ...) of ``blocks`` blocks:
+    ``row_len`` codes of a row decide alignment, ``limit`` caps the codes per window. Codes whose groups are
+    whole 4-byte-aligned words are passed as int32 words."""
     codes, scale, zero = tensors
     device = codes.device
     store, part = name.split("_")
     if codes.numel() == 0:
         dummy = _Dummies.of(device, torch.float32)
-        flags = {"B": 8, "G": 1, "A": True, "S": True, "T": False}
-        args = [_Dummies.of(device, torch.uint8), dummy, dummy, dummy, 0, 0]
+        flags = {"B": 8, "G": 1, "A": True, "W": False, "S": True, "T": False}
+        args = [_Dummies.of(device, torch.uint8), dummy, dummy, dummy, 0, 0, 0, 0]
     else:
+        block_bytes, block_meta = codes.numel() // blocks, scale.numel() // blocks
+        if 8 * block_bytes >= 2**31:
+            raise ValueError(f"a block of {block_bytes} bytes per part is beyond the Triton kernel's 32-bit offsets")
         group, aligned = _window(bits, row_len * bits % 8 == 0, limit)
-        flags = {"B": bits, "G": group, "A": aligned, "S": zero.numel() == 0, "T": table.numel() > 0}
+        words = aligned and group * bits == 32 and codes.data_ptr() % 4 == 0 and block_bytes % 4 == 0
+        words = words and codes.numel() % 4 == 0
+        flags = {"B": bits, "G": group, "A": aligned, "W": words, "S": zero.numel() == 0, "T": table.numel() > 0}
         level = table.to(device) if table.numel() else _Dummies.of(device, torch.float32)
-        args = [codes, scale, zero if zero.numel() else scale, level, codes.numel(), units]
+        stream = codes.view(torch.int32) if words else codes
+        step = block_bytes // 4 if words else block_bytes
+        zeros = zero.contiguous() if zero.numel() else scale
+        args = [stream, scale.contiguous(), zeros, level, codes.numel(), step, block_meta, units]
     return args, {f"{store}{letter}_{part}": value for letter, value in flags.items()}
+
+
+def _high_channels(position: torch.Tensor, units_hi: int) -> torch.Tensor:
+    """The channel of each high-precision slot ([S, B, H, units_hi] int32; -1 for a padding slot) from the slot of
+    each channel ([S, B, H, D])."""
+    slots = position.long()
+    high = slots < units_hi
+    index = torch.where(high, slots, units_hi)
+    channels = torch.arange(slots.shape[-1], dtype=torch.int32, device=slots.device).expand_as(slots)
+    inverse = torch.full((*slots.shape[:-1], units_hi + 1), -1, dtype=torch.int32, device=slots.device)
+    return inverse.scatter_(-1, index, channels)[..., :units_hi].contiguous()
 
 
 def _halves_match(table: torch.Tensor) -> bool:
@@ -712,23 +857,25 @@ def _build_plan(layer: Any, group: Any) -> _GroupPlan:
     u, kg = meta[11], meta[12]
     d = layer.keys.shape[-1]
     device = layer.keys.device
-    key_limit, value_limit = 16, u & -u
-    k_hi, f_k_hi = _part(tensors[0:3], tensors[14], *meta[3:5], key_limit, t, "K_HI")
-    k_lo, f_k_lo = _part(tensors[3:6], tensors[15], *meta[5:7], key_limit, t, "K_LO")
-    v_hi, f_v_hi = _part(tensors[7:10], tensors[16], *meta[7:9], value_limit, u, "V_HI")
-    v_lo, f_v_lo = _part(tensors[10:13], tensors[17], *meta[9:11], value_limit, u, "V_LO")
+    key_limit, value_limit = min(16, t & -t), u & -u  # a window never crosses a row's end
+    k_hi, f_k_hi = _part(tensors[0:3], tensors[14], *meta[3:5], s, key_limit, t, "K_HI")
+    k_lo, f_k_lo = _part(tensors[3:6], tensors[15], *meta[5:7], s, key_limit, t, "K_LO")
+    v_hi, f_v_hi = _part(tensors[7:10], tensors[16], *meta[7:9], s, value_limit, u, "V_HI")
+    v_lo, f_v_lo = _part(tensors[10:13], tensors[17], *meta[9:11], s, value_limit, u, "V_LO")
     k_slot, v_slot = tensors[6], tensors[13]
     rotate = len(tensors) >= 22  # after the stores (0-13) and their level tables (14-17)
     dummy = _Dummies.of(device, torch.float32)
-    rope = tensors[18:22] if rotate else [dummy] * 4
+    rope = [table.contiguous() for table in tensors[18:22]] if rotate else [dummy] * 4
     slot_dummy = _Dummies.of(device, torch.int16)
+    high = _high_channels(k_slot, meta[4]) if k_slot.numel() else _Dummies.of(device, torch.int32)
     args = [
-        *k_hi, *k_lo, k_slot if k_slot.numel() else slot_dummy,
+        *k_hi, *k_lo, k_slot if k_slot.numel() else slot_dummy, high,
         *v_hi, *v_lo, v_slot if v_slot.numel() else slot_dummy,
         *rope, t, start, u, kg,
     ]  # fmt: skip
     flags = {
         "D": d, "HALF": d // 2, "ROTATE": rotate, "ONE_RANGE": kg == 1,
+        "KH_PAD": max(16, triton.next_power_of_2(meta[4])),
         "K_SPLIT": k_slot.numel() > 0, "V_SPLIT": v_slot.numel() > 0,
         "K_HI": meta[4] > 0, "K_LO": meta[6] > 0, "V_HI": meta[8] > 0, "V_LO": meta[10] > 0,
         **f_k_hi, **f_k_lo, **f_v_hi, **f_v_lo,
@@ -784,13 +931,13 @@ def _block_partials(
     m = buffer[: total * width].view(total, width)
     norm = buffer[total * width : 2 * total * width].view(total, width)
     acc = buffer[2 * total * width :].view(total, width, d)
-    r_pad = triton.next_power_of_2(rows)
+    r_pad = max(16, triton.next_power_of_2(rows))
     offset = 0
     for plan, (block_t, chunks, programs, warps) in zip(plans, shapes, strict=True):
         _block_kernel[(programs, pairs)](
             q, *strides, scaling, visible, visible.stride(0), m[offset:], norm[offset:], acc[offset:],
             batch, kv_heads, chunks, programs, *plan.args,
-            R=rows, R_PAD=r_pad, BLOCK_T=block_t, PV_DOT=r_pad >= 16, num_warps=warps, **plan.flags,
+            R=rows, R_PAD=r_pad, BLOCK_T=block_t, PRECISION=DOT_PRECISION, num_warps=warps, **plan.flags,
         )  # fmt: skip
         offset += programs
     return _Partials(m, norm, acc)
