@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from kvstream import CompressionConfig, chunked_prefill, make_cache
+from kvstream.engine.prefill import forward_hidden
 from kvstream.quant.lloyd_max import FittedLevelsQuantizer, LloydMaxQuantizer, gaussian_levels
 from kvstream.quant.rotation import HeadRotation, base_matrix
 from kvstream.quant.uniform import UniformQuantizer
-from kvstream.testing import chunk_logits, random_ids
+from kvstream.testing import chunk_logits, random_ids, tiny_llama
 
 FULL = dict(key_bits_normal=16, value_bits_normal=16, key_bits_sink_outlier=16, value_bits_sink_outlier=16)
 
@@ -163,24 +162,68 @@ def test_recent_window_keeps_the_last_tokens_exact(tiny_model):
     assert layer.packed_length + layer.keys.shape[-2] == 100
 
 
-def test_bit_budget_widens_layers_within_the_budget(tiny_model):
-    ids = random_ids(128)
-    cfg = CompressionConfig(
-        chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2, bit_budget=3.6
-    )
-    cache = make_cache(tiny_model, cfg)
-    chunked_prefill(tiny_model, ids, cache, 32)
-    chosen = cache.memory_report()["bit_budget"]
-    assert set(chosen["widths"]) == {0, 1}
-    assert chosen["block_bits"] <= 3.6
-    assert max(chosen["widths"].values()) > 2  # the budget is spent
+WIDE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, head_dim=64)
+"""A tiny model whose cache is large enough for the fixed tables not to outweigh a budget of 4 bits."""
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    return tiny_llama(max_position_embeddings=1024, **WIDE)
+
+
+def _generate(model, cache, ids, tokens: int) -> None:
+    token = ids[:, -1:]
+    with torch.inference_mode():
+        for _ in range(tokens):
+            hidden = forward_hidden(model, token, cache, cache.get_seq_length(), None)
+            token = model.get_output_embeddings()(hidden[:, -1]).argmax(-1, keepdim=True)
+
+
+BUDGET = CompressionConfig(
+    chunk_size=64,
+    value_quant_groups=64,
+    key_bits_normal=2,
+    value_bits_normal=2,
+    bit_budget=4.0,
+    tail_block=32,
+    exact_storage="16bit",
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.integers(480, 900), answer=st.integers(0, 24), batch=st.sampled_from([1, 2]))
+def test_bit_budget_holds_at_the_end_of_a_generation(wide_model, prompt, answer, batch):
+    cache = make_cache(wide_model, BUDGET)
+    ids = random_ids(prompt, batch=batch)
+    chunked_prefill(wide_model, ids, cache, 64)
+    _generate(wide_model, cache, ids, answer)
+    report = cache.memory_report()
+    assert report["bits_per_element"] <= BUDGET.bit_budget
+    chosen = report["bit_budget"]
     assert {layer.normal_bits for layer in cache.layers} == {(w, w) for w in chosen["widths"].values()}
-    widths_of_blocks = {layer.groups[-1].keys.low.bits for layer in cache.layers}
-    assert widths_of_blocks == set(chosen["widths"].values())
+
+
+def test_bit_budget_spends_what_it_has_on_the_layers_that_gain_most(wide_model):
+    cache = make_cache(wide_model, BUDGET)
+    chunked_prefill(wide_model, random_ids(700), cache, 64)
+    chosen = cache.memory_report()["bit_budget"]
+    assert max(chosen["mean_widths"].values()) > 2  # the budget is spent once the fixed costs are amortised
     budget = cache.budget
     for index, width in chosen["widths"].items():  # every narrower choice errs more
         assert all(budget.costs[index].error[w] > budget.costs[index].error[width] for w in (2, 3, 4) if w < width)
-    assert math.isfinite(chosen["block_bits"])
+    assert [layer.groups[-1].keys.low.bits for layer in cache.layers] == list(chosen["widths"].values())
+
+
+def test_bit_budget_reports_a_budget_its_fixed_costs_outweigh(tiny_model):
+    cfg = CompressionConfig(
+        chunk_size=32, value_quant_groups=16, key_bits_normal=2, value_bits_normal=2, bit_budget=3.0
+    )
+    cache = make_cache(tiny_model, cfg)
+    chunked_prefill(tiny_model, random_ids(128), cache, 32)
+    report = cache.memory_report()
+    assert report["bits_per_element"] > 3.0
+    assert report["bit_budget"]["plans_over_budget"] == report["bit_budget"]["plans"] > 0
+    assert set(report["bit_budget"]["widths"].values()) == {2}
 
 
 def test_sparse_outliers_are_kept_exactly_and_tighten_the_dense_range():

@@ -1,13 +1,20 @@
-"""A bit budget spent across layers from what the prefill's first chunk shows.
+"""A bit budget held by the whole cache, at every block and at the end of a generation.
 
 With ``bit_budget`` set, every layer's first packed block is also quantized at each candidate
 normal width (`WIDTHS`, keys and values alike) to measure, on that block, the relative squared
 reconstruction error of its keys (as stored: pre-RoPE, rotated where configured) and values and
-the bits per element each width costs (codes, scales, outliers and sink copies, from the bytes of
-the stores built). Once every layer has packed its first block, a greedy allocation starts every
-layer at the narrowest width and repeatedly widens the layer whose error falls most per added bit,
-while the mean over layers stays within the budget. The later blocks of a layer use its widths;
-the first blocks keep the configured ones. Nothing is calibrated offline.
+the bits per element each width costs (codes, scales, zero-points, outlier parts), at the block's
+length and at the tail's block length (`tail_block`), whose key ranges cost more per token.
+
+Once every layer is measured, each later block position is planned for all layers at once, from
+what the cache holds at that moment (`plan`): every byte already held (blocks, sinks and their
+copies, position and RoPE tables, rotations) plus the new blocks at the chosen widths, plus a
+reserve for the most tokens that can still stand exact at 16 bits (or the model's width) when a
+generation stops (one tail block less a token), must stay within ``bit_budget`` times the elements
+held. A greedy choice starts every layer at the narrowest width and widens the layer whose error
+falls most per added bit while that holds. Blocks are never re-quantized: a plan only sets the
+widths of the blocks it is made for, so bytes spent early are paid back by later blocks.
+Nothing is calibrated offline.
 """
 
 from __future__ import annotations
@@ -17,15 +24,38 @@ from typing import Any
 
 import torch
 
+from kvstream.quant.base import tensor_bytes
+
 WIDTHS = (2, 3, 4)
+START_MARGIN = 1.05
+"""Headroom on the first-block estimates: blocks' outlier parts (and so their bytes) vary from block to block,
+and the last layer to pack a block position has no later layer to make good an estimate that erred low."""
 
 
 @dataclass
 class LayerCosts:
-    """Per candidate width: relative squared error (keys + values) and bits per element, for one layer."""
+    """One layer's first-block measurements: relative squared error (keys + values) per width, and bits per
+    element per width at each measured block length."""
 
     error: dict[int, float] = field(default_factory=dict)
-    bits: dict[int, float] = field(default_factory=dict)
+    bits: dict[int, dict[int, float]] = field(default_factory=dict)
+    """Block length -> width -> bits per element of a block that long."""
+
+    def bits_at(self, length: int, width: int) -> float:
+        """Bits per element of a block of ``length`` tokens: the measured length nearest below it (shorter blocks
+        cost more per token, so the nearest shorter one errs on the side of the budget), else the shortest."""
+        lengths = sorted(self.bits)
+        below = [n for n in lengths if n <= length]
+        return self.bits[below[-1] if below else lengths[0]][width]
+
+
+@dataclass
+class Plan:
+    """The widths chosen for the blocks starting at one token index, and the figures they were chosen from."""
+
+    widths: dict[int, int]
+    allowance_bits: float
+    spent_bits: float
 
 
 def _relative_error(store: Any, quantizer: Any, original: torch.Tensor) -> float:
@@ -34,60 +64,137 @@ def _relative_error(store: Any, quantizer: Any, original: torch.Tensor) -> float
 
 
 class BitBudget:
-    """Measures every layer's first block and then sets each layer's normal widths (see the module)."""
+    """Measures every layer's first block, then plans each later block's widths (see the module)."""
 
     def __init__(self, budget: float, num_layers: int) -> None:
         self.budget = budget
         self.costs: dict[int, LayerCosts] = {}
         self.num_layers = num_layers
-        self.widths: dict[int, int] | None = None
+        self.plans: dict[tuple[int, int], Plan] = {}
+        """The latest plan per block position (first token, block length), made for the last layer to pack it."""
+        self.chosen: dict[int, int] = {}
+        """Each layer's width for its latest planned block."""
+        self.history: dict[int, list[int]] = {}
+        """Each layer's widths of its planned blocks, in order."""
+        self.margin = START_MARGIN
+        """What plans price a block at, relative to its first-block estimate: `START_MARGIN`, raised to the
+        largest ratio yet of a planned block's real bytes to its estimate, so an estimate that erred low is not
+        repeated."""
+
+    @property
+    def ready(self) -> bool:
+        return len(self.costs) == self.num_layers
 
     def measure(self, layer: Any, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor) -> None:
-        """Cost of each width on ``layer``'s first block; allocate once every layer is measured."""
+        """Cost of each width on ``layer``'s first block, at its length and at the tail block's."""
+        costs = LayerCosts()
+        lengths = {keys.shape[-2]}
+        tail = layer.owner.config.tail_block
+        if tail and tail < keys.shape[-2]:
+            lengths.add(tail)
+        for length in sorted(lengths, reverse=True):
+            part = (t[..., :length, :] for t in (keys, values))
+            error, bits = self._costs_at(layer, *part, counted[:, :length])
+            costs.bits[length] = bits
+            if not costs.error:  # the error of the whole block decides the order of the widths
+                costs.error = error
+        self.costs[layer.layer_idx] = costs
+
+    @staticmethod
+    def _costs_at(
+        layer: Any, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor
+    ) -> tuple[dict[int, float], dict[int, float]]:
         owner = layer.owner
         elements = 2 * values.numel()
         key_shape, value_shape = layer.store_layout(keys, values)
-        costs = LayerCosts()
+        error, bits = {}, {}
         for width in WIDTHS:
             key_store, value_store = layer.build_stores(keys, values, counted, (width, width))
-            costs.error[width] = _relative_error(key_store, owner.quantizer, key_shape) + _relative_error(
+            error[width] = _relative_error(key_store, owner.quantizer, key_shape) + _relative_error(
                 value_store, owner.value_quantizer, value_shape
             )
-            costs.bits[width] = 8 * (key_store.nbytes() + value_store.nbytes()) / elements
-        self.costs[layer.layer_idx] = costs
-        if len(self.costs) == self.num_layers and self.widths is None:
-            self.widths = self.allocate()
-            for index, width in self.widths.items():
-                owner.layers[index].normal_bits = (width, width)
+            bits[width] = 8 * (key_store.nbytes() + value_store.nbytes()) / elements
+        return error, bits
 
-    def allocate(self) -> dict[int, int]:
-        """Greedy: widen the layer with the largest error drop per added bit while the mean bits fit the budget."""
-        widths = {index: WIDTHS[0] for index in self.costs}
+    def width_for(self, owner: Any, layer_idx: int, start: int, length: int) -> int:
+        """Layer ``layer_idx``'s normal width for its block of ``length`` tokens from ``start``: planned afresh
+        for it and the layers that have not packed that block yet, from the bytes held now (the layers that
+        have packed it count with what their block really cost), so an estimate that erred is made good by
+        the next layer."""
+        pending = [i for i, layer in enumerate(owner.layers) if i in self.costs and layer.packed_length <= start]
+        plan = self.plan(owner, length, pending)
+        self.plans[(start, length)] = plan
+        width = plan.widths[layer_idx]
+        self.chosen[layer_idx] = width
+        self.history.setdefault(layer_idx, []).append(width)
+        return width
 
-        def mean_bits() -> float:
-            return sum(self.costs[i].bits[w] for i, w in widths.items()) / len(widths)
+    def plan(self, owner: Any, length: int, pending: list[int]) -> Plan:
+        """Widths for the next block of ``length`` tokens of the layers ``pending``, so that what the cache then
+        holds, with the exact remainder's reserve, stays within the budget (see the module)."""
+        held_bits = 8 * (
+            sum(layer.packed_nbytes() for layer in owner.layers)
+            + sum(tensor_bytes(*tensors) for tensors in owner.shared_tensors().values())
+        )
+        per_token = {i: 2 * _heads_times_dim(layer) for i, layer in enumerate(owner.layers) if layer.is_initialized}
+        held_elements = sum(per_token[i] * (layer.packed_length - layer.offset) for i, layer in enumerate(owner.layers))
+        new_elements = {i: per_token[i] * length for i in pending}
+        cfg = owner.config
+        exact_bits = 16 if cfg.exact_storage == "16bit" else 8 * owner.layers[0].dtype.itemsize
+        remainder = cfg.recent_window + (cfg.tail_block or cfg.chunk_size) - 1
+        reserve = remainder * sum(per_token.values()) * (exact_bits - self.budget)
+        b, _, _, d = owner.layers[pending[0]].keys.shape if pending else (0, 0, 0, 0)
+        rope_rows = 8 * 2 * 4 * b * d if cfg.key_rope == "pre" else 0  # the block's base cos and sin, fp32
+        allowance = self.budget * (held_elements + sum(new_elements.values())) - held_bits - reserve - rope_rows
 
+        widths = {i: WIDTHS[0] for i in new_elements}
+
+        def cost(i: int, width: int) -> float:
+            return self.margin * self.costs[i].bits_at(length, width) * new_elements[i]
+
+        spent = sum(cost(i, w) for i, w in widths.items())
         while True:
-            best, best_gain = None, 0.0
-            for index, width in widths.items():
+            best, best_gain, best_added = None, 0.0, 0.0
+            for i, width in widths.items():
                 if width == WIDTHS[-1]:
                     continue
                 wider = WIDTHS[WIDTHS.index(width) + 1]
-                costs = self.costs[index]
-                added = costs.bits[wider] - costs.bits[width]
-                gain = (costs.error[width] - costs.error[wider]) / max(added, 1e-9)
-                trial = mean_bits() + added / len(widths)
-                if trial <= self.budget and gain > best_gain:
-                    best, best_gain = index, gain
+                added = cost(i, wider) - cost(i, width)
+                gain = (self.costs[i].error[width] - self.costs[i].error[wider]) / max(added, 1e-9)
+                if spent + added <= allowance and gain > best_gain:
+                    best, best_gain, best_added = i, gain, added
             if best is None:
-                return widths
+                return Plan(widths, allowance, spent)
             widths[best] = WIDTHS[WIDTHS.index(widths[best]) + 1]
+            spent += best_added
+
+    def record(self, layer_idx: int, length: int, width: int, stores_bytes: int, elements: int) -> None:
+        """A planned block of ``length`` tokens (``elements``) was packed at ``width`` into ``stores_bytes``:
+        widen the margin if its estimate was low."""
+        estimate = self.costs[layer_idx].bits_at(length, width) * elements / 8
+        self.margin = max(self.margin, stores_bytes / estimate)
+
+    def forget_from(self, start: int) -> None:
+        """Drop the plans of blocks from ``start`` on (their tokens were taken back and will be packed again)."""
+        self.plans = {key: plan for key, plan in self.plans.items() if key[0] < start}
+        self.history = {}  # which recorded widths belonged to the blocks taken back is not kept: start again
 
     def summary(self) -> dict[str, Any]:
-        """The chosen widths per layer and the measured bits they cost on the first blocks."""
-        if self.widths is None:
+        """Each layer's width for its latest planned block and mean width over its planned blocks, the number of
+        block positions planned, and of those whose last plan could not fit even at the narrowest widths (the
+        budget is then missed there: the fixed costs outweigh it at that length); empty before the first plan."""
+        if not self.plans:
             return {}
+        plans = list(self.plans.values())
         return {
-            "widths": dict(sorted(self.widths.items())),
-            "block_bits": sum(self.costs[i].bits[w] for i, w in self.widths.items()) / len(self.widths),
+            "widths": dict(sorted(self.chosen.items())),
+            "mean_widths": {i: sum(w) / len(w) for i, w in sorted(self.history.items())},
+            "plans": len(plans),
+            "plans_over_budget": sum(p.spent_bits > p.allowance_bits for p in plans),
         }
+
+
+def _heads_times_dim(layer: Any) -> int:
+    """Batch rows x KV heads x head size of ``layer``: its elements per token, keys or values alone."""
+    b, h, _, d = layer.keys.shape
+    return b * h * d

@@ -191,9 +191,12 @@ class BlockRope:
         self.offsets = ((cos[0].float() / scale).t().contiguous(), (sin[0].float() / scale).t().contiguous())
         self.base_cos = self.base_sin = torch.zeros(0, device=device)
         self.exact = torch.zeros(0, dtype=torch.bool, device=device)
-        self._groups: dict[tuple[int, int], tuple[int, list[torch.Tensor], bool]] = {}
-        """Tables of block groups off the chunk grid (tail blocks), by (start, block length): the number of
-        blocks they cover, the tables, and whether the blocks' positions are consecutive."""
+        self._groups: dict[tuple[int, int, int], tuple[list[torch.Tensor], bool]] = {}
+        """Tables of block groups off the chunk grid (tail blocks), by (start, block length, blocks): the tables
+        and whether the blocks' positions are consecutive. Layers may group the same blocks differently;
+        entries no layer's groups use any more are dropped by `live_tensors`."""
+        self._short_offsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """The offset tables of blocks shorter than a chunk, one per length, shared by every group that long."""
 
     @property
     def n_blocks(self) -> int:
@@ -242,17 +245,16 @@ class BlockRope:
     def _off_grid(
         self, start: int, t: int, n_blocks: int, positions: torch.Tensor, valid: torch.Tensor
     ) -> tuple[list[torch.Tensor], bool]:
-        key = (start, t)
-        if key not in self._groups or self._groups[key][0] != n_blocks:  # a group that grew replaces its tables
+        key = (start, t, n_blocks)
+        if key not in self._groups:
             pos = positions[:, start : start + n_blocks * t].long().reshape(positions.shape[0], n_blocks, t)
             p0 = pos[..., -1] - (t - 1)
             seen = valid[:, start : start + n_blocks * t].reshape(pos.shape)
             exact = bool(((pos == p0.unsqueeze(-1) + torch.arange(t, device=pos.device)) | ~seen).all())
             cos, sin = self.rotary.table(pos.device, p0)  # [B, N, D]
-            offsets = [o[:, :t].contiguous() for o in self.offsets]
             base = [cos.float().transpose(0, 1).contiguous(), sin.float().transpose(0, 1).contiguous()]
-            self._groups[key] = (n_blocks, offsets + base, exact)
-        return self._groups[key][1:]
+            self._groups[key] = ([*self.short_offsets(t), *base], exact)
+        return self._groups[key]
 
     def check(self, position: int = 1000, rtol: float = 1e-4) -> bool:
         """True when cos/sin at ``position + block_len - 1`` by angle addition match the rotary's own output."""
@@ -265,6 +267,16 @@ class BlockRope:
         tolerance = 10 * rtol * float(cos0[0, 0].abs().max())
         return max(float((got_c - want_c).abs().max()), float((got_s - want_s).abs().max())) <= tolerance
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        kept = [t for _, tables, _ in self._groups.values() for t in tables]
-        return (*self.offsets, self.base_cos, self.base_sin, self.exact, *kept)
+    def short_offsets(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The offset tables of blocks of ``t`` tokens (``t`` below a chunk), made on first use and kept."""
+        if t not in self._short_offsets:
+            self._short_offsets[t] = tuple(o[:, :t].contiguous() for o in self.offsets)
+        return self._short_offsets[t]
+
+    def live_tensors(self, live: set[tuple[int, int, int]]) -> tuple[torch.Tensor, ...]:
+        """Every table held for the groups ``live`` ((start, block length, blocks) of the layers' groups now),
+        after dropping the tables of groups no layer holds any more (absorbed into a longer one, or freed)."""
+        self._groups = {key: entry for key, entry in self._groups.items() if key in live}
+        kept = [t for tables, _ in self._groups.values() for t in tables[2:]]
+        short = [t for pair in self._short_offsets.values() for t in pair]
+        return (*self.offsets, self.base_cos, self.base_sin, self.exact, *short, *kept)

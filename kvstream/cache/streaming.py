@@ -181,6 +181,7 @@ class StreamingLayer(PackedLayer):
         self.groups = kept
         self.packed_length = start
         self.owner.stats.restore_layer_state(self.layer_idx, state[0])
+        self.owner.budget.forget_from(start)
         self._sink_read = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -209,7 +210,16 @@ class StreamingLayer(PackedLayer):
         owner.stats.update(self.layer_idx, keys, values, counted)
 
         t = values.shape[2]
+        if cfg.bit_budget and owner.budget.ready:
+            rope = owner.block_rope(self) if cfg.key_rope == "pre" and t != cfg.chunk_size else None
+            if rope is not None:  # made now, so the plan counts the tables this block will be read with
+                rope.short_offsets(t)
+            width = owner.budget.width_for(owner, self.layer_idx, start, t)
+            self.normal_bits = (width, width)
         key_store, value_store = self.build_stores(keys, values, counted, self.normal_bits)
+        if cfg.bit_budget and owner.budget.ready:
+            stored = key_store.nbytes() + value_store.nbytes()
+            owner.budget.record(self.layer_idx, t, self.normal_bits[0], stored, 2 * values.numel())
         if cfg.bit_budget and not self.groups and self.packed_length == 0:
             owner.budget.measure(self, keys, values, counted)
         sink_store = None
@@ -518,7 +528,8 @@ class StreamingQuantizedCache(PackedCache):
         return self._rotations[layer_idx]
 
     def shared_tensors(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
-        rope = tuple(t for r in self._block_ropes.values() if r is not None for t in r.tensors())
+        live = {(g.start, g.block_len, g.n_blocks) for layer in self.layers for g in layer.groups}
+        rope = tuple(t for r in self._block_ropes.values() if r is not None for t in r.live_tensors(live))
         rotations = [r.signs for r in self._rotations.values()]
         matrices = {r.matrix.data_ptr(): r.matrix for r in self._rotations.values()}  # one per head size
         return {**super().shared_tensors(), "block_rope": rope, "rotation": (*rotations, *matrices.values())}
