@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -158,3 +160,128 @@ def test_triton_kernel_reads_every_declared_format(
     got = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, TritonDecode())
     want = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
     torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "chunk,tail_block,bits,tile,programs",
+    [
+        (24, 0, 4, 256, 1),  # sub-tiles of 16 tokens: a block of 24 is 16 + 8; one program runs over every block
+        (24, 0, 3, 256, 10_000),  # one sub-tile per program
+        (16, 4, 3, 4096, 2),  # blocks of 4 from the tail, shorter than a sub-tile; 3-bit rows off byte boundaries
+    ],
+)
+def test_triton_sub_tiles_split_among_programs(tiny_model, monkeypatch, chunk, tail_block, bits, tile, programs):
+    """Sub-tiles that do not divide a block, blocks shorter than a sub-tile, and programs taking one sub-tile or
+    the sub-tiles of several blocks, through the whole decode step of a left-padded batch."""
+    monkeypatch.setattr(triton_decode, "TILE_ELEMENTS", tile)
+    monkeypatch.setattr(triton_decode, "INTERPRETED_PROGRAMS", programs)
+    cfg = CompressionConfig(
+        chunk_size=chunk,
+        value_quant_groups=8,
+        key_bits_normal=bits,
+        value_bits_normal=bits,
+        tail_block=tail_block,
+        outlier_threshold_abs=0.0,
+        outlier_threshold_relative=1.5,
+    )
+    cache, mask = prefilled_cache(tiny_model, cfg, 75, batch=2, pads=(0, 7), seed=2)
+    layer = cache.layers[0]
+    assert len({g.block_len for g in layer.groups}) == (2 if tail_block else 1)
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(2))
+    step_mask = decode_mask(mask, layer.length)
+    got = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, TritonDecode())
+    want = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_triton_query_rows_per_kv_head(tiny_model, rows):
+    """One to sixteen grouped queries per KV head (padded to the tensor cores' 16 rows, or exactly 16)."""
+    cfg = CompressionConfig(
+        chunk_size=16, value_quant_groups=8, outlier_threshold_abs=0.0, outlier_threshold_relative=1.5
+    )
+    cache, _ = prefilled_cache(tiny_model, cfg, 60)
+    layer = cache.layers[1]
+    q = torch.randn(1, 2, rows, 16, generator=torch.Generator().manual_seed(rows))
+    got, _ = _history(TritonDecode(), layer, q, None)
+    want, _ = _history(reference_history, layer, q, None)
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+def test_triton_value_outliers_and_rows_off_byte_boundaries(tiny_model):
+    """High-precision value groups beside normal ones, and 3-bit groups of 4 values whose rows do not start on a
+    byte (codes read through shifted windows), against the reference."""
+    cfg = CompressionConfig(
+        chunk_size=16,
+        value_quant_groups=4,
+        key_bits_normal=3,
+        value_bits_normal=3,
+        outlier_threshold_abs=0.0,
+        outlier_threshold_relative=1.2,
+        max_outlier_fraction=0.5,
+    )
+    cache, _ = prefilled_cache(tiny_model, cfg, 60)
+    layer = cache.layers[0]
+    flags = [triton_decode._plan(layer, group).flags for group in layer.groups]
+    assert any(f["V_HI"] for f in flags) and not any(f["VA_LO"] for f in flags)
+    query = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(7))
+    got = packed_attention(layer, query, layer.keys, layer.values, None, 0.25, TritonDecode())
+    want = packed_attention(layer, query, layer.keys, layer.values, None, 0.25, reference_history)
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+
+
+@interpreted
+def test_triton_group_arguments_live_with_their_group(tiny_model):
+    """A block group's kernel arguments are built once and dropped with the group: they never keep its bytes."""
+    cfg = CompressionConfig(chunk_size=16, value_quant_groups=8)
+    cache, _ = prefilled_cache(tiny_model, cfg, 40)
+    layer = cache.layers[0]
+    q = torch.randn(1, 2, 2, 16, generator=torch.Generator().manual_seed(4))
+    visible, _ = visibility(layer, None, None)
+    first = OnlineSoftmax()
+    triton_decode.decode_history(layer, q, visible, first)
+    group = layer.groups[0]
+    assert triton_decode._plan(layer, group) is triton_decode._plan(layer, group)
+    assert any(plan.flags["KW_LO"] for plan in (triton_decode._plan(layer, g) for g in layer.groups))
+    layer.groups[0] = group.select_rows(torch.arange(1))  # the same blocks in storage of their own
+    gone = weakref.ref(group)
+    key = id(group)
+    del group
+    gc.collect()
+    assert gone() is None and key not in triton_decode._PLANS
+    again = OnlineSoftmax()
+    triton_decode.decode_history(layer, q, visible, again)
+    torch.testing.assert_close(again.result(), first.result(), atol=0, rtol=0)
+
+
+def test_triton_reader_declines_rope_halves_that_differ(tiny_model, monkeypatch):
+    """The kernel turns queries by a block's first position, which needs both halves of a RoPE table to turn alike."""
+    cache, _ = prefilled_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=8), 40)
+    layer = cache.layers[0]
+    assert triton_decode.rope_refusal(layer) is None
+    rope = cache.block_rope(layer)
+    cos, sin = rope.offsets
+    monkeypatch.setattr(rope, "offsets", (cos.clone().index_fill_(0, torch.tensor([0]), 0.5), sin))
+    assert "halves" in triton_decode.rope_refusal(layer)
+
+
+def test_kernel_answers_are_kept_until_the_block_groups_change(tiny_model):
+    """Whether a kernel reads a layer is asked once per set of block groups, not at every decode step."""
+    from kvstream.kernels import per_groups
+
+    cache, _ = prefilled_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=8), 40)
+    layer = cache.layers[0]
+    calls = []
+
+    def ask() -> bool:
+        calls.append(1)
+        return True
+
+    assert per_groups(layer, "probe", ask) and per_groups(layer, "probe", ask)
+    assert len(calls) == 1
+    layer.groups[-1] = layer.groups[-1].select_rows(torch.arange(1))
+    assert per_groups(layer, "probe", ask)
+    assert len(calls) == 2
