@@ -1,23 +1,24 @@
 """Decode attention over packed blocks on a GPU, in Triton: split-K over sub-tiles of the blocks, one merge.
 
-`_block_kernel` runs a grid of (programs, batch row x KV head). The blocks of a group are cut into
-sub-tiles of ``BLOCK_T`` tokens (the last one of a block may be short) and each program takes a
-contiguous run of them, a whole block, part of one or several, so that a short history still fills
-the GPU and a long one writes few partials. Per sub-tile it unpacks the key and value codes of both
-precision parts (one 4-byte window of the bit stream serves a group of codes), dequantizes them
-(uniform codes or a level table, key ranges per token group, symmetric or zero-point), turns the
-keys by the sub-tile's RoPE offsets and the queries by the block's first position (`BlockRope`'s
-angle addition, split between the two sides), scores the grouped queries with fp32 products and
-sums, and folds the sub-tile into the program's running max, sum and output (online softmax). Only
-``[head_dim / 2, BLOCK_T]`` key and ``[BLOCK_T, head_dim]`` value tiles are live at once.
+`_block_kernel` runs a grid of (programs, batch row x KV head). A group's blocks are cut into sub-tiles
+of ``BLOCK_T`` tokens (`TILE_ELEMENTS` with the head; the last of a block may be short) and each program
+takes an equal run of a row's sub-tiles, part of a block or several, so that a short history still fills
+the GPU and a long one writes few partials. Per sub-tile it reads the normal-precision key and value
+codes a 32-bit word (or the bytes of a window) per group of codes, unpacks and dequantizes them in
+registers (uniform codes or a level table, key ranges per token group, symmetric or zero-point), turns
+the keys by their place in the sub-tile and the queries by the sub-tile's first position (`BlockRope`'s
+angle addition, split between the two sides), scores the grouped queries on tensor cores (`_dot`, fp32
+accurate), adds the high-precision key channels' share from a compact tile of their own, and folds the
+sub-tile into the program's running max, sum and output (online softmax). Live tiles are
+``[head_dim / 2, BLOCK_T]`` keys and ``[BLOCK_T, head_dim]`` values.
 
-`_merge_kernel` then folds every program's partial, and the exact segments (sink copies, the
-tail) read from fp32 or 16-bit keys and values, into one row per query head: the final attention
-output in the query's dtype, or an ``(acc, max, sum)`` partial for an `OnlineSoftmax`. A decode step
-is one launch per block group and one merge (two merges and a rotation when values are stored
-rotated). Arguments of a block group are built once and kept while the group lives (groups are
-replaced, never edited, when blocks are packed, freed or rows selected). Tested on the CPU with
-``TRITON_INTERPRET=1`` against the reference reader; timed on a GPU when one is available.
+`_merge_kernel` folds every program's partial, then the exact segments (sink copies, the tail; fp32 or
+16-bit keys and values), into one row per query head: the attention output in the query's dtype, or an
+``(acc, max, sum)`` partial for an `OnlineSoftmax`. A decode step is one launch per block group and one
+merge (two merges and a rotation when values are stored rotated). A group's arguments are built once and
+kept while the group lives (`_plan`; groups are replaced, never edited, when blocks are packed, freed or
+rows selected). Tested on the CPU with ``TRITON_INTERPRET=1`` against the reference reader; timed on a GPU
+when one is available.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from kvstream.kernels.online import OnlineSoftmax
 TILE_ELEMENTS = 4096
 """Elements of one sub-tile (tokens x head_dim): 32 tokens of a 128-wide head, 64 of a 64-wide one, so a
 program's key, value and RoPE tiles stay in registers."""
-PROGRAMS_PER_SM = 4
-"""Programs launched per streaming multiprocessor (all of a group's sub-tiles shared among them): about
-as many as are resident at once, so every SM streams codes while the partials stay few."""
+PROGRAMS_PER_SM = 2
+"""Programs launched per streaming multiprocessor (a group's sub-tiles shared among them in equal runs): as
+many as are resident at once (the kernel takes about 255 registers a thread, two programs of 4 warps per
+SM on sm_90), so the GPU runs one wave with no tail while the partials to merge stay few."""
 INTERPRETED_PROGRAMS = 4
 """Programs per launch without a GPU (Triton's interpreter): few, so each one runs over sub-tiles of
 several blocks, the path long histories take on a GPU."""
@@ -794,7 +796,26 @@ def _halves_match(table: torch.Tensor) -> bool:
     return bool(torch.equal(table[:half], table[half:]))
 
 
+def _kept(store: dict[int, tuple[weakref.ref, Any]], owner: Any) -> Any:
+    """What ``store`` keeps for ``owner`` (None if nothing)."""
+    entry = store.get(id(owner))
+    return entry[1] if entry is not None and entry[0]() is owner else None
+
+
+def _keep(store: dict[int, tuple[weakref.ref, Any]], owner: Any, value: Any) -> Any:
+    """Keep ``value`` in ``store`` for as long as ``owner`` lives (dropped with it, never keeping it alive)."""
+    key = id(owner)
+
+    def drop(ref: weakref.ref) -> None:
+        if key in store and store[key][0] is ref:
+            del store[key]
+
+    store[key] = (weakref.ref(owner, drop), value)
+    return value
+
+
 _SYMMETRIC: dict[int, tuple[weakref.ref, bool]] = {}
+"""Whether the halves of a RoPE offset table match, by table."""
 
 
 def rope_refusal(layer: Any) -> str | None:
@@ -806,12 +827,11 @@ def rope_refusal(layer: Any) -> str | None:
     rope = owner.block_rope(layer)
     if rope is None:
         return None
-    table = rope.offsets[0]
-    seen = _SYMMETRIC.get(id(table))
-    if seen is None or seen[0]() is not table:
-        seen = (weakref.ref(table), _halves_match(rope.offsets[0]) and _halves_match(rope.offsets[1]))
-        _SYMMETRIC[id(table)] = seen
-    return None if seen[1] else "RoPE whose two halves turn at different rates (the Triton kernel)"
+    cos, sin = rope.offsets
+    match = _kept(_SYMMETRIC, cos)
+    if match is None:
+        match = _keep(_SYMMETRIC, cos, _halves_match(cos) and _halves_match(sin))
+    return None if match else "RoPE whose two halves turn at different rates (the Triton kernel)"
 
 
 @dataclass
@@ -827,41 +847,31 @@ class _GroupPlan:
     launches: dict[tuple[int, ...], tuple[int, int, int, int]] = field(default_factory=dict)
 
     def geometry(self, rows: int, device: torch.device) -> tuple[int, int, int, int]:
-        """``(BLOCK_T, sub-tiles, programs per batch row and head, warps)`` for ``rows`` batch rows x KV heads."""
+        """``(BLOCK_T, sub-tiles, programs per batch row and head, warps)`` for ``rows`` batch rows x KV heads:
+        sub-tiles of `TILE_ELEMENTS` (at least 16 tokens, at most the block rounded up to a power of two), and
+        about `_target_programs` programs in all, each taking an equal run of a row's sub-tiles."""
         target = _target_programs(device)
         key = (rows, target, TILE_ELEMENTS)
         if key not in self.launches:
-            block_t = max(
-                16, min(_pow2_floor(max(1, TILE_ELEMENTS // self.head_dim)), 1 << (self.block_len - 1).bit_length())
-            )
+            widest = _pow2_floor(max(1, TILE_ELEMENTS // self.head_dim))
+            block_t = max(16, min(widest, triton.next_power_of_2(self.block_len)))
             chunks = self.blocks * -(-self.block_len // block_t)
-            programs = max(1, min(chunks, -(-target // rows)))
+            programs = max(1, min(chunks, round(target / rows)))
             warps = max(1, min(4, block_t * self.head_dim // 1024))
             self.launches[key] = (block_t, chunks, programs, warps)
         return self.launches[key]
 
 
 _PLANS: dict[int, tuple[weakref.ref, _GroupPlan]] = {}
-
-
-def _forget(key: int) -> Any:
-    def callback(ref: weakref.ref) -> None:
-        if key in _PLANS and _PLANS[key][0] is ref:
-            del _PLANS[key]
-
-    return callback
+"""The `_GroupPlan` of every live block group, by group."""
 
 
 def _plan(layer: Any, group: Any) -> _GroupPlan:
     """The kept `_GroupPlan` of ``group`` (built on first use; dropped with the group, never holding its bytes)."""
-    entry = _PLANS.get(id(group))
-    if entry is not None and entry[0]() is group:
-        plan = entry[1]
-        if plan.blocks == group.n_blocks and plan.codes_ptr == _codes_ptr(group):
-            return plan
-    plan = _build_plan(layer, group)
-    _PLANS[id(group)] = (weakref.ref(group, _forget(id(group))), plan)
-    return plan
+    plan = _kept(_PLANS, group)
+    if plan is not None and plan.blocks == group.n_blocks and plan.codes_ptr == _codes_ptr(group):
+        return plan
+    return _keep(_PLANS, group, _build_plan(layer, group))
 
 
 def _codes_ptr(group: Any) -> int:
