@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +55,14 @@ import kvstream
 from kvstream import CompressionConfig
 from kvstream.config import ConfigError, resolve_config_path
 from kvstream.data import MODEL_ALIASES
+from kvstream.data.store import write_json_atomic
 from kvstream.eval.runner import EvalSpec, plan_eval, run_plan
-from kvstream.results import ResultsStore, StoredRun
-from kvstream.results.provenance import short_revision
+from kvstream.eval.stats import paired_bootstrap_delta
+from kvstream.peers import CACHE_PEERS, PeerError, PeerUnavailable, adapter_names, make_peer
+from kvstream.results import ResultsStore, StoredRun, keys
+from kvstream.results.provenance import code_revision, library_versions, short_revision
 from kvstream.schema import FULL_PRECISION, QUANTIZED
-from kvstream.tasks.base import Sample, TaskOptions
+from kvstream.tasks.base import RunContext, Sample, ScoredAnswer, TaskOptions
 from kvstream.tasks.synthetic import ANSWER_LOGPROB
 
 QWEN = "qwen2.5-coder-0.5b"
@@ -141,6 +147,131 @@ EXTENDED: tuple[PlanRow, ...] = (
 of `Timing` a sample takes about 3.6 min per cache there, 20 would take 29 hours)."""
 
 
+# --------------------------------------------------------------------------- peers
+
+CONFIG, CACHE_PEER, EXTERNAL = "config", "cache peer", "external peer"
+"""What a cell runs: a kvstream configuration, a peer registered as a kvstream cache (through the same
+`plan_eval`/`run_plan` path, on the same samples, pairing with the same stored full-precision baseline), or an
+external peer (`kvstream.peers.Peer`: its own runtime, run sample by sample on the same prompt and answer ids)."""
+
+DEFAULT_PEERS: tuple[str, ...] = (*CACHE_PEERS, *adapter_names())
+"""``--peers`` by default: the cache peers, then llama.cpp's and kvpress's rows; those that cannot run here are
+skipped rows with their reason."""
+
+PEER_BASELINES: dict[str, str] = {"llamacpp": "llamacpp-f16", "kvpress": "kvpress-none"}
+"""Per external peer family, the peer its rows are paired with: its own full precision in its own runtime.
+llama.cpp computes with the GGUF's quantized weights, so its rows are paired with ``llamacpp-f16``, which is added
+to the plan whenever a llama.cpp row is asked for. kvpress reads kvstream's own weights and ``kvpress-none`` agrees
+with kvstream's full precision to 1e-3 nats per token (docs/guide.md, Peers), so it is not added: kvpress rows are
+paired with ``kvpress-none`` where it was run on the same samples, else with kvstream's full precision. A family's
+baseline row itself is paired with kvstream's full precision."""
+REQUIRED_BASELINES = ("llamacpp",)
+"""Families whose baseline peer joins the plan whenever one of their rows does."""
+
+PEER_SAMPLE_FACTOR: dict[str, float] = {"llamacpp-f16": 1.0, "llamacpp": 3.0, "kvpress": 1.0}
+"""The stated estimate of an external peer's seconds per sample, as a multiple of a kvstream sample through one
+cache at the same model and length (`Timing`); no peer run has been timed by this benchmark yet. llama.cpp's f16
+cache: one kvstream sample. Its quantized caches: 3 (issue 20: llama.cpp's q4_0/q8_0 prefill ran 2.4-4x slower than
+its own f16 on two threads). kvpress: one kvstream sample (the same fp32 model in transformers, one prefill with the
+press). A name not listed takes its family's factor, else 1."""
+
+PEER_STORE = "_peers"
+"""Folder under ``--results`` of the external peers' runs (one JSON file per peer and cell) and of the skipped
+peers' reasons; the results store's own scan passes over folders starting with ``_``."""
+SKIPPED = "skipped"
+"""The metric of a record that stands for a skipped peer row (its reason in ``note``)."""
+KVSTREAM_SOURCES = ("kvstream", "kvstream harness (cache peer)")
+"""The sources of the rows run by kvstream's own harness: its configurations and the cache peers."""
+
+
+def peer_family(name: str) -> str:
+    """``llamacpp-q4_0`` -> ``llamacpp``; a cache peer's family is its cache (``quanto``, ``kivi``)."""
+    if name in CACHE_PEERS:
+        return CACHE_PEERS[name].cache
+    return name.split("-", 1)[0]
+
+
+def peer_factor(name: str) -> float:
+    """`PEER_SAMPLE_FACTOR` for ``name``: its own entry, else its family's, else 1."""
+    return PEER_SAMPLE_FACTOR.get(name, PEER_SAMPLE_FACTOR.get(peer_family(name), 1.0))
+
+
+def with_baselines(names: Iterable[str]) -> list[str]:
+    """``names`` without repeats, each `REQUIRED_BASELINES` family's baseline peer put before its first row."""
+    out: list[str] = []
+    for name in dict.fromkeys(names):
+        family = peer_family(name)
+        base = PEER_BASELINES.get(family)
+        if family in REQUIRED_BASELINES and base and base not in out:
+            out.append(base)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def peer_version(peer: Any) -> str:
+    """What the peer's stored runs are keyed by besides its name: its ``version`` (a string, or a method giving
+    one), else its library versions (kvpress: its worker's ``versions()``), else llama-cpp-python's version."""
+    version = getattr(peer, "version", None)
+    version = version() if callable(version) else version
+    if version:
+        return str(version)
+    versions = getattr(peer, "versions", None)
+    if callable(versions):
+        return json.dumps(versions(), sort_keys=True)
+    if type(peer).__name__ == "LlamaCppPeer":
+        from kvstream.peers.llamacpp import _version
+
+        return f"llama-cpp-python {_version()}, threads {peer.threads}, n_batch {peer.n_batch}"
+    return "unknown"
+
+
+class PeerSet:
+    """The peers asked for, built once per model (``make(name, model, threads=...)``), each one's reason for not
+    running here checked once per model and printed once."""
+
+    def __init__(self, names: Iterable[str], make: Callable[..., Any] = make_peer, threads: int = 2) -> None:
+        self.names = tuple(names)
+        self.make = make
+        self.threads = threads
+        self._peers: dict[tuple[str, str], Any] = {}
+        self._reasons: dict[tuple[str, str], str | None] = {}
+        self._printed: set[tuple[str, str]] = set()
+
+    def get(self, name: str, model: str) -> Any:
+        if (name, model) not in self._peers:
+            self._peers[(name, model)] = self.make(name, model, threads=self.threads)
+        return self._peers[(name, model)]
+
+    def reason(self, name: str, model: str) -> str | None:
+        """``None`` when ``name`` can run on ``model`` here, else its one-line reason (printed the first time)."""
+        if (name, model) not in self._reasons:
+            try:
+                reason = self.get(name, model).unavailable()
+            except Exception as error:  # a peer that cannot even be built or checked is skipped with why
+                reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            self._reasons[(name, model)] = reason
+            if reason and (name, reason) not in self._printed:
+                self._printed.add((name, reason))
+                print(f"peer {name} skipped (a row with this reason on the page): {reason}", flush=True)
+        return self._reasons[(name, model)]
+
+    def reasons(self, models: Iterable[str]) -> dict[tuple[str, str], str]:
+        """``(name, model) -> reason`` for every peer that cannot run on one of ``models``."""
+        found = {(name, model): self.reason(name, model) for model in dict.fromkeys(models) for name in self.names}
+        return {key: reason for key, reason in found.items() if reason}
+
+    def close(self) -> None:
+        """Free what the peers hold (llama.cpp contexts, kvpress workers)."""
+        for peer in self._peers.values():
+            close = getattr(peer, "close", None)
+            if callable(close):
+                close()
+        if "kvstream.peers.presses" in sys.modules:
+            sys.modules["kvstream.peers.presses"].close_workers()
+        self._peers.clear()
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -223,6 +354,10 @@ class Cell:
     label: str
     baseline: bool
     """Whether this cell measures its slot's full-precision baseline (the first cell of the slot to run)."""
+    kind: str = CONFIG
+    """`CONFIG`, `CACHE_PEER` or `EXTERNAL`: a kvstream configuration or a peer's row (labelled by its name)."""
+    skipped: str = ""
+    """Why a peer's cell does not run here (``unavailable()``'s line); empty when it runs."""
 
     @property
     def slot(self) -> tuple[str, str, int, int]:
@@ -236,15 +371,34 @@ class Cell:
 
     def seconds(self, timing: Timing = FALLBACK) -> float:
         """Expected seconds: every sample through the configuration's cache, and through full precision's if
-        this cell measures the baseline."""
-        return self.samples * timing.per_sample(self.model, self.length) * (2 if self.baseline else 1)
+        this cell measures the baseline; an external peer's samples at its `PEER_SAMPLE_FACTOR`; none if skipped."""
+        if self.skipped:
+            return 0.0
+        per_sample = timing.per_sample(self.model, self.length)
+        if self.kind == EXTERNAL:
+            return self.samples * per_sample * peer_factor(self.label)
+        return self.samples * per_sample * (2 if self.baseline else 1)
+
+    def shown(self) -> str:
+        """The cell's configuration as the plan lists it."""
+        if self.kind == EXTERNAL:
+            text = f"{self.label} (peer)"
+        else:
+            text = f"{self.label} + full precision" if self.baseline else self.label
+        return f"{text}, skipped" if self.skipped else text
 
 
-def cells(plan: Iterable[PlanRow]) -> list[Cell]:
+def cells(
+    plan: Iterable[PlanRow], peers: Iterable[str] = (), unavailable: Mapping[tuple[str, str], str] | None = None
+) -> list[Cell]:
     """The plan's cells in run order: model by model (each loaded once), contexts from the shortest, and at each
-    context first every row's `LOSSY` cell (the screen), then the rows' other configurations, each in plan order.
-    A configuration planned twice for one slot runs once; a slot's first cell measures its baseline."""
+    context first every row's `LOSSY` cell (the screen), then the rows' other configurations, each in plan order,
+    then every row's ``peers`` in the order given. A configuration or peer planned twice for one slot runs once; a
+    slot's first kvstream-harness cell measures its baseline. A peer in ``unavailable`` (``(name, model) ->
+    reason``) is a skipped cell."""
     rows = list(plan)
+    names = list(dict.fromkeys(peers))
+    unavailable = unavailable or {}
     out: list[Cell] = []
     planned: set[tuple[Any, ...]] = set()
     slots: set[tuple[str, str, int, int]] = set()
@@ -258,12 +412,28 @@ def cells(plan: Iterable[PlanRow]) -> list[Cell]:
                         planned.add((*row.slot, label))
                         out.append(Cell(*row.slot, label, baseline=row.slot not in slots))
                         slots.add(row.slot)
+            for row in (r for r in rows if r.model == model and r.length == length):
+                for name in names:
+                    if (*row.slot, name) in planned:
+                        continue
+                    planned.add((*row.slot, name))
+                    kind = CACHE_PEER if name in CACHE_PEERS else EXTERNAL
+                    reason = unavailable.get((name, model), "")
+                    measures = kind == CACHE_PEER and not reason and row.slot not in slots
+                    out.append(Cell(*row.slot, name, baseline=measures, kind=kind, skipped=reason))
+                    if measures:
+                        slots.add(row.slot)
     return out
 
 
-def estimate_seconds(plan: Iterable[PlanRow], timing: Timing = FALLBACK) -> float:
-    """Time on two cores: each baseline once per shared slot, and every configuration, over every sample."""
-    return sum(cell.seconds(timing) for cell in cells(plan))
+def estimate_seconds(
+    plan: Iterable[PlanRow],
+    timing: Timing = FALLBACK,
+    peers: Iterable[str] = (),
+    unavailable: Mapping[tuple[str, str], str] | None = None,
+) -> float:
+    """Time on two cores: each baseline once per shared slot, and every configuration and peer, over every sample."""
+    return sum(cell.seconds(timing) for cell in cells(plan, peers, unavailable))
 
 
 def minutes(seconds: float) -> int:
@@ -291,8 +461,13 @@ def select(plan: Iterable[PlanRow], labels: Iterable[str], keep: Callable[[PlanR
     return [row for row in rows if row.configs]
 
 
+def cell_config(cell: Cell, configs: Mapping[str, CompressionConfig]) -> CompressionConfig:
+    """The configuration a kvstream-harness cell runs: its label's, or its cache peer's ``config()``."""
+    return configs[cell.label] if cell.label in configs else CACHE_PEERS[cell.label].config()
+
+
 def run_id(cell: Cell, configs: Mapping[str, CompressionConfig]) -> str:
-    return EvalSpec(cell.task, cell.model, configs[cell.label], cell.options()).run_id()
+    return EvalSpec(cell.task, cell.model, cell_config(cell, configs), cell.options()).run_id()
 
 
 def plan_lines(
@@ -300,31 +475,46 @@ def plan_lines(
     timing: Timing = FALLBACK,
     configs: Mapping[str, CompressionConfig] | None = None,
     results: Path | None = None,
+    peers: Iterable[str] = (),
+    unavailable: Mapping[tuple[str, str], str] | None = None,
 ) -> list[str]:
     """The cells in run order, each with its expected seconds (``stored`` where a run of it is in ``results``, kept
-    if its key still matches), and the total; what ``--plan`` prints."""
-    planned = cells(plan)
+    if its key still matches; ``skipped`` and its reason for a peer that cannot run here), and the total; what
+    ``--plan`` prints. External peers' seconds are `PEER_SAMPLE_FACTOR` times a kvstream sample's."""
+    planned = cells(plan, peers, unavailable)
     store = ResultsStore(results) if results is not None and configs is not None else None
     width = max((len(c.task) for c in planned), default=4)
+    shown = max([34, *(len(c.shown()) for c in planned)])
     lines = [
         f"{len(planned)} cells in run order, expected seconds on two CPU cores (a sample through one cache: "
         f"{timing.describe((c.model, c.length) for c in planned) or 'none'}; from {timing.source}):",
-        f"{'#':>3}  {'model':<18} {'task':<{width}} {'context':>7} {'samples':>7}  {'configuration':<34} "
+        f"{'#':>3}  {'model':<18} {'task':<{width}} {'context':>7} {'samples':>7}  {'configuration':<{shown}} "
         f"{'seconds':>8}",
     ]
     todo = 0.0
     for i, cell in enumerate(planned, start=1):
-        label = f"{cell.label} + full precision" if cell.baseline else cell.label
-        stored = store is not None and store.has_run(run_id(cell, configs))
+        if store is None or cell.skipped:
+            stored = False
+        elif cell.kind == EXTERNAL:
+            stored = peer_complete(results, cell)  # type: ignore[arg-type]
+        else:
+            stored = store.has_run(run_id(cell, configs))  # type: ignore[arg-type]
         todo += 0 if stored else cell.seconds(timing)
+        note = f"  skipped: {cell.skipped}" if cell.skipped else ("  stored" if stored else "")
         lines.append(
-            f"{i:>3}  {cell.model:<18} {cell.task:<{width}} {cell.length:>7} {cell.samples:>7}  {label:<34} "
-            f"{cell.seconds(timing):>8.0f}" + ("  stored" if stored else "")
+            f"{i:>3}  {cell.model:<18} {cell.task:<{width}} {cell.length:>7} {cell.samples:>7}  "
+            f"{cell.shown():<{shown}} {cell.seconds(timing):>8.0f}" + note
         )
     total = sum(cell.seconds(timing) for cell in planned)
     line = f"total: {total:.0f} s ({minutes(total)} min)"
     if store is not None:
         line += f"; {todo:.0f} s ({minutes(todo)} min) for the cells not stored yet"
+    factors = {f"{c.label} x{peer_factor(c.label):g}" for c in planned if c.kind == EXTERNAL and not c.skipped}
+    if factors:
+        line += (
+            "; an external peer's sample is estimated at a kvstream sample's seconds times "
+            f"{', '.join(sorted(factors))} (PEER_SAMPLE_FACTOR, not measured yet)"
+        )
     return [*lines, line]
 
 
@@ -343,7 +533,7 @@ def run_cell(
 ) -> None:
     """One cell, unless its run is stored on the same key; the slot's samples are built once (kept in ``samples``)
     and its baseline is the stored one whenever that was measured on the same key."""
-    spec = EvalSpec(cell.task, cell.model, configs[cell.label], cell.options(), results_dir=results)
+    spec = EvalSpec(cell.task, cell.model, cell_config(cell, configs), cell.options(), results_dir=results)
     planned = plan_eval(spec, bundle, samples=samples.get(cell.slot))
     samples[cell.slot] = planned.samples
     if planned.stored.reusable:  # skipped only when its full key (prompts, model, versions, ...) matches
@@ -355,14 +545,150 @@ def run_cell(
     print(f"{cell.name()} {cell.label}: {time.perf_counter() - start:.0f}s", flush=True)
 
 
-def run(plan: list[PlanRow], configs: dict[str, CompressionConfig], results: Path, load: Loader) -> None:
-    """Every cell of ``plan`` in run order (`cells`), each model loaded once."""
-    planned = cells(plan)
+def peer_path(results: Path, cell: Cell) -> Path:
+    """The JSON file of one peer's run (or skip) on one cell: ``_peers/<task>__<model>__<options>__<peer>.json``."""
+    name = f"{keys.slug(cell.task)}__{keys.slug(cell.model)}__{keys.options_hash(cell.options())}"
+    return Path(results) / PEER_STORE / f"{name}__{keys.slug(cell.label)}.json"
+
+
+def read_peer_file(path: Path) -> dict[str, Any] | None:
+    """A stored peer file, or None when it is missing or unreadable (then the cell runs again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def peer_complete(results: Path, cell: Cell) -> bool:
+    """Whether the peer's run of ``cell`` is stored whole (its key is checked when it would run)."""
+    stored = read_peer_file(peer_path(results, cell))
+    return bool(stored and stored.get("status") == "complete")
+
+
+def record_skip(results: Path, cell: Cell, reason: str) -> None:
+    """Store that ``cell``'s peer was skipped and why, unless a run of it is stored (kept: it was measured)."""
+    path = peer_path(results, cell)
+    stored = read_peer_file(path)
+    if stored and stored.get("status") in ("complete", "partial"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**_peer_cell(cell), "status": "unavailable", "reason": reason})
+
+
+def _peer_cell(cell: Cell) -> dict[str, Any]:
+    return dict(model=cell.model, task=cell.task, length=cell.length, n=cell.samples, peer=cell.label, kind=cell.kind)
+
+
+def peer_context(peer: Any, bundle: tuple[Any, Any], results: list[Any]) -> RunContext:
+    """A `RunContext` whose ``generate_scored`` is ``peer.run`` on the task's own prompt and gold answer ids, so
+    that the task scores the peer's text with its own scorer; each `PeerResult` goes to ``results``. The peer
+    stops at its model's own end-of-generation token (the retrieval tasks pass no other stop set)."""
+
+    def generate_scored(
+        prompt_ids: Any, answer_ids: Any, max_new_tokens: int, eos_token_ids: Any = None, min_new_tokens: int = 0
+    ) -> ScoredAnswer:
+        result = peer.run([int(i) for i in prompt_ids], [int(i) for i in answer_ids], int(max_new_tokens))
+        results.append(result)
+        return ScoredAnswer(text=result.text, logprob=result.answer_logprob, tokens=result.answer_tokens)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PeerError(f"{peer.name} runs only tasks that score a gold answer (generate_scored)")
+
+    model, tokenizer = bundle
+    return RunContext(
+        model=model, tokenizer=tokenizer, make_cache=refuse, chunk_size=0, generate=refuse, perplexity=refuse,
+        generate_scored=generate_scored,
+    )  # fmt: skip
+
+
+def run_peer_cell(
+    cell: Cell,
+    peer: Any,
+    bundle: tuple[Any, Any],
+    results: Path,
+    samples: dict[tuple[str, str, int, int], list[Sample]],
+) -> None:
+    """One external peer on one cell's samples (the slot's, as kvstream's cells built them: the same prompt and
+    gold answer ids), sample by sample, the file rewritten after each so that an interrupted run resumes where it
+    stopped. Kept when its key (the samples' prompts hash as the results key computes it, the peer's name and its
+    version) matches; a peer that fails is stored with its reason and tried again by the next run."""
+    spec = EvalSpec(cell.task, cell.model, CompressionConfig(cache="full"), cell.options(), results_dir=results)
+    planned = plan_eval(spec, bundle, samples=samples.get(cell.slot))
+    samples[cell.slot] = planned.samples
+    key = {"prompts": planned.key.prompts, "peer": peer.name, "version": peer_version(peer)}
+    path = peer_path(results, cell)
+    stored = read_peer_file(path) or {}
+    same = stored.get("key") == key
+    if same and stored.get("status") == "complete":
+        return
+    done = {str(s["sample"]): s for s in stored.get("samples", [])} if same else {}
+    if stored.get("key") and not same:
+        print(f"re-run {path.name}: its key changed ({stored.get('key')} -> {key})", flush=True)
+    data = {
+        **_peer_cell(cell), "key": key, "label": getattr(peer, "label", peer.name), "status": "partial",
+        "revision": code_revision(), "torch": library_versions()["torch"],
+        "started": stored.get("started") if same and stored.get("started") else _now(), "finished": "",
+        "seconds": float(stored.get("seconds") or 0.0) if same else 0.0,
+        "samples": [done[str(s.id)] for s in planned.samples if str(s.id) in done],
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for sample in planned.samples:
+        if str(sample.id) in done:
+            continue
+        out: list[Any] = []
+        began = time.perf_counter()
+        try:
+            rows = planned.task.run(peer_context(peer, bundle, out), sample)
+        except (PeerError, PeerUnavailable) as error:
+            reason = " ".join(str(error).split())
+            print(f"{cell.name()} {peer.name}: failed on {sample.id}: {reason}", flush=True)
+            write_json_atomic(path, {**data, "reason": f"failed on {sample.id}: {reason}"})
+            return
+        result = out[-1].to_dict() if out else {}
+        result.pop("generated_ids", None)
+        metrics = {row.metric: float(row.value) for row in rows}
+        data["samples"].append({"sample": str(sample.id), "metrics": metrics, "seconds": time.perf_counter() - began,
+                                **result})  # fmt: skip
+        data["seconds"] += time.perf_counter() - began
+        write_json_atomic(path, data)
+    data.update(status="complete", finished=_now())
+    write_json_atomic(path, data)
+    print(f"{cell.name()} {peer.name}: {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(
+    plan: list[PlanRow],
+    configs: Mapping[str, CompressionConfig],
+    results: Path,
+    load: Loader,
+    peers: PeerSet | None = None,
+) -> None:
+    """Every cell of ``plan`` in run order (`cells`), each model loaded once; with ``peers``, each row's peers
+    after its configurations (a peer that cannot run here stored as skipped, with its reason)."""
+    names = peers.names if peers is not None else ()
+    unavailable = peers.reasons(row.model for row in plan) if peers is not None else {}
+    planned = cells(plan, names, unavailable)
     for model in dict.fromkeys(cell.model for cell in planned):
         bundle = load(model)
         samples: dict[tuple[str, str, int, int], list[Sample]] = {}
         for cell in (c for c in planned if c.model == model):
-            run_cell(cell, configs, bundle, results, samples)
+            if cell.skipped:
+                record_skip(results, cell, cell.skipped)
+            elif cell.kind == EXTERNAL:
+                assert peers is not None
+                run_peer_cell(cell, peers.get(cell.label, model), bundle, results, samples)
+            else:
+                run_cell(cell, configs, bundle, results, samples)
+                if cell.kind == CACHE_PEER:
+                    peer_path(results, cell).unlink(missing_ok=True)  # an earlier skip no longer stands
+        if peers is not None:
+            peers.close()
         del bundle, samples
         gc.collect()
 
@@ -383,9 +709,12 @@ def flips(rows: pd.DataFrame, metric: str) -> tuple[int, int]:
 COLUMNS = (
     *("model", "task", "length", "n", "label", "source", "metric", "fp", "quantized", "delta", "ci_low", "ci_high"),
     *("lost", "gained", "bits", "bits_min", "bits_max", "revision", "torch", "started", "finished", "seconds"),
+    *("basis", "paired", "note", "environment"),
 )
 """The fields of one record of `run_rows`: one metric of one labelled row. ``source`` is ``kvstream`` for the runs
-of kvstream configurations; records of other tools (peers) carry their own source and label."""
+of kvstream configurations; records of other tools (peers) carry their own source and label, how their bits were
+obtained (``basis``: ``measured`` or ``format``), what their deltas are paired with (``paired``), where they ran
+(``environment``), and for a skipped row (metric `SKIPPED`) the reason (``note``)."""
 
 
 def run_label(manifest: Mapping[str, Any], labels: Mapping[str, str]) -> str:
@@ -424,7 +753,7 @@ def run_rows(stored: StoredRun, labels: dict[str, str]) -> list[dict[str, Any]]:
                 length=int(run["options"]["length"]),
                 n=n,
                 label=label,
-                source="kvstream",
+                source=KVSTREAM_SOURCES[1] if label in CACHE_PEERS else KVSTREAM_SOURCES[0],
                 metric=metric,
                 fp=float(line[FULL_PRECISION]),
                 quantized=float(line[QUANTIZED]),
@@ -441,8 +770,134 @@ def run_rows(stored: StoredRun, labels: dict[str, str]) -> list[dict[str, Any]]:
                 started=run["started_at"],
                 finished=run["finished_at"],
                 seconds=float(run.get("duration_seconds") or 0.0),
+                basis="measured" if label in CACHE_PEERS else "",
+                paired=FULL_PRECISION,
+                note="",
+                environment="",
             )
         )
+    return records
+
+
+def _per_sample(samples: Iterable[Mapping[str, Any]], metric: str) -> dict[str, float]:
+    """Sample id -> the metric's finite value."""
+    out = {}
+    for sample in samples:
+        value = (sample.get("metrics") or {}).get(metric)
+        if value is not None and math.isfinite(float(value)):
+            out[str(sample["sample"])] = float(value)
+    return out
+
+
+def kvstream_full_precision(results: Path, task: str, model: str, length: int, n: int, prompts: str) -> list[dict]:
+    """kvstream's full-precision samples of one slot as peer samples (``{"sample", "metrics"}``), when its stored
+    baseline was measured on the same prompts (hash ``prompts``); else none."""
+    slot = EvalSpec(task, model, options=TaskOptions(samples=n, length=length, seed=0)).baseline_slot()
+    try:
+        rows, meta = ResultsStore(results).read_baseline(slot)
+    except (OSError, ValueError):
+        return []
+    if (meta.get("key") or {}).get("prompts") != prompts:
+        return []
+    rows = rows[(rows["variant"] == FULL_PRECISION) & (rows["sample"] != "")]
+    found: dict[str, dict[str, float]] = {}
+    for row in rows.itertuples():
+        found.setdefault(str(row.sample), {})[str(row.metric)] = float(row.value)
+    return [{"sample": sample, "metrics": metrics} for sample, metrics in found.items()]
+
+
+def peer_baseline(name: str, stored: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """What peer ``name``'s rows are paired with, and why: its family's baseline peer (`PEER_BASELINES`) when it
+    is stored whole on the same prompts, else kvstream's full precision."""
+    family = peer_family(name)
+    base = PEER_BASELINES.get(family)
+    if base is None or base == name:
+        return FULL_PRECISION, "kvstream's full precision (the family's own baseline row)"
+    other = stored.get(base)
+    own = stored[name]
+    if other and other.get("status") == "complete" and (other.get("key") or {}).get("prompts") == own["key"]["prompts"]:
+        return base, f"`{base}`"
+    return FULL_PRECISION, f"kvstream's full precision (`{base}` not run on these samples)"
+
+
+def peer_rows(cell: Mapping[str, Any], base: list[Mapping[str, Any]], paired: str) -> list[dict[str, Any]]:
+    """The records of one stored external peer run, each metric paired sample by sample with ``base`` (the
+    samples of what it is paired with): mean delta, 95% paired bootstrap interval, lost / gained."""
+    samples = cell["samples"]
+    bits = [float(s["bits_per_element"]) for s in samples if s.get("bits_per_element") is not None]
+    bases = sorted({str(s.get("bits_basis") or "").split(":", 1)[0] for s in samples} - {""})
+    environments = sorted({str(s.get("environment") or "") for s in samples} - {""})
+    records = []
+    for metric in METRICS:
+        mine, theirs = _per_sample(samples, metric), _per_sample(base, metric)
+        common = [sample for sample in mine if sample in theirs]
+        if not mine:
+            continue
+        q = [mine[s] for s in common]
+        b = [theirs[s] for s in common]
+        if common:
+            ci = paired_bootstrap_delta(q, b, seed=0)
+            delta, low, high = ci.estimate, ci.low, ci.high
+            if len(common) < 2:
+                low = high = float("nan")
+        else:
+            delta = low = high = float("nan")
+        binary = metric != ANSWER_LOGPROB
+        lost = sum(1 for x, y in zip(q, b, strict=True) if binary and y > 0.5 and not x > 0.5)
+        gained = sum(1 for x, y in zip(q, b, strict=True) if binary and x > 0.5 and not y > 0.5)
+        records.append(
+            dict(
+                model=cell["model"], task=cell["task"], length=int(cell["length"]), n=int(cell["n"]),
+                label=cell["peer"], source=peer_family(cell["peer"]), metric=metric,
+                fp=statistics.fmean(b) if b else float("nan"), quantized=statistics.fmean(mine.values()),
+                delta=delta, ci_low=low, ci_high=high, lost=lost, gained=gained,
+                bits=statistics.fmean(bits) if bits else float("nan"), bits_min=min(bits, default=float("nan")),
+                bits_max=max(bits, default=float("nan")), revision=short_revision(cell.get("revision") or {}),
+                torch=cell.get("torch") or "?", started=cell.get("started") or "", finished=cell.get("finished") or "",
+                seconds=float(cell.get("seconds") or 0.0), basis=", ".join(bases), paired=paired, note="",
+                environment="; ".join(environments),
+            )
+        )  # fmt: skip
+    return records
+
+
+def skipped_row(cell: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """The record of a peer row that did not run, with its reason."""
+    blank = {name: float("nan") for name in COLUMNS}
+    return {
+        **blank, "model": cell["model"], "task": cell["task"], "length": int(cell["length"]), "n": int(cell["n"]),
+        "label": cell["peer"], "source": peer_family(cell["peer"]), "metric": SKIPPED, "note": reason,
+        "basis": "", "paired": "", "environment": "", "revision": "", "torch": "", "started": "", "finished": "",
+    }  # fmt: skip
+
+
+def peer_records(results: Path) -> list[dict[str, Any]]:
+    """Every stored external peer run's records (`peer_rows`, paired as `peer_baseline` says), and a skipped row
+    for every peer stored as skipped or stopped before its last sample (its reason)."""
+    folder = Path(results) / PEER_STORE
+    files = [read_peer_file(path) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    by_cell: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for data in files:
+        if data and {"model", "task", "length", "n", "peer"} <= set(data):
+            by_cell.setdefault((data["model"], data["task"], int(data["length"]), int(data["n"])), {})[data["peer"]] = (
+                data
+            )
+    records: list[dict[str, Any]] = []
+    for (model, task, length, n), stored in by_cell.items():
+        for name, data in stored.items():
+            status = data.get("status")
+            if status != "complete":
+                reason = data.get("reason") or "interrupted"
+                if status == "partial":
+                    reason = f"stopped after {len(data.get('samples') or [])} of {n} samples: {reason}"
+                records.append(skipped_row(data, reason))
+                continue
+            paired, _ = peer_baseline(name, stored)
+            if paired == FULL_PRECISION:
+                base = kvstream_full_precision(results, task, model, length, n, data["key"]["prompts"])
+            else:
+                base = stored[paired]["samples"]
+            records += peer_rows(data, base, paired)
     return records
 
 
@@ -455,7 +910,8 @@ def collect(results: Path, labels: dict[str, str], extra: Iterable[Mapping[str, 
         print(f"damaged run {broken.run_id}: {broken.problem} (left out; the next run of the benchmark redoes it)")
     records = [record for run_id in intact for record in run_rows(store.read_run(run_id), labels)]
     frame = pd.DataFrame([*records, *(dict(r) for r in extra)], columns=list(COLUMNS))
-    frame["rank"] = frame["label"].map({label: i for i, label in enumerate(ORDER)}).fillna(len(ORDER))
+    ranks = {label: i for i, label in enumerate(dict.fromkeys((*ORDER, *with_baselines(DEFAULT_PEERS))))}
+    frame["rank"] = frame["label"].map(ranks).fillna(len(ranks))
     return frame.sort_values(["model", "task", "length", "n", "rank", "label", "metric"], ignore_index=True)
 
 
@@ -542,8 +998,11 @@ def _delta_text(record: Any, digits: int = 2) -> str:
 
 
 def separation(rows: pd.DataFrame) -> tuple[bool, str]:
-    """Whether one task/context cell (all its rows) separates caches, and why (not)."""
-    accuracy = rows[rows["metric"] == "accuracy"]
+    """Whether one task/context cell (all its rows) separates caches, and why (not). Full precision is kvstream's
+    (not a peer family's own baseline)."""
+    paired = rows["paired"] if "paired" in rows else pd.Series(float("nan"), index=rows.index)
+    kvstream_fp = paired.isna() | (paired == FULL_PRECISION)
+    accuracy = rows[(rows["metric"] == "accuracy") & kvstream_fp]
     if accuracy.empty:
         return False, "no accuracy recorded"
     fp, n = float(accuracy["fp"].iloc[0]), int(accuracy["n"].iloc[0])
@@ -620,11 +1079,17 @@ def model_table(rows: pd.DataFrame) -> list[str]:
         acc, score, recall = (_record(group, label, m) for m in ("accuracy", ANSWER_LOGPROB, "recall"))
         base = acc or score or recall
         if base is None:
+            skipped = _record(group, label, SKIPPED)
+            if skipped is not None:
+                lines.append(
+                    f"| {task} | {length} | {label} | - | {n} | - | skipped: {_cell_text(skipped.note)} "
+                    "| - | - | - | - | - | - |"
+                )
             continue
         lines.append(
-            f"| {task} | {length} | {label} | {base.bits:.2f} ({base.bits_min:.2f}-{base.bits_max:.2f}) | {n} "
+            f"| {task} | {length} | {label} | {bits_text(base)} | {n} "
             f"| {f'{acc.fp:.2f}' if acc else '-'} | {f'{acc.quantized:.2f}' if acc else '-'} "
-            f"| {_delta_text(acc) if acc else '-'} | {f'{acc.lost} / {acc.gained}' if acc else '-'} "
+            f"| {_delta_text(acc) if acc else '-'} | {f'{int(acc.lost)} / {int(acc.gained)}' if acc else '-'} "
             f"| {_delta_text(score, 3) if score else '-'} "
             f"| {f'{recall.fp:.2f} / {recall.quantized:.2f}' if recall else '-'} "
             f"| {verdict(acc) if acc else '-'} | `{base.revision}` |"
@@ -632,8 +1097,72 @@ def model_table(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _cell_text(value: Any) -> str:
+    """Text fit for a Markdown table cell."""
+    return _text(value).replace("|", "/").replace("\n", " ")
+
+
+def bits_text(record: Any) -> str:
+    """Effective bits, their range over the samples, and (peers) how they were obtained: ``measured``/``format``."""
+    if pd.isna(record.bits):
+        return "-"
+    text = f"{record.bits:.2f} ({record.bits_min:.2f}-{record.bits_max:.2f})"
+    basis = _text(getattr(record, "basis", ""))
+    return f"{text}, {basis}" if basis else text
+
+
+def peer_lines(frame: pd.DataFrame) -> list[str]:
+    """What each peer family's rows are paired with, where they ran, and every skipped peer with its reason."""
+    peers = frame[frame["label"].isin(with_baselines(DEFAULT_PEERS)) | ~frame["source"].isin(KVSTREAM_SOURCES)]
+    if peers.empty:
+        return []
+    lines = ["Peers (rows of other tools on the same samples, named by their `kvstream.peers` name):", ""]
+    if peers["source"].eq(KVSTREAM_SOURCES[1]).any():
+        lines.append(
+            "- quanto and KIVI (cache peers) run through kvstream's own harness as configurations: the same "
+            "samples, paired with the same stored full-precision baseline as kvstream's rows; bits measured by "
+            "their `memory_report()`."
+        )
+    measured = peers[peers["metric"] != SKIPPED]
+    for family in dict.fromkeys(s for s in measured["source"] if s not in KVSTREAM_SOURCES):
+        rows = measured[measured["source"] == family]
+        pairs = []
+        for label, group in rows.groupby("label", sort=False):
+            paired = str(group["paired"].iloc[0])
+            pairs.append(f"`{label}` with {'kvstream full precision' if paired == FULL_PRECISION else f'`{paired}`'}")
+        base = PEER_BASELINES.get(str(family))
+        why = ""
+        if family == "kvpress" and any(p.endswith("with kvstream full precision") for p in pairs):
+            why = (
+                f" (`{base}` was not run on these samples; kvpress reads kvstream's own weights and `{base}` agrees "
+                "with kvstream's full precision to 1e-3 nats per token, docs/guide.md, Peers)"
+            )
+        elif family == "llamacpp":
+            why = (
+                f" (llama.cpp computes with the GGUF's quantized weights, so its rows pair with its own `{base}`, "
+                f"and `{base}` with kvstream's full precision)"
+            )
+        environments = sorted({e for e in rows["environment"] if _text(e)})
+        where = f"; ran in {'; '.join(environments)}" if environments else ""
+        if family == "kvpress" and environments:
+            where = (
+                f"; kvpress ran in its own environment, with its own transformers version: {'; '.join(environments)}"
+            )
+        lines.append(f"- {family}: paired sample by sample, {', '.join(pairs)}{why}{where}.")
+    skipped = peers[peers["metric"] == SKIPPED]
+    for (label, note), group in skipped.groupby(["label", "note"], sort=False):
+        cells_ = ", ".join(f"{m} {t} {n}" for m, t, n in zip(group.model, group.task, group.length, strict=True))
+        lines.append(f"- `{label}` skipped ({cells_}): {note}")
+    return [*lines, ""]
+
+
 def provenance_line(frame: pd.DataFrame) -> str:
     """Whether every row comes from one revision, the period, the versions and the time the runs took."""
+    frame = frame[frame["metric"] != SKIPPED]
     revisions = sorted(set(frame["revision"]))
     if len(revisions) == 1:
         where = f"All rows come from one revision, `{revisions[0]}`"
@@ -655,6 +1184,8 @@ def plan_table(
     recorded: set[tuple[str, str, int, int, str]],
     before: tuple[PlanRow, ...] = (),
     timing: Timing = FALLBACK,
+    peers: Iterable[str] = (),
+    unavailable: Mapping[tuple[str, str], str] | None = None,
 ) -> list[str]:
     """The plan's cells in run order with their estimated minutes and whether they are recorded.
 
@@ -663,11 +1194,12 @@ def plan_table(
         "| # | model | task | context | samples | configuration | estimated min | recorded |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    earlier = {cell.slot for cell in cells(before)}
-    for i, cell in enumerate(cells(plan), start=1):
+    peers = list(peers)
+    earlier = {cell.slot for cell in cells(before, peers, unavailable)}
+    for i, cell in enumerate(cells(plan, peers, unavailable), start=1):
         if cell.slot in earlier:
             cell = replace(cell, baseline=False)
-        label = f"{cell.label} + full precision" if cell.baseline else cell.label
+        label = cell.shown()
         done = "yes" if (*cell.slot, cell.label) in recorded else "no"
         lines.append(
             f"| {i} | {cell.model} | {cell.task} | {cell.length} | {cell.samples} | {label} "
@@ -684,11 +1216,18 @@ def models_by_length(plan: Iterable[PlanRow]) -> str:
 
 
 def render(
-    frame: pd.DataFrame, plan: tuple[PlanRow, ...], extended: tuple[PlanRow, ...], timing: Timing = FALLBACK
+    frame: pd.DataFrame,
+    plan: tuple[PlanRow, ...],
+    extended: tuple[PlanRow, ...],
+    timing: Timing = FALLBACK,
+    peers: Iterable[str] = (),
+    unavailable: Mapping[tuple[str, str], str] | None = None,
 ) -> str:
-    """The Markdown page: status, targets, one table per model, which cells separate caches, the plan."""
-    core = minutes(estimate_seconds(plan, timing))
-    more = minutes(estimate_seconds(plan + extended, timing)) - core
+    """The Markdown page: status, targets, one table per model (peers' rows in it), which baseline each peer family
+    is paired with and the skipped peers, which cells separate caches, the plan (with ``peers``' cells)."""
+    peers = list(peers)
+    core = minutes(estimate_seconds(plan, timing, peers, unavailable))
+    more = minutes(estimate_seconds(plan + extended, timing, peers, unavailable)) - core
     lines = [
         "# Retrieval (evaluation suite)",
         "",
@@ -721,7 +1260,7 @@ def render(
         "`benchmarks/quality.py` ([benchmarks-quality.md](benchmarks-quality.md)).",
         "",
     ]
-    if frame.empty:
+    if frame[frame["metric"] != SKIPPED].empty:
         status = f"**No runs are recorded yet for this plan** (estimated {core} min on two CPU cores; see the plan)."
     else:
         status = provenance_line(frame)
@@ -729,6 +1268,7 @@ def render(
     lines += [status, "", "## Targets", "", *separating_lines(frame), *target_lines(accuracy), ""]
     for model, rows in frame.groupby("model", sort=False):
         lines += [f"## {model_title(str(model))}", "", *model_table(rows), ""]
+    lines += peer_lines(frame)
     lines += [
         "## Which cells separate caches",
         "",
@@ -739,7 +1279,8 @@ def render(
         *separation_lines(frame),
         "",
     ]
-    recorded = set(zip(frame.model, frame.task, frame.length, frame.n, frame.label, strict=True))
+    measured = frame[frame["metric"] != SKIPPED]
+    recorded = set(zip(measured.model, measured.task, measured.length, measured.n, measured.label, strict=True))
     pairs = [(c.model, c.length) for c in cells(plan + extended)]
     lines += [
         "## Plan",
@@ -754,19 +1295,37 @@ def render(
         "",
         f"`make bench` runs these cells, estimated {core} min on two CPU cores:",
         "",
-        *plan_table(plan, recorded, timing=timing),
+        *plan_table(plan, recorded, timing=timing, peers=peers, unavailable=unavailable),
         "",
         f"`--extended` adds these, another {more} min (the results store resumes them across sessions):",
         "",
-        *plan_table(extended, recorded, plan, timing),
+        *plan_table(extended, recorded, plan, timing, peers, unavailable),
     ]
+    if any(peer not in CACHE_PEERS for peer in peers):
+        factors = ", ".join(f"`{k}` x{v:g}" for k, v in PEER_SAMPLE_FACTOR.items())
+        lines += [
+            "",
+            "An external peer's minutes are a stated estimate, not a measurement: a kvstream sample's seconds at the "
+            f"same model and length times {factors} (llama.cpp's quantized prefill ran 2.4-4x slower than its own "
+            "f16 on two threads, issue 20). A peer that cannot run here counts no minutes.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: Path, out: Path, configs: dict[str, CompressionConfig], timing: Timing = FALLBACK) -> None:
-    """Rebuild the page at ``out`` from every intact run under ``results``."""
-    labels = {config.config_hash(): label for label, config in configs.items()}
-    page = render(collect(results, labels), PLAN, EXTENDED, timing)
+def write_report(
+    results: Path,
+    out: Path,
+    configs: Mapping[str, CompressionConfig],
+    timing: Timing = FALLBACK,
+    peers: Iterable[str] = (),
+    unavailable: Mapping[tuple[str, str], str] | None = None,
+) -> None:
+    """Rebuild the page at ``out`` from every intact run under ``results`` and every stored peer run or skip (the
+    plan's tables list ``peers``' cells, those in ``unavailable`` as skipped)."""
+    labels = {peer.config().config_hash(): name for name, peer in CACHE_PEERS.items()}
+    labels.update({config.config_hash(): label for label, config in configs.items()})
+    frame = collect(results, labels, extra=peer_records(results))
+    page = render(frame, PLAN, EXTENDED, timing, peers, unavailable)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     print(f"wrote {out}")
@@ -792,7 +1351,23 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-retrieval.md"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rebuild the page from the stored runs")
+    parser.add_argument(
+        "--peers",
+        type=lambda s: [] if s.strip() == "none" else comma_list(s),
+        default=None,
+        help="peer rows added to every planned cell, comma-separated kvstream.peers names, or 'none' (default: "
+        f"{', '.join(DEFAULT_PEERS)}; those that cannot run here are skipped rows with their reason; a llama.cpp "
+        "row brings llamacpp-f16, its baseline)",
+    )
     args = parser.parse_args()
+    if args.peers is None:
+        args.peers = list(DEFAULT_PEERS)
+    for name in args.peers:
+        try:
+            make_peer(name)
+        except ValueError as error:
+            parser.error(f"--peers: {error}")
+    args.peers = with_baselines(args.peers)
     everything = PLAN + EXTENDED
     known = {
         "models": {row.model for row in everything},
@@ -819,15 +1394,17 @@ def main() -> None:
     args = arguments()
     configs = configurations()
     timing = Timing.from_store(args.results)
+    peers = PeerSet(args.peers, threads=args.threads)
+    unavailable = peers.reasons(row.model for row in PLAN + EXTENDED if wanted(row, args))
     if args.plan or not args.report_only:
         labels = [label for label in configs if args.configs is None or label in args.configs]
         plan = select(PLAN + EXTENDED if args.extended else PLAN, labels, lambda row: wanted(row, args))
-        print("\n".join(plan_lines(plan, timing, configs, args.results)), flush=True)
+        print("\n".join(plan_lines(plan, timing, configs, args.results, peers.names, unavailable)), flush=True)
         if args.plan:
             return
         torch.set_num_threads(args.threads)
-        run(plan, configs, args.results, kvstream.load_model)
-    write_report(args.results, args.out, configs, timing)
+        run(plan, configs, args.results, kvstream.load_model, peers)
+    write_report(args.results, args.out, configs, timing, peers.names, unavailable)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 from test_eval import WordTokenizer
 
 from kvstream.config import CompressionConfig
+from kvstream.peers import PeerError, PeerResult
 from kvstream.testing import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -213,7 +214,8 @@ def test_main_prints_the_cells_first_and_writes_the_page(tmp_path, monkeypatch, 
     planned: list[list] = []
     monkeypatch.setattr(retrieval, "run", lambda plan, *rest: planned.append(plan))
     out = tmp_path / "page.md"
-    monkeypatch.setattr(sys, "argv", ["retrieval.py", "--results", str(tmp_path / "runs"), "--out", str(out)])
+    argv = ["retrieval.py", "--results", str(tmp_path / "runs"), "--out", str(out), "--peers", "none"]
+    monkeypatch.setattr(sys, "argv", argv)
     retrieval.main()
     printed = capsys.readouterr().out.splitlines()
     cells = retrieval.cells(retrieval.PLAN)
@@ -229,7 +231,7 @@ def test_main_prints_the_cells_first_and_writes_the_page(tmp_path, monkeypatch, 
 def test_plan_prints_every_cell_in_run_order_and_exits(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(retrieval, "run", lambda *args: pytest.fail("--plan must not run anything"))
     monkeypatch.setattr(retrieval, "write_report", lambda *args: pytest.fail("--plan must not write the page"))
-    argv = ["retrieval.py", "--plan", "--extended", "--results", str(tmp_path), "--tasks", "vt,fwe"]
+    argv = ["retrieval.py", "--plan", "--extended", "--results", str(tmp_path), "--tasks", "vt,fwe", "--peers", "none"]
     monkeypatch.setattr(sys, "argv", argv)
     retrieval.main()
     lines = capsys.readouterr().out.splitlines()
@@ -262,3 +264,153 @@ def test_target_lines_name_each_miss_with_its_reason():
     accuracy = retrieval.pd.DataFrame([{**row, "metric": "accuracy"} for row in rows])
     line = next(text for text in retrieval.target_lines(accuracy) if text.startswith("- bits-2.5,"))
     assert line.endswith("met on 1 of 3 rows; missed: m passkey 2048 (2.63 bits), m passkey 4096 (-2, 2.70 bits).")
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def test_the_plan_with_peers_adds_each_peer_to_every_cell_after_its_configurations():
+    peers = retrieval.with_baselines(["quanto-4", "llamacpp-q4_0", "kvpress-snapkv-2.5"])
+    assert peers == ["quanto-4", "llamacpp-f16", "llamacpp-q4_0", "kvpress-snapkv-2.5"]  # llama.cpp's own baseline
+    unavailable = {("kvpress-snapkv-2.5", retrieval.QWEN): "kvpress's own environment is missing"}
+    plain = retrieval.cells(retrieval.PLAN)
+    planned = retrieval.cells(retrieval.PLAN, peers, unavailable)
+    assert len(planned) == len(plain) + len(retrieval.TASKS) * len(peers) == 16 + 16
+    assert planned[: len(plain)] == plain  # kvstream's cells first, unchanged: the screen still runs first
+    rest = planned[len(plain) :]
+    assert [(c.task, c.label) for c in rest] == [(task, peer) for task in retrieval.TASKS for peer in peers]
+    assert [c.kind for c in rest[:4]] == [retrieval.CACHE_PEER, *[retrieval.EXTERNAL] * 3]
+    assert not any(c.baseline for c in rest)  # the baseline is measured once per slot, by the screen
+    skipped = [c for c in rest if c.skipped]
+    assert {c.label for c in skipped} == {"kvpress-snapkv-2.5"} and all(c.seconds() == 0 for c in skipped)
+    per_sample = retrieval.SAMPLE_SECONDS[(retrieval.QWEN, 4096)] * 20
+    assert rest[0].seconds() == per_sample and rest[1].seconds() == per_sample  # quanto-4, llamacpp-f16
+    assert rest[2].seconds() == per_sample * retrieval.PEER_SAMPLE_FACTOR["llamacpp"]
+    total = retrieval.estimate_seconds(retrieval.PLAN, peers=peers, unavailable=unavailable)
+    assert total == retrieval.estimate_seconds(retrieval.PLAN) + 4 * per_sample * (1 + 1 + 3)
+
+    extended = retrieval.cells(retrieval.PLAN + retrieval.EXTENDED, peers)
+    assert len(extended) == 60 + 3 * len(retrieval.TASKS) * len(peers)  # once per slot, 3/8 bits' 4k rows included
+    at_8k = [c for c in extended if c.length == 8192]
+    assert [c.label for c in at_8k[:4]] == [retrieval.LOSSY] * 4 and at_8k[-1].label == "kvpress-snapkv-2.5"
+
+    lines = retrieval.plan_lines(retrieval.PLAN, peers=peers, unavailable=unavailable)
+    assert lines[0].startswith("32 cells in run order")
+    assert "llamacpp-q4_0 (peer)" in lines[2 + 18]
+    assert lines[2 + 19].endswith("0  skipped: kvpress's own environment is missing")
+    assert "llamacpp-q4_0 x3" in lines[-1] and "kvpress-snapkv-2.5 x" not in lines[-1]
+
+
+class FakePeer:
+    """A peer implementing the `kvstream.peers.Peer` protocol: it answers the gold answer (``right``) or nothing,
+    scores each answer token at ``logprob``, and fails once on the samples listed in ``fail_once``."""
+
+    version = "fake 1"
+
+    def __init__(self, name, tokenizer, *, right=True, logprob=-0.5, reason=None, fail_once=()):
+        self.name, self.label, self.tokenizer = name, f"fake {name}", tokenizer
+        self.right, self.logprob, self.reason = right, logprob, reason
+        self.fail_once = set(fail_once)
+        self.calls: list[list[int]] = []
+
+    def unavailable(self):
+        return self.reason
+
+    def run(self, prompt_ids, answer_ids, max_new_tokens):
+        self.calls.append(list(prompt_ids))
+        if len(self.calls) in self.fail_once:
+            self.fail_once.discard(len(self.calls))
+            raise PeerError("the fake runtime stopped")
+        text = self.tokenizer.decode(answer_ids) if self.right else "no idea"
+        return PeerResult(
+            text=text, answer_logprob=self.logprob * len(answer_ids), answer_tokens=len(answer_ids),
+            bits_per_element=4.5, prompt_seconds=0.0, decode_seconds=0.0, bits_basis="format: q4_0 blocks",
+            environment="fake runtime 1.0",
+        )  # fmt: skip
+
+
+def peer_bench(tmp_path, fail_once=()):
+    """A tiny plan row with one kvstream configuration, and a peer set of fakes: llama.cpp's f16 and q4_0, and a
+    kvpress press that cannot run here."""
+    tokenizer = WordTokenizer()
+    model = tiny_llama(max_position_embeddings=512)
+    fakes = {
+        "llamacpp-f16": FakePeer("llamacpp-f16", tokenizer, logprob=-0.5),
+        "llamacpp-q4_0": FakePeer("llamacpp-q4_0", tokenizer, right=False, logprob=-1.5, fail_once=fail_once),
+        "kvpress-snapkv-2.5": FakePeer("kvpress-snapkv-2.5", tokenizer, reason="kvpress's environment is missing"),
+    }
+    made: list[str] = []
+
+    def make(name, model_name, threads=2):
+        made.append(name)
+        return fakes[name]
+
+    peers = retrieval.PeerSet(retrieval.with_baselines(["llamacpp-q4_0", "kvpress-snapkv-2.5"]), make)
+    plan = [retrieval.PlanRow("tiny", "passkey", 120, 2, ("2/8 bits",))]
+    return plan, {"2/8 bits": tiny(2)}, (lambda name: (model, tokenizer)), peers, fakes
+
+
+def test_an_unavailable_peer_is_a_skipped_row_with_its_reason(tmp_path, capsys):
+    plan, configs, load, peers, fakes = peer_bench(tmp_path)
+    retrieval.run(plan, configs, tmp_path, load, peers)
+    retrieval.run(plan, configs, tmp_path, load, peers)
+    out = capsys.readouterr().out
+    assert out.count("kvpress's environment is missing") == 1  # printed once
+    assert fakes["kvpress-snapkv-2.5"].calls == []
+    frame = retrieval.collect(tmp_path, {tiny(2).config_hash(): "2/8 bits"}, extra=retrieval.peer_records(tmp_path))
+    skipped = frame[frame["metric"] == retrieval.SKIPPED]
+    assert list(skipped["label"]) == ["kvpress-snapkv-2.5"]
+    assert list(skipped["note"]) == ["kvpress's environment is missing"]
+    page = retrieval.render(frame, retrieval.PLAN, retrieval.EXTENDED)
+    row = next(line for line in page.splitlines() if line.startswith("| passkey | 120 | kvpress-snapkv-2.5 |"))
+    assert "skipped: kvpress's environment is missing" in row
+    assert "- `kvpress-snapkv-2.5` skipped (tiny passkey 120): kvpress's environment is missing" in page
+
+
+def test_external_peers_run_on_the_same_samples_resume_from_storage_and_pair_with_their_baseline(tmp_path, capsys):
+    plan, configs, load, peers, fakes = peer_bench(tmp_path, fail_once={2})
+    retrieval.run(plan, configs, tmp_path, load, peers)
+    f16, q4 = fakes["llamacpp-f16"], fakes["llamacpp-q4_0"]
+    assert len(f16.calls) == 2 and len(q4.calls) == 2  # q4_0 failed on its second sample
+    assert "failed on passkey-120-001: the fake runtime stopped" in capsys.readouterr().out
+    cell = retrieval.cells(plan, peers.names)[2]
+    assert cell.label == "llamacpp-q4_0"
+    stored = retrieval.read_peer_file(retrieval.peer_path(tmp_path, cell))
+    assert stored["status"] == "partial" and len(stored["samples"]) == 1
+    assert stored["key"]["peer"] == "llamacpp-q4_0" and stored["key"]["version"] == "fake 1"
+    frame = retrieval.collect(tmp_path, {}, extra=retrieval.peer_records(tmp_path))
+    assert "stopped after 1 of 2 samples" in frame[frame["label"] == "llamacpp-q4_0"]["note"].iloc[0]
+
+    # the samples are kvstream's: the prompt ids its own harness fed the model
+    task = retrieval.plan_eval(retrieval.EvalSpec("passkey", "tiny", options=plan[0].options()), load("tiny"))
+    assert f16.calls == [list(s.meta["prompt_ids"]) for s in task.samples]
+
+    retrieval.run(plan, configs, tmp_path, load, peers)  # resumes: only the sample that failed runs again
+    assert len(f16.calls) == 2 and len(q4.calls) == 3 and q4.calls[-1] == f16.calls[1]
+    retrieval.run(plan, configs, tmp_path, load, peers)  # every run stored on the same key: nothing runs
+    assert len(f16.calls) == 2 and len(q4.calls) == 3
+    q4.version = "fake 2"  # another version of the peer: its stored run no longer counts
+    retrieval.run(plan, configs, tmp_path, load, peers)
+    assert len(q4.calls) == 5 and len(f16.calls) == 2
+
+    frame = retrieval.collect(tmp_path, {tiny(2).config_hash(): "2/8 bits"}, extra=retrieval.peer_records(tmp_path))
+    q4_rows = frame[frame["label"] == "llamacpp-q4_0"].set_index("metric")
+    assert q4_rows.loc["accuracy", "paired"] == "llamacpp-f16"
+    assert (q4_rows.loc["accuracy", "fp"], q4_rows.loc["accuracy", "quantized"]) == (1.0, 0.0)
+    assert (q4_rows.loc["accuracy", "lost"], q4_rows.loc["accuracy", "gained"]) == (2, 0)
+    assert q4_rows.loc["answer_logprob", "delta"] == pytest.approx(-1.0)  # -1.5 vs -0.5 nats per answer token
+    assert q4_rows.loc["accuracy", "bits"] == 4.5 and q4_rows.loc["accuracy", "basis"] == "format"
+    f16_rows = frame[frame["label"] == "llamacpp-f16"].set_index("metric")
+    assert f16_rows.loc["accuracy", "paired"] == retrieval.FULL_PRECISION  # the family's baseline: kvstream's
+    kvstream_fp = frame[(frame["label"] == "2/8 bits") & (frame["metric"] == "answer_logprob")]["fp"].iloc[0]
+    assert f16_rows.loc["answer_logprob", "fp"] == pytest.approx(kvstream_fp)
+
+    page = retrieval.render(frame, retrieval.PLAN, retrieval.EXTENDED)
+    row = next(line for line in page.splitlines() if line.startswith("| passkey | 120 | llamacpp-q4_0 |"))
+    assert row.startswith("| passkey | 120 | llamacpp-q4_0 | 4.50 (4.50-4.50), format | 2 | 1.00 | 0.00 |")
+    assert "| 2 / 0 | -1.000 [-1.000, -1.000] |" in row
+    line = next(text for text in page.splitlines() if text.startswith("- llamacpp: paired sample by sample"))
+    assert "`llamacpp-q4_0` with `llamacpp-f16`" in line and "`llamacpp-f16` with kvstream full precision" in line
+    assert "ran in fake runtime 1.0" in line
+    assert page.index("| passkey | 120 | 2/8 bits |") < page.index("| passkey | 120 | llamacpp-f16 |")
+    assert retrieval.separation(frame[frame["task"] == "passkey"])[1].startswith("full precision answers 0 of 2")
