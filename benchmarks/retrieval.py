@@ -25,12 +25,21 @@ accuracy delta's interval, or its answer log-likelihood delta's, lies below 0.
 
 Rows need not be kvstream configurations: a record is labelled by ``label`` and names its
 ``source``, so rows of other tools (peers) run on the same samples can join the tables through
-`collect`'s ``extra`` records.
+`collect`'s ``extra`` records. ``--peers`` (default `DEFAULT_PEERS`; ``none`` for none) adds a row per
+peer (`kvstream.peers`) to every planned task/context cell, after its configurations: the cache peers
+(quanto, KIVI) run as configurations through the same `plan_eval`/`run_plan` path, on the same samples
+and the same stored full-precision baseline; external peers (llama.cpp, kvpress) run sample by sample on
+the prompt and gold-answer ids kvstream's harness feeds the model, are scored by the task's own scorer,
+and are paired with their family's own baseline (`PEER_BASELINES`). Each external peer's run of a cell is
+one JSON file under ``--results``/``_peers``, rewritten after every sample and kept while its key (the
+samples' prompts hash, the peer's name and version) matches. A peer that cannot run here is a skipped row
+with its reason, printed once.
 
     python benchmarks/retrieval.py --plan
     python benchmarks/retrieval.py --out docs/benchmarks-retrieval.md
     python benchmarks/retrieval.py --extended --tasks vt --lengths 8192 --configs "2/8 bits"
     python benchmarks/retrieval.py --report-only
+    python benchmarks/retrieval.py --plan --peers quanto-4,kivi-2,llamacpp-q4_0
 """
 
 from __future__ import annotations
@@ -1195,8 +1204,11 @@ def plan_table(
         "|---|---|---|---|---|---|---|---|",
     ]
     peers = list(peers)
-    earlier = {cell.slot for cell in cells(before, peers, unavailable)}
-    for i, cell in enumerate(cells(plan, peers, unavailable), start=1):
+    planned_before = cells(before, peers, unavailable)
+    earlier = {cell.slot for cell in planned_before}
+    listed = {(*cell.slot, cell.label) for cell in planned_before}  # a peer of a slot ``before`` has runs there
+    fresh = [cell for cell in cells(plan, peers, unavailable) if (*cell.slot, cell.label) not in listed]
+    for i, cell in enumerate(fresh, start=1):
         if cell.slot in earlier:
             cell = replace(cell, baseline=False)
         label = cell.shown()
