@@ -291,11 +291,12 @@ def _low_keys(
     bh,
     BH,
     channel,
+    valid,
     t0,
     T,
     KG,
     D: tl.constexpr,
-    HALF: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ONE_RANGE: tl.constexpr,
     K_SPLIT: tl.constexpr,
@@ -306,12 +307,16 @@ def _low_keys(
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
 ):
-    """[HALF, BLOCK_T] keys of ``channel`` ([HALF]) from the normal-precision part (0 in high channels, whose
-    share `_high_scores` adds)."""
-    slot = tl.load(kslot + (s * BH + bh) * D + channel).to(tl.int32) if K_SPLIT else channel + units_hi
+    """[ROWS, BLOCK_T] keys of ``channel`` ([ROWS]; rows not ``valid`` pad a half to the tensor cores' 16) from
+    the normal-precision part (0 in high channels, whose share `_high_scores` adds)."""
+    if K_SPLIT:
+        slot = tl.load(kslot + (s * BH + bh) * D + channel, mask=valid, other=0).to(tl.int32)
+    else:
+        slot = channel + units_hi
+    own = valid & (slot >= units_hi)
     return _key_part(
-        kc, ks, kz, kt, kn, codes_step, meta_step, s, bh * units + slot - units_hi, slot >= units_hi, t0, T, KG,
-        HALF, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE,
+        kc, ks, kz, kt, kn, codes_step, meta_step, s, bh * units + slot - units_hi, own, t0, T, KG,
+        ROWS, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE,
     )  # fmt: skip
 
 
@@ -430,6 +435,7 @@ def _block_kernel(
     KG,
     D: tl.constexpr,
     HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -482,12 +488,14 @@ def _block_kernel(
     last = (p + 1) * chunks // programs
     per_block = (T + BLOCK_T - 1) // BLOCK_T
     rows = tl.arange(0, R_PAD)
-    ca = tl.arange(0, HALF)
+    ca = tl.arange(0, HALF_PAD)
     cb = ca + HALF
+    c_ok = ca < HALF
     d = tl.arange(0, D)
     q_rows = q + b * q_sb + h * q_sh + rows[:, None] * q_sr
-    qa = tl.load(q_rows + ca[None, :], mask=(rows < R)[:, None], other=0.0).to(tl.float32) * scaling
-    qb = tl.load(q_rows + cb[None, :], mask=(rows < R)[:, None], other=0.0).to(tl.float32) * scaling
+    q_ok = (rows < R)[:, None] & c_ok[None, :]
+    qa = tl.load(q_rows + ca[None, :], mask=q_ok, other=0.0).to(tl.float32) * scaling
+    qb = tl.load(q_rows + cb[None, :], mask=q_ok, other=0.0).to(tl.float32) * scaling
     m_i = tl.full([R_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([R_PAD], tl.float32)
     acc = tl.zeros([R_PAD, D], tl.float32)
@@ -495,8 +503,9 @@ def _block_kernel(
         # RoPE at p0 + t0 + j by angle addition, split: the keys turn by their place j in the sub-tile (the same
         # table for every sub-tile), the queries by the sub-tile's first position p0 + t0
         j = tl.arange(0, BLOCK_T)
-        oc = tl.load(ocos + ca[:, None] * T + j[None, :], mask=(j < T)[None, :], other=0.0)
-        os = tl.load(osin + ca[:, None] * T + j[None, :], mask=(j < T)[None, :], other=0.0)
+        places = c_ok[:, None] & (j < T)[None, :]
+        oc = tl.load(ocos + ca[:, None] * T + j[None, :], mask=places, other=0.0)
+        os = tl.load(osin + ca[:, None] * T + j[None, :], mask=places, other=0.0)
     for c in range(first, last):
         s = c // per_block
         t0 = ((c - s * per_block) * BLOCK_T).to(tl.int32)
@@ -507,11 +516,11 @@ def _block_kernel(
         if K_LO:
             ka = _low_keys(
                 kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kstep_lo, kmeta_lo, kunits_lo, kunits_hi, kslot, s, bh, BH,
-                ca, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
+                ca, c_ok, t0, T, KG, D, HALF_PAD, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
             )  # fmt: skip
             kb = _low_keys(
                 kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kstep_lo, kmeta_lo, kunits_lo, kunits_hi, kslot, s, bh, BH,
-                cb, t0, T, KG, D, HALF, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
+                cb, c_ok, t0, T, KG, D, HALF_PAD, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
             )  # fmt: skip
             if ROTATE:
                 ra = ka * oc - kb * os
@@ -519,12 +528,12 @@ def _block_kernel(
                 ka = ra
                 kb = rb
                 base = (s * B + b) * D
-                oc0 = tl.load(ocos + ca * T + t0)
-                os0 = tl.load(osin + ca * T + t0)
-                bca = tl.load(bcos + base + ca)
-                bsa = tl.load(bsin + base + ca)
-                bcb = tl.load(bcos + base + cb)
-                bsb = tl.load(bsin + base + cb)
+                oc0 = tl.load(ocos + ca * T + t0, mask=c_ok, other=0.0)
+                os0 = tl.load(osin + ca * T + t0, mask=c_ok, other=0.0)
+                bca = tl.load(bcos + base + ca, mask=c_ok, other=0.0)
+                bsa = tl.load(bsin + base + ca, mask=c_ok, other=0.0)
+                bcb = tl.load(bcos + base + cb, mask=c_ok, other=0.0)
+                bsb = tl.load(bsin + base + cb, mask=c_ok, other=0.0)
                 ua = qa * (bca * oc0 - bsa * os0)[None, :] + qb * (bsb * oc0 + bcb * os0)[None, :]
                 ub = qb * (bcb * oc0 - bsb * os0)[None, :] - qa * (bsa * oc0 + bca * os0)[None, :]
             else:
@@ -902,7 +911,7 @@ def _build_plan(layer: Any, group: Any) -> _GroupPlan:
         *rope, t, start, u, kg,
     ]  # fmt: skip
     flags = {
-        "D": d, "HALF": d // 2, "ROTATE": rotate, "ONE_RANGE": kg == 1,
+        "D": d, "HALF": d // 2, "HALF_PAD": max(16, d // 2), "ROTATE": rotate, "ONE_RANGE": kg == 1,
         "KH_PAD": max(16, triton.next_power_of_2(meta[4])),
         "K_SPLIT": k_slot.numel() > 0, "V_SPLIT": v_slot.numel() > 0,
         "K_HI": meta[4] > 0, "K_LO": meta[6] > 0, "V_HI": meta[8] > 0, "V_LO": meta[10] > 0,
