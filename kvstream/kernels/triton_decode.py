@@ -46,13 +46,6 @@ INTERPRETED_PROGRAMS = 4
 several blocks, the path long histories take on a GPU."""
 MERGE_ELEMENTS = 4096
 """Elements of one tile of partials (partials x head_dim) the merge reads at a time."""
-DOT_PRECISION = "split"
-"""How the kernel's products run on tensor cores (`_dot`): "split" cuts every fp32 operand into a part tf32
-holds exactly and the rest and sums three tf32 products, about fp32's accuracy (a relative error near 1e-6,
-where one tf32 product errs by 1e-3); on sm_90 it issues about a sixth fewer instructions per token than
-Triton's own "tf32x3", which guards infinities and NaNs the kernel never feeds it. The grouped queries
-(padded to 16 rows) meet a sub-tile's keys, then its probabilities its values. Triton's interpreter computes
-the products in fp32."""
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -111,19 +104,17 @@ def _spread(
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """``acc + a @ b`` in about fp32's accuracy on tf32 tensor cores (``PRECISION`` "split"): each operand is
-    cut into a part tf32 holds exactly (its top 10 mantissa bits) and the rest, and three products are summed
-    (the product of the two rests is below fp32's rounding). Other precisions go to `tl.dot` as they are."""
-    if PRECISION == "split":
-        a_big = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        b_big = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        acc = tl.dot(a - a_big, b_big, acc, input_precision="tf32")
-        acc = tl.dot(a_big, b - b_big, acc, input_precision="tf32")
-        out = tl.dot(a_big, b_big, acc, input_precision="tf32")
-    else:
-        out = tl.dot(a, b, acc, input_precision=PRECISION)
-    return out
+def _dot(a, b, acc):
+    """``acc + a @ b`` in about fp32's accuracy on tf32 tensor cores: each operand is cut into a part tf32 holds
+    exactly (its top 10 mantissa bits) and the rest, and three tf32 products are summed (the product of the two
+    rests is below fp32's rounding; a relative error near 1e-6, where one tf32 product errs by 1e-3). On sm_90
+    this issues about a sixth fewer instructions per token than Triton's "tf32x3", which also guards
+    infinities and NaNs the kernel never feeds it. Triton's interpreter computes the products in fp32."""
+    a_big = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    b_big = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    acc = tl.dot(a - a_big, b_big, acc, input_precision="tf32")
+    acc = tl.dot(a_big, b - b_big, acc, input_precision="tf32")
+    return tl.dot(a_big, b_big, acc, input_precision="tf32")
 
 
 @triton.jit
@@ -223,7 +214,6 @@ def _high_scores(
     KH_PAD: tl.constexpr,
     ROTATE: tl.constexpr,
     ONE_RANGE: tl.constexpr,
-    PRECISION: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -267,11 +257,11 @@ def _high_scores(
         ub = qb * (bcb * oc0 - bsb * os0)[None, :] - qa * (bsa * oc0 + bca * os0)[None, :]
         with_cos = tl.where(second[None, :], ub, ua)
         with_sin = tl.where(second[None, :], -ua, ub)
-        scores = _dot(with_cos, keys * oc, scores, PRECISION)
-        scores = _dot(with_sin, keys * os, scores, PRECISION)
+        scores = _dot(with_cos, keys * oc, scores)
+        scores = _dot(with_sin, keys * os, scores)
     else:
         qh = tl.load(q_rows + channel[None, :], mask=take, other=0.0).to(tl.float32) * scaling
-        scores = _dot(qh, keys, scores, PRECISION)
+        scores = _dot(qh, keys, scores)
     return scores
 
 
@@ -440,7 +430,6 @@ def _block_kernel(
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     KH_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
     ROTATE: tl.constexpr,
     ONE_RANGE: tl.constexpr,
     K_SPLIT: tl.constexpr,
@@ -539,12 +528,12 @@ def _block_kernel(
             else:
                 ua = qa
                 ub = qb
-            scores = _dot(ub, kb, _dot(ua, ka, scores, PRECISION), PRECISION)
+            scores = _dot(ub, kb, _dot(ua, ka, scores))
         if K_HI:
             scores = _high_scores(
                 scores, q_rows, scaling,
                 kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kstep_hi, kmeta_hi, kunits_hi, kinv, ocos, osin, bcos, bsin,
-                s, b, bh, B, BH, t0, T, KG, R, R_PAD, HALF, BLOCK_T, KH_PAD, ROTATE, ONE_RANGE, PRECISION,
+                s, b, bh, B, BH, t0, T, KG, R, R_PAD, HALF, BLOCK_T, KH_PAD, ROTATE, ONE_RANGE,
                 KB_HI, KG_HI, KA_HI, KW_HI, KS_HI, KT_HI,
             )  # fmt: skip
         scores = tl.where(seen[None, :], scores, float("-inf"))
@@ -564,7 +553,7 @@ def _block_kernel(
                 vc_lo, vs_lo, vz_lo, vt_lo, vn_lo, vstep_lo, vmeta_lo, vunits_lo, vunits_hi, vslot, s, bh, BH,
                 t, t_ok, T, U, D, BLOCK_T, V_SPLIT, False, VB_LO, VG_LO, VA_LO, VW_LO, VS_LO, VT_LO,
             )  # fmt: skip
-        acc = _dot(prob, v, acc * alpha[:, None], PRECISION)
+        acc = _dot(prob, v, acc * alpha[:, None])
         m_i = m_new
     slot_out = (p * BH + bh) * R + rows
     ok = rows < R
@@ -974,7 +963,7 @@ def _block_partials(
         _block_kernel[(programs, pairs)](
             q, *strides, scaling, visible, visible.stride(0), m[offset:], norm[offset:], acc[offset:],
             batch, kv_heads, chunks, programs, *plan.args,
-            R=rows, R_PAD=r_pad, BLOCK_T=block_t, PRECISION=DOT_PRECISION, num_warps=warps, **plan.flags,
+            R=rows, R_PAD=r_pad, BLOCK_T=block_t, num_warps=warps, **plan.flags,
         )  # fmt: skip
         offset += programs
     return _Partials(m, norm, acc)
