@@ -253,8 +253,24 @@ def bits_example(normal: int) -> str:
     return f"{normal}/{max(normal, 8)}"
 
 
-def parse_bits(spec: str) -> dict[str, int]:
-    """``"N/M"`` or ``"N"`` -> field overrides: N for normal keys and values, M for sinks and outliers."""
+BEST_AT_WIDTH: dict[int, dict[str, Any]] = {
+    2: dict(rotation="values", value_quantizer="lloyd-max"),
+    3: dict(rotation="values", value_quantizer="lloyd-max"),
+}
+"""What ``--bits N/M`` adds to the default configuration at N = 2 or 3: the strategy that measured best per
+bit at that width on the quality benchmark (a fixed rotation per head and Gaussian Lloyd-Max levels for
+values: lower KL than plain uniform codes at the same effective bits, `docs/guide.md` gives the figures). A
+config file keeps its own strategy (``--config base --bits 2/8`` is plain uniform 2-bit), and so does a
+command line that chooses any of `STRATEGY_FIELDS` itself."""
+
+STRATEGY_FIELDS = frozenset({"cache", "quantizer", "value_quantizer", "rotation"})
+"""Fields that choose how codes are made: given on the command line, they replace the whole strategy."""
+
+
+def parse_bits(spec: str, strategy: bool = False) -> dict[str, Any]:
+    """``"N/M"`` or ``"N"`` -> field overrides: N for normal keys and values, M for sinks and outliers; with
+    ``strategy`` (``--bits`` on the default configuration), also the best strategy known at width N
+    (`BEST_AT_WIDTH`)."""
     parts = spec.split("/")
     if len(parts) > 2 or any(p.strip() == "" for p in parts):
         raise ConfigError(f"--bits: {spec!r} is not N or N/M (for example 4 or 4/8)")
@@ -270,9 +286,11 @@ def parse_bits(spec: str) -> dict[str, int]:
             f"--bits: {spec} reads as NORMAL/HIGH (normal entries / sinks and outliers) and HIGH must be "
             f">= NORMAL, but {numbers[1]} < {numbers[0]}; for example {bits_example(numbers[0])}"
         )
-    out = {"key_bits_normal": numbers[0], "value_bits_normal": numbers[0]}
+    out: dict[str, Any] = {"key_bits_normal": numbers[0], "value_bits_normal": numbers[0]}
     if len(numbers) == 2:
         out.update(key_bits_sink_outlier=numbers[1], value_bits_sink_outlier=numbers[1])
+    if strategy:
+        out.update(BEST_AT_WIDTH.get(numbers[0], {}))
     return out
 
 

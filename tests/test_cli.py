@@ -262,6 +262,7 @@ def test_parse_sweep_and_presets():
     configs = sweep.configs(CompressionConfig())
     assert len(configs) == 4
     assert [(c.key_bits_normal, c.chunk_size) for c in configs] == [(2, 128), (2, 256), (4, 128), (4, 256)]
+    assert {c.rotation for c in configs} == {"none"}  # bits= sweeps the width alone, the strategy held still
     assert {"chunk-size", "ema-decay", "bits", "sink-size", "outliers", "rope"} <= set(preset_names())
     expected = {"chunk-size": 3, "ema-decay": 3, "bits": 4, "sink-size": 4, "outliers": 8, "rope": 4}
     for name, count in expected.items():

@@ -82,6 +82,23 @@ def test_bits_grammar():
             parse_bits(bad)
 
 
+def test_bits_on_the_defaults_bring_the_best_strategy_at_that_width():
+    from kvstream.cli.config_fields import build_config
+    from kvstream.config import BEST_AT_WIDTH
+
+    assert parse_bits("2/8", strategy=True) == {**parse_bits("2/8"), **BEST_AT_WIDTH[2]}
+    assert parse_bits("4/8", strategy=True) == parse_bits("4/8")  # 4 bits: plain uniform measured best
+    best = build_config(None, "2/8")
+    assert (best.rotation, best.value_quantizer, best.key_bits_normal) == ("values", "lloyd-max", 2)
+    plain = build_config("base", "2/8")  # a config file keeps its own strategy: plain uniform by name
+    assert (plain.rotation, plain.value_quantizer, plain.key_bits_normal) == ("none", "same", 2)
+    for field, value in (("rotation", "none"), ("quantizer", "uniform"), ("value_quantizer", "same")):
+        chosen = build_config(None, "3/8", {field: value})  # a strategy chosen on the command line replaces it
+        assert (chosen.rotation, chosen.value_quantizer) == ("none", "same"), field
+    kept = build_config(None, "3/8", {"chunk_size": "128"})  # other fields leave it
+    assert (kept.rotation, kept.value_quantizer, kept.chunk_size) == ("values", "lloyd-max", 128)
+
+
 def test_grid_grammar_and_product():
     grid = parse_grid(["chunk_size=128,256", "key_rope=pre,post"])
     assert grid == {"chunk_size": [128, 256], "key_rope": ["pre", "post"]}

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from kvstream.cli.console import out
 from kvstream.cli.options import complete_group, rewrite_signature
-from kvstream.config import CompressionConfig, ConfigError, parse_bits, parse_value
+from kvstream.config import STRATEGY_FIELDS, CompressionConfig, ConfigError, parse_bits, parse_value
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -141,16 +141,25 @@ def with_config_fields(func: F) -> F:
     return rewrite_signature(func, params, call)  # type: ignore[return-value]
 
 
+def bits_changes(
+    config_file: str | None, bits: str | None, field_values: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The fields ``--bits`` sets: the widths and, on the defaults with no option of `STRATEGY_FIELDS` given,
+    the best strategy known at that width (`kvstream.config.BEST_AT_WIDTH`)."""
+    if bits is None:
+        return {}
+    own = STRATEGY_FIELDS & set(field_values or {})
+    return parse_bits(bits, strategy=config_file is None and not own)
+
+
 def build_config(
     config_file: str | None,
     bits: str | None = None,
     field_values: dict[str, str] | None = None,
 ) -> CompressionConfig:
-    """The effective config: the file (or defaults), then ``--bits``, then each ``--<field>`` option."""
+    """The effective config: the file (or defaults), then ``--bits`` (`bits_changes`), then each ``--<field>``."""
     base = CompressionConfig.from_yaml(config_file) if config_file else CompressionConfig()
-    changes: dict[str, Any] = {}
-    if bits is not None:
-        changes.update(parse_bits(bits))
+    changes = bits_changes(config_file, bits, field_values)
     for name, text in (field_values or {}).items():
         try:
             changes[name] = parse_value(name, text)

@@ -79,7 +79,9 @@ BitsOpt = Annotated[
         "--bits",
         "-b",
         metavar="N/M",
-        help="N bits for normal keys and values, M for sink tokens and outliers (`--bits 4` keeps M).",
+        help="N bits for normal keys and values, M for sink tokens and outliers (`--bits 4` keeps M). "
+        "Without --config, N = 2 or 3 also brings the strategy measured best at that width (rotated values "
+        "with Lloyd-Max levels); --config base keeps plain uniform codes.",
         rich_help_panel=CONFIG_PANEL,
     ),
 ]

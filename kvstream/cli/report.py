@@ -10,12 +10,12 @@ import typer
 import yaml
 from rich.text import Text
 
-from kvstream.cli.config_fields import build_config, show_config
+from kvstream.cli.config_fields import bits_changes, build_config, show_config
 from kvstream.cli.console import note, out
 from kvstream.cli.errors import CliError, handle_errors
 from kvstream.cli.options import CONFIG_PANEL, complete_presets
 from kvstream.cli.render import OutputFormat, frame_table, with_short_ids
-from kvstream.config import parse_bits, resolve_config_path
+from kvstream.config import resolve_config_path
 from kvstream.report.tables import BASELINE_SHOWN, ReportTables, baseline_label, build_tables, format_metric
 from kvstream.schema import FULL_PRECISION, QUANTIZED
 
@@ -38,7 +38,7 @@ def _filter_config(df: pd.DataFrame, config_file: str | None, bits: str | None) 
     if not config_file and not bits:
         return df
     wanted = build_config(config_file, bits).to_dict()
-    names: set[str] = set(parse_bits(bits)) if bits else set()
+    names: set[str] = set(bits_changes(config_file, bits))
     if config_file:
         data = yaml.safe_load(resolve_config_path(config_file).read_text()) or {}
         names |= {str(k) for k in data if k != "description"}

@@ -11,7 +11,7 @@ import yaml
 from rich.text import Text
 
 from kvstream.cli.checks import check_config_for_model, check_positions, check_results_dir, check_strategies, check_task
-from kvstream.cli.config_fields import build_config, config_table, show_config, with_config_fields
+from kvstream.cli.config_fields import bits_changes, build_config, config_table, show_config, with_config_fields
 from kvstream.cli.console import ProgressBars, err, note, out
 from kvstream.cli.errors import CliError, handle_errors
 from kvstream.cli.options import (
@@ -25,7 +25,7 @@ from kvstream.cli.options import (
     with_option_groups,
 )
 from kvstream.cli.render import OutputFormat, emit, frame_table, with_short_ids
-from kvstream.config import CompressionConfig, parse_bits
+from kvstream.config import CompressionConfig
 from kvstream.report.tables import format_metric, higher_is_better, primary_metric, run_table
 from kvstream.tune import Objective, TrialRecord, search_space, tune
 
@@ -141,7 +141,7 @@ def tune_command(
     base = build_config(config, bits, field_values)
     settings = running.settings()
     model.check(here=not settings.remote)
-    fixed = set(field_values or {}) | (set(parse_bits(bits)) if bits else set())
+    fixed = set(field_values or {}) | set(bits_changes(config, bits, field_values))
     space = search_space(fixed)
     if trials < 1:
         raise CliError(f"--trials: must be at least 1, got {trials}")
