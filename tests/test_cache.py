@@ -213,6 +213,16 @@ def test_kl_and_top1_against_a_direct_computation(tiny_model):
     assert 0 < got.top1_agreement < 1 and got.mean_kl > 0
     assert got.nll == pytest.approx(nll.mean().item(), rel=1e-5)
     assert sum(got.chunk_tokens) == 99 and len(got.chunk_kl) == 4
+    # the last tokens one at a time, as a generation feeds them: every position still scored, full precision
+    # unchanged, one entry per step (the last step has no next token to score)
+    fresh = {"fp": DynamicCache(config=tiny_model.config), "q2": make_cache(tiny_model, cfg)}
+    stepped = streaming_compare(tiny_model, ids, fresh, 32, reference="fp", decode_steps=6)
+    assert stepped["q2"].chunk_tokens == [32, 32, 30, 1, 1, 1, 1, 1]
+    assert stepped["fp"].nll == pytest.approx(results["fp"].nll, rel=1e-5)
+    assert stepped["q2"].compared and 0 < stepped["q2"].mean_kl
+    assert fresh["q2"].get_seq_length() == 100
+    with pytest.raises(ValueError, match="decode_steps"):
+        streaming_compare(tiny_model, ids, {"fp": DynamicCache(config=tiny_model.config)}, 32, decode_steps=100)
     assert results["fp"].nll == pytest.approx((-ref.gather(-1, ids[0, 1:, None])).mean().item(), rel=1e-5)
 
 

@@ -74,8 +74,10 @@ def streaming_compare(
     chunk_size: int,
     reference: str | None = None,
     progress: ProgressFn | None = None,
+    decode_steps: int = 0,
 ) -> dict[str, PerplexityResult]:
-    """Score ``input_ids`` ([1, tokens]) through every cache of ``caches`` chunk by chunk, in lockstep.
+    """Score ``input_ids`` ([1, tokens]) through every cache of ``caches`` chunk by chunk, in lockstep; the
+    last ``decode_steps`` tokens go in one at a time, as a generation feeds its answer to the cache.
 
     Each chunk attends to what its cache built from the earlier chunks, so a score measures exactly
     what that cache costs. With ``reference`` (a key of ``caches``), every other cache's result also
@@ -88,12 +90,16 @@ def streaming_compare(
     total = input_ids.shape[1]
     if total < 2:
         raise ValueError("perplexity needs at least two tokens")
+    if not 0 <= decode_steps < total:
+        raise ValueError(f"decode_steps: {decode_steps} is not in [0, {total}) for {total} tokens")
     if reference is not None and reference not in caches:
         raise ValueError(f"reference {reference!r} is not one of the caches: {', '.join(caches)}")
     head = model.get_output_embeddings()
     results = {name: PerplexityResult() for name in caches}
     device = input_ids.device
-    for start, end in _chunks(total, chunk_size):
+    prompt = total - decode_steps
+    steps = [(t, t + 1) for t in range(prompt, total)]
+    for start, end in [*_chunks(prompt, chunk_size), *steps]:
         hidden = {}
         for name, cache in caches.items():
             with _timed(results[name], device):
