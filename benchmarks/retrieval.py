@@ -1071,6 +1071,24 @@ def separating_lines(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def peer_target_lines(frame: pd.DataFrame) -> list[str]:
+    """The target against the peers: for each measured peer row, a kvstream configuration on the same cell holding
+    at most the peer's effective bits with an answer log-likelihood delta at least the peer's."""
+    scores = frame[frame["metric"] == ANSWER_LOGPROB]
+    checked, missed = 0, []
+    for (model, task, length, _), rows in cell_groups(scores):
+        ours = rows[rows["source"] == KVSTREAM_SOURCES[0]]
+        for peer in rows[rows["source"] != KVSTREAM_SOURCES[0]].itertuples():
+            checked += 1
+            fits = ours[(ours["bits"] <= peer.bits) & (ours["delta"] >= peer.delta)]
+            if fits.empty:
+                missed.append(f"{peer.label} on {model} {task} {length}")
+    head = "- kvstream at equal or fewer bits at or above every peer on the answer log-likelihood:"
+    if not checked:
+        return [f"{head} no peer row recorded yet."]
+    return [f"{head} met on {checked - len(missed)} of {checked} peer rows; missed: {', '.join(missed) or 'none'}."]
+
+
 def model_title(model: str) -> str:
     alias = MODEL_ALIASES.get(model)
     return f"{alias.description} (`{model}`)" if alias else f"`{model}`"
@@ -1277,10 +1295,17 @@ def render(
     else:
         status = provenance_line(frame)
     accuracy = frame[frame["metric"] == "accuracy"]
-    lines += [status, "", "## Targets", "", *separating_lines(frame), *target_lines(accuracy), ""]
+    lines += [status, "", "## Targets", "", *separating_lines(frame), *target_lines(accuracy)]
+    lines += [*peer_target_lines(frame), ""]
     for model, rows in frame.groupby("model", sort=False):
         lines += [f"## {model_title(str(model))}", "", *model_table(rows), ""]
     lines += peer_lines(frame)
+    absent = {name: reason for (name, _), reason in (unavailable or {}).items()}
+    if absent:
+        lines += ["Peers that cannot run here (their cells are skipped rows of the plan):", ""]
+        root = f"{Path(__file__).resolve().parent.parent}/"  # the page names paths inside the checkout relatively
+        lines += [f"- `{name}`: {reason.replace(root, '')}" for name, reason in absent.items()]
+        lines.append("")
     lines += [
         "## Which cells separate caches",
         "",

@@ -193,6 +193,20 @@ def test_separating_targets_and_peer_rows(tmp_path):
     assert page.index("| vt | 4096 | 4/8 bits |") < page.index("| vt | 4096 | 2/8 bits |") < page.index("peer-q4")
 
 
+def test_the_peer_target_asks_for_a_kvstream_row_with_no_more_bits_and_no_lower_log_likelihood(tmp_path):
+    ours = record("bits-3.3", "answer_logprob", -0.02, -0.03, -0.01, fp=-0.4, bits=3.2)
+    beaten = record("quanto-4", "answer_logprob", -0.2, -0.3, -0.1, fp=-0.4, bits=5.0, source="peer")
+    fewer_bits = record("kivi-2", "answer_logprob", -0.1, -0.2, 0.0, fp=-0.4, bits=3.0, source="peer")
+    frame = retrieval.collect(tmp_path, {}, extra=[ours, beaten, fewer_bits])
+    (line,) = retrieval.peer_target_lines(frame)
+    assert line.endswith("met on 1 of 2 peer rows; missed: kivi-2 on m vt 4096.")  # only 3.2 bits above its 3.0
+    assert retrieval.peer_target_lines(retrieval.collect(tmp_path, {}, extra=[ours]))[0].endswith("recorded yet.")
+    unavailable = {("kvpress-snapkv-2.5", "m"): f"no {Path(retrieval.__file__).resolve().parent.parent}/.venv-x"}
+    page = retrieval.render(frame, retrieval.PLAN, retrieval.EXTENDED, unavailable=unavailable)
+    assert "- `kvpress-snapkv-2.5`: no .venv-x" in page  # paths inside the checkout named relatively
+    assert "kvstream at equal or fewer bits at or above every peer" in page
+
+
 @pytest.mark.parametrize(
     ("delta", "label", "bits", "expected"),
     [
