@@ -36,6 +36,8 @@ FP = CompressionConfig(cache="full")
 B2 = dict(key_bits_normal=2, value_bits_normal=2)
 B3 = dict(key_bits_normal=3, value_bits_normal=3)
 ROTATED_LEVELS = dict(rotation="values", value_quantizer="lloyd-max")
+TAIL = dict(tail_block=32, exact_storage="16bit")
+"""The tail packed 32 tokens at a time, the rest held at 16 bits (as the budget presets hold it)."""
 
 
 def strategies() -> dict[str, CompressionConfig]:
@@ -44,6 +46,9 @@ def strategies() -> dict[str, CompressionConfig]:
         "kvstream 4/8": CompressionConfig(key_bits_normal=4, value_bits_normal=4),
         "kvstream 3/8": CompressionConfig(**B3),
         "kvstream 2/8": CompressionConfig(**B2),
+        "kvstream 4/8 + tail": CompressionConfig(key_bits_normal=4, value_bits_normal=4, **TAIL),
+        "kvstream 3/8 + tail": CompressionConfig(**B3, **TAIL),
+        "2/8 + rotation + Lloyd-Max (values) + tail": CompressionConfig(**B2, **ROTATED_LEVELS, **TAIL),
         "2/8 + rotation (values)": CompressionConfig(**B2, rotation="values"),
         "2/8 + rotation (keys and values)": CompressionConfig(**B2, rotation="both"),
         "2/8 + Lloyd-Max levels (values)": CompressionConfig(**B2, value_quantizer="lloyd-max"),
