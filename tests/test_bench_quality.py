@@ -32,6 +32,10 @@ def test_the_targets_take_the_best_kvstream_row_within_the_bits_never_a_peer():
     assert "Best within 3.3 bits: preset bits-3.3 (3.20 bits, +0.40%); target <= +0.5%: met." in page
     assert "Best within 2.5 bits: kvstream 2/8 (2.49 bits, +2.00%); target <= +3.0%: met." in page
     assert "(4000 tokens + 32 answered)" in page
+    assert "Within 2.0 bits" not in page  # the page states the targets' bounds only
+    assert quality.best_within(rows[:3], 2.5) is None
+    short = quality.render([{**block, "rows": rows[:3]}])
+    assert "- Within 2.5 bits: no kvstream configuration held that few; target **missed**." in short
 
 
 @pytest.mark.slow
