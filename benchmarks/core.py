@@ -420,8 +420,9 @@ def write_report(out: Path, rendered: dict[str, list[str]]) -> None:
         "",
         "Quality per bit (every strategy alone and combined, the budget presets, both bundled models, two "
         "texts, KL divergence and top-1 agreement) is in [benchmarks-quality.md](benchmarks-quality.md) "
-        "(`benchmarks/quality.py`, the second step of `make bench`). Retrieval accuracy (passkey and the "
-        "RULER-style needles) against full precision on the same samples is in [benchmarks-retrieval.md]"
+        "(`benchmarks/quality.py`, the second step of `make bench`). Retrieval (RULER-style needles, "
+        "variable tracking, frequent words) against full precision and the peers on the same samples, in "
+        "accuracy and answer log-likelihood, is in [benchmarks-retrieval.md]"
         "(benchmarks-retrieval.md) (`benchmarks/retrieval.py`, the third step; resumable, it takes hours on "
         "two CPU cores).",
         "",
