@@ -5,9 +5,9 @@ For each model and text, every cache scores the same tokens in lockstep with the
 then 32 more one at a time, as a generation feeds its answer. Perplexity, the mean KL divergence of
 the full-precision next-token distribution from the cache's, top-1 agreement, and the effective bits
 (at the end, answer and exact tail included) and peak bytes the cache held (everything it holds,
-shared tables included). Each (model, text)
-block is stored as it finishes under ``--results`` and skipped on a rerun when the same
-strategies were measured at the same revision, so an interrupted run resumes.
+shared tables included). Each (model, text) block is stored as it finishes under ``--results`` and
+skipped on a rerun when the same strategies were measured at the same revision, so an interrupted
+run resumes.
 
     python benchmarks/quality.py --out docs/benchmarks-quality.md
     python benchmarks/quality.py --models smollm2-135m --corpora paul_graham --tokens 500 --out /tmp/q.md
@@ -33,6 +33,7 @@ from kvstream.results.io import json_writer, read_json, write_dir_atomic
 from kvstream.results.provenance import code_revision, short_revision
 
 FP = CompressionConfig(cache="full")
+B4 = dict(key_bits_normal=4, value_bits_normal=4)
 B2 = dict(key_bits_normal=2, value_bits_normal=2)
 B3 = dict(key_bits_normal=3, value_bits_normal=3)
 ROTATED_LEVELS = dict(rotation="values", value_quantizer="lloyd-max")
@@ -43,10 +44,10 @@ TAIL = dict(tail_block=32, exact_storage="16bit")
 def strategies() -> dict[str, CompressionConfig]:
     """Label -> configuration: the plain widths, each strategy alone at 2 bits, combinations, presets, peers."""
     out = {
-        "kvstream 4/8": CompressionConfig(key_bits_normal=4, value_bits_normal=4),
+        "kvstream 4/8": CompressionConfig(**B4),
         "kvstream 3/8": CompressionConfig(**B3),
         "kvstream 2/8": CompressionConfig(**B2),
-        "kvstream 4/8 + tail": CompressionConfig(key_bits_normal=4, value_bits_normal=4, **TAIL),
+        "kvstream 4/8 + tail": CompressionConfig(**B4, **TAIL),
         "kvstream 3/8 + tail": CompressionConfig(**B3, **TAIL),
         "2/8 + rotation + Lloyd-Max (values) + tail": CompressionConfig(**B2, **ROTATED_LEVELS, **TAIL),
         "2/8 + rotation (values)": CompressionConfig(**B2, rotation="values"),
@@ -66,12 +67,18 @@ def strategies() -> dict[str, CompressionConfig]:
         "3/8 + rotation + Lloyd-Max (values)": CompressionConfig(**B3, **ROTATED_LEVELS),
         "preset bits-2.5": CompressionConfig.from_yaml("bits-2.5"),
         "preset bits-3.3": CompressionConfig.from_yaml("bits-3.3"),
+    }
+    return {**out, **peer_strategies()}
+
+
+def peer_strategies() -> dict[str, CompressionConfig]:
+    """Label -> configuration of the other methods' rows: beside kvstream's, never its best configuration."""
+    return {
         "KIVI-style 2-bit (plugin)": CompressionConfig(cache="kivi", **B2, value_quant_groups=32),
         "KIVI-style 3-bit (plugin)": CompressionConfig(cache="kivi", **B3, value_quant_groups=32),
         "quanto 2-bit (QuantizedCache)": CompressionConfig(cache="quanto", **B2),
-        "quanto 4-bit (QuantizedCache)": CompressionConfig(cache="quanto", key_bits_normal=4, value_bits_normal=4),
+        "quanto 4-bit (QuantizedCache)": CompressionConfig(cache="quanto", **B4),
     }
-    return out
 
 
 def read_path(cache) -> str:
@@ -125,9 +132,8 @@ BLOCK = "block.json"
 TARGETS = ((2.5, 3.0), (3.3, 0.5))
 """(most effective bits, most perplexity change in percent): the best kvstream configuration within those bits
 must stay within that change."""
-PEERS = ("KIVI-style 2-bit (plugin)", "KIVI-style 3-bit (plugin)", "quanto 2-bit (QuantizedCache)",
-         "quanto 4-bit (QuantizedCache)")  # fmt: skip
-"""Rows of other methods: beside kvstream's, never its best configuration."""
+PEERS = tuple(peer_strategies())
+"""The labels of the other methods' rows."""
 
 
 def best_within(rows: list[dict], most_bits: float) -> dict | None:

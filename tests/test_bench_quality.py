@@ -39,7 +39,7 @@ def test_the_targets_take_the_best_kvstream_row_within_the_bits_never_a_peer():
 
 
 @pytest.mark.slow
-def test_a_block_counts_the_answer_in_the_bits(monkeypatch):
+def test_a_block_counts_the_answer_in_the_bits():
     """A prompt off the chunk grid and an answer fed one token at a time: the plain 4/8 cache holds its
     exact tail at the end, so its bits exceed what whole blocks alone would hold."""
     from kvstream import CompressionConfig

@@ -213,6 +213,7 @@ def test_kl_and_top1_against_a_direct_computation(tiny_model):
     assert 0 < got.top1_agreement < 1 and got.mean_kl > 0
     assert got.nll == pytest.approx(nll.mean().item(), rel=1e-5)
     assert sum(got.chunk_tokens) == 99 and len(got.chunk_kl) == 4
+    assert results["fp"].nll == pytest.approx((-ref.gather(-1, ids[0, 1:, None])).mean().item(), rel=1e-5)
     # the last tokens one at a time, as a generation feeds them: every position still scored, full precision
     # unchanged, one entry per step (the last step has no next token to score)
     fresh = {"fp": DynamicCache(config=tiny_model.config), "q2": make_cache(tiny_model, cfg)}
@@ -223,7 +224,6 @@ def test_kl_and_top1_against_a_direct_computation(tiny_model):
     assert fresh["q2"].get_seq_length() == 100
     with pytest.raises(ValueError, match="decode_steps"):
         streaming_compare(tiny_model, ids, {"fp": DynamicCache(config=tiny_model.config)}, 32, decode_steps=100)
-    assert results["fp"].nll == pytest.approx((-ref.gather(-1, ids[0, 1:, None])).mean().item(), rel=1e-5)
 
 
 def test_streaming_perplexity_matches_full_forward(tiny_model):
