@@ -162,8 +162,11 @@ def decode_attention(
     layer: Any, q: torch.Tensor, visible: torch.Tensor, exact: list[list[torch.Tensor]], blocks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(acc, m, l)`` of grouped queries ``q`` over every packed block of ``layer`` (tokens of ``visible``;
-    none when not ``blocks``) and the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel."""
-    groups, meta = group_args(layer) if blocks else ([], [])
+    none when not ``blocks``) and the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel.
+    The blocks' arguments are gathered once per set of block groups (groups are replaced, never edited)."""
+    from kvstream.kernels import per_groups
+
+    groups, meta = per_groups(layer, "cpu arguments", lambda: group_args(layer)) if blocks else ([], [])
     return extension().packed_decode(q, groups, meta, visible, exact)
 
 

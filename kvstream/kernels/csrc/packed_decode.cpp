@@ -16,7 +16,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -40,11 +42,45 @@ Meta make_meta(const at::Tensor& t) {
   return m;
 }
 
+// Every value of one byte of packed codes as the levels its codes stand for: [256][8 / bits] for 2-, 4- and
+// 8-bit codes; for 3-bit codes, whose bytes straddle codes, [64][2] (two codes of six bits). One table lookup and
+// a fixed-size copy then decode several codes, where shifting and converting code by code does not vectorize.
+struct ByteLevels {
+  std::vector<float> levels;
+  int per_entry = 0;  // codes per entry; 0: no table for this width (the generic bit loop decodes)
+};
+
+std::shared_ptr<const ByteLevels> byte_levels(int bits, const float* table) {
+  auto out = std::make_shared<ByteLevels>();
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return out;
+  const int entry_bits = bits == 3 ? 6 : 8;
+  out->per_entry = entry_bits / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  out->levels.resize(static_cast<size_t>(1 << entry_bits) * out->per_entry);
+  for (uint32_t e = 0; e < (1u << entry_bits); ++e) {
+    for (int j = 0; j < out->per_entry; ++j) {
+      const uint32_t code = (e >> (bits * j)) & mask;
+      out->levels[e * out->per_entry + j] = table ? table[code] : static_cast<float>(code);
+    }
+  }
+  return out;
+}
+
+// The byte tables of plain uniform codes, built once per process.
+const std::shared_ptr<const ByteLevels>& uniform_levels(int bits) {
+  static const std::shared_ptr<const ByteLevels> tables[9] = {
+      nullptr, nullptr, byte_levels(2, nullptr), byte_levels(3, nullptr), byte_levels(4, nullptr),
+      nullptr, nullptr, nullptr, byte_levels(8, nullptr)};
+  static const std::shared_ptr<const ByteLevels> none = std::make_shared<ByteLevels>();
+  return bits >= 0 && bits <= 8 && tables[bits] ? tables[bits] : none;
+}
+
 struct Part {
   const uint8_t* codes = nullptr;
   Meta scale;
   Meta zero;                     // absent: symmetric, value = (code - levels) * scale, or table[code] * scale
   const float* table = nullptr;  // level table (Lloyd-Max): value = table[code] * scale + zero; null: uniform
+  std::shared_ptr<const ByteLevels> bytes;  // the codes' byte tables (uniform or from `table`)
   int bits = 0;
   int64_t units = 0;  // units per (block, batch row, head) in this part
 };
@@ -65,46 +101,49 @@ Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
   p.zero = make_meta(zero);
   p.table = table.numel() ? table.data_ptr<float>() : nullptr;
   p.bits = static_cast<int>(bits);
+  p.bytes = p.table ? byte_levels(p.bits, p.table) : uniform_levels(p.bits);
   p.units = units;
   return p;
 }
 
-// Codes e0 .. e0 + n - 1 of a packed bit stream, as the levels they stand for: the codes themselves
-// (uniform), or their entries of a level table, looked up as they are unpacked.
-template <bool kTable>
-inline void decode_as(const uint8_t* codes, int64_t e0, int64_t n, int bits, const float* table, float* out) {
-  auto level = [table](uint32_t code) { return kTable ? table[code] : static_cast<float>(code); };
+// Codes e0 .. e0 + n - 1 of a part's packed bit stream (code e at bit e * bits, little-endian) as the levels
+// they stand for: the codes themselves (uniform), or their entries of the level table.
+inline void decode(const Part& p, int64_t e0, int64_t n, float* out) {
+  const int bits = p.bits;
+  const float* levels = p.bytes->levels.data();
+  const uint8_t* codes = p.codes;
   if (bits == 8) {
-    const uint8_t* p = codes + e0;
-    for (int64_t i = 0; i < n; ++i) out[i] = level(p[i]);
+    const uint8_t* b = codes + e0;
+    if (p.table == nullptr) {  // a plain conversion vectorizes
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(b[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = levels[b[i]];
+    }
     return;
   }
   if (bits == 4 && (e0 & 1) == 0 && (n & 1) == 0) {
-    const uint8_t* p = codes + (e0 >> 1);
-    for (int64_t i = 0; i < n / 2; ++i) {
-      const uint8_t b = p[i];
-      out[2 * i] = level(b & 15);
-      out[2 * i + 1] = level(b >> 4);
+    const uint8_t* b = codes + (e0 >> 1);
+    if (p.table == nullptr) {  // so do the two nibbles of a byte
+      for (int64_t i = 0; i < n / 2; ++i) {
+        out[2 * i] = static_cast<float>(b[i] & 15);
+        out[2 * i + 1] = static_cast<float>(b[i] >> 4);
+      }
+    } else {
+      for (int64_t i = 0; i < n / 2; ++i) std::memcpy(out + 2 * i, levels + 2 * b[i], 2 * sizeof(float));
     }
     return;
   }
   if (bits == 2 && (e0 & 3) == 0 && (n & 3) == 0) {
-    const uint8_t* p = codes + (e0 >> 2);
-    for (int64_t i = 0; i < n / 4; ++i) {
-      const uint8_t b = p[i];
-      out[4 * i] = level(b & 3);
-      out[4 * i + 1] = level((b >> 2) & 3);
-      out[4 * i + 2] = level((b >> 4) & 3);
-      out[4 * i + 3] = level(b >> 6);
-    }
+    const uint8_t* b = codes + (e0 >> 2);
+    for (int64_t i = 0; i < n / 4; ++i) std::memcpy(out + 4 * i, levels + 4 * b[i], 4 * sizeof(float));
     return;
   }
-  if (bits == 3 && (e0 & 7) == 0 && (n & 7) == 0) {  // eight codes in three bytes
-    const uint8_t* p = codes + (e0 >> 3) * 3;
+  if (bits == 3 && (e0 & 7) == 0 && (n & 7) == 0) {  // eight codes in three bytes, two codes per lookup
+    const uint8_t* b = codes + (e0 >> 3) * 3;
     for (int64_t i = 0; i < n / 8; ++i) {
-      const uint32_t word = p[3 * i] | (static_cast<uint32_t>(p[3 * i + 1]) << 8) |
-                            (static_cast<uint32_t>(p[3 * i + 2]) << 16);
-      for (int j = 0; j < 8; ++j) out[8 * i + j] = level((word >> (3 * j)) & 7u);
+      const uint32_t word = b[3 * i] | (static_cast<uint32_t>(b[3 * i + 1]) << 8) |
+                            (static_cast<uint32_t>(b[3 * i + 2]) << 16);
+      for (int j = 0; j < 4; ++j) std::memcpy(out + 8 * i + 2 * j, levels + 2 * ((word >> (6 * j)) & 63u), 8);
     }
     return;
   }
@@ -115,7 +154,8 @@ inline void decode_as(const uint8_t* codes, int64_t e0, int64_t n, int bits, con
     const int shift = static_cast<int>(bit & 7);
     uint32_t word = codes[byte];
     if (shift + bits > 8) word |= static_cast<uint32_t>(codes[byte + 1]) << 8;
-    out[i] = level((word >> shift) & mask);
+    const uint32_t code = (word >> shift) & mask;
+    out[i] = p.table ? p.table[code] : static_cast<float>(code);
   }
 }
 
@@ -134,15 +174,6 @@ inline const Part& locate(const Store& st, int64_t sbh, int64_t u, int64_t& row)
 // The code a symmetric uniform part subtracts (its zero level); parts with a zero-point or a table subtract none.
 inline float levels_of(const Part& p) {
   return (p.zero || p.table) ? 0.0f : static_cast<float>((1 << (p.bits - 1)) - 1);
-}
-
-// Codes e0 .. e0 + n - 1 of a part as the levels they stand for.
-inline void decode(const Part& p, int64_t e0, int64_t n, float* out) {
-  if (p.table != nullptr) {
-    decode_as<true>(p.codes, e0, n, p.bits, p.table, out);
-  } else {
-    decode_as<false>(p.codes, e0, n, p.bits, nullptr, out);
-  }
 }
 
 // Channel row `row` of a key part over a block's T tokens (as levels), dequantized in place: one scale and
