@@ -257,15 +257,22 @@ def test_triton_group_arguments_live_with_their_group(tiny_model):
     torch.testing.assert_close(again.result(), first.result(), atol=0, rtol=0)
 
 
-def test_triton_reader_declines_rope_halves_that_differ(tiny_model, monkeypatch):
-    """The kernel turns queries by a block's first position, which needs both halves of a RoPE table to turn alike."""
+def test_kernels_decline_rope_halves_that_differ(tiny_model, monkeypatch):
+    """Both kernels turn channel c + D/2 with c (the CPU kernel one angle per pair, Triton the queries by a
+    block's first position): a rotary whose halves turn at different rates is left to the reference tiles."""
     cache, _ = prefilled_cache(tiny_model, CompressionConfig(chunk_size=16, value_quant_groups=8), 40)
     layer = cache.layers[0]
-    assert triton_decode.rope_refusal(layer) is None
-    rope = cache.block_rope(layer)
-    cos, sin = rope.offsets
-    monkeypatch.setattr(rope, "offsets", (cos.clone().index_fill_(0, torch.tensor([0]), 0.5), sin))
-    assert "halves" in triton_decode.rope_refusal(layer)
+    assert layer.kernel_refusal() is None
+    rotary = cache.rotaries[0]
+    table = rotary.table
+
+    def apart(device, position_ids):
+        cos, sin = table(device, position_ids)
+        return cos, torch.cat([sin[..., :1] * 1.5, sin[..., 1:]], dim=-1)
+
+    monkeypatch.setattr(rotary, "table", apart)
+    cache.forget_tables()
+    assert "halves turning apart" in layer.kernel_refusal()
 
 
 def test_kernel_answers_are_kept_until_the_block_groups_change(tiny_model):

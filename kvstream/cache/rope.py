@@ -177,8 +177,10 @@ class BlockRope:
     """RoPE of packed blocks as the fused kernels apply it, with no table as long as the history.
 
     Per block and batch row: cos and sin at the block's first position ``p0``; once per cache:
-    cos and sin of the offsets ``0 .. block_len - 1`` divided by the rotary's attention scaling.
-    The angle-addition rule then gives ``cos((p0 + t) θ)`` and ``sin((p0 + t) θ)`` inside the tile.
+    cos and sin of the offsets ``0 .. block_len - 1`` divided by the rotary's attention scaling,
+    for the first half of the channels only (channel ``c + D / 2`` turns with ``c``: a rotary whose
+    halves turn at different rates fails `check`). The angle-addition rule then gives
+    ``cos((p0 + t) θ)`` and ``sin((p0 + t) θ)`` inside the tile.
     A block whose real tokens do not sit at consecutive positions is marked inexact (the kernels
     leave such a layer to the reference path). `check` verifies the rule on the model's own rotary.
     """
@@ -188,7 +190,12 @@ class BlockRope:
         self.block_len = block_len
         cos, sin = rotary.table(device, torch.arange(block_len, device=device).unsqueeze(0))
         scale = cos[0, :1].float()  # cos(0) times the attention scaling
-        self.offsets = ((cos[0].float() / scale).t().contiguous(), (sin[0].float() / scale).t().contiguous())
+        cos, sin = (cos[0].float() / scale).t(), (sin[0].float() / scale).t()  # [D, T]
+        self.dim = cos.shape[0]
+        """Channels the rotary turns (the tables hold the first half of them)."""
+        half = self.dim // 2
+        self.halves_match = torch.equal(cos[:half], cos[half:]) and torch.equal(sin[:half], sin[half:])
+        self.offsets = (cos[:half].contiguous(), sin[:half].contiguous())
         self.base_cos = self.base_sin = torch.zeros(0, device=device)
         self.exact = torch.zeros(0, dtype=torch.bool, device=device)
         self._groups: dict[tuple[int, int, int], tuple[list[torch.Tensor], bool]] = {}
@@ -257,12 +264,16 @@ class BlockRope:
         return self._groups[key]
 
     def check(self, position: int = 1000, rtol: float = 1e-4) -> bool:
-        """True when cos/sin at ``position + block_len - 1`` by angle addition match the rotary's own output."""
+        """True when both halves of the channels turn alike (at the offsets and at ``position``) and cos/sin at
+        ``position + block_len - 1`` by angle addition match the rotary's own output."""
         t = self.block_len - 1
         device = self.offsets[0].device
         cos0, sin0 = self.rotary.table(device, torch.tensor([[position, position + t]], device=device))
         c0, s0, want_c, want_s = cos0[0, 0].float(), sin0[0, 0].float(), cos0[0, 1].float(), sin0[0, 1].float()
-        ct, st = self.offsets[0][:, t], self.offsets[1][:, t]
+        half = self.dim // 2
+        if not (self.halves_match and torch.equal(c0[:half], c0[half:]) and torch.equal(s0[:half], s0[half:])):
+            return False
+        ct, st = self.offsets[0][:, t].repeat(2), self.offsets[1][:, t].repeat(2)
         got_c, got_s = c0 * ct - s0 * st, s0 * ct + c0 * st
         tolerance = 10 * rtol * float(cos0[0, 0].abs().max())
         return max(float((got_c - want_c).abs().max()), float((got_s - want_s).abs().max())) <= tolerance

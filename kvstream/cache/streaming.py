@@ -500,17 +500,18 @@ class StreamingQuantizedCache(PackedCache):
         if cfg.key_rope != "pre":
             return None
         if self.block_rope(layer) is None:
-            return "a rotary the kernels do not reproduce (partial or interleaved RoPE)"
+            return "a rotary the kernels do not reproduce (partial or interleaved RoPE, or halves turning apart)"
         return None
 
     def block_rope(self, layer: StreamingLayer) -> BlockRope | None:
         """The blocks' RoPE for the kernels (`BlockRope`) of ``layer``'s rotary, covering its packed tokens;
-        None when the rotary is not the kernels' layout (partial or interleaved) or fails the probe."""
+        None when the rotary is not the kernels' layout (partial or interleaved) or fails the probe (halves of the
+        channels turning at different rates among them)."""
         rotary, device = self.rotaries[layer.layer_idx], layer.keys.device
         key = (*rotary.key, device)  # one table per device of a model spread over several
         if key not in self._block_ropes:
             rope = BlockRope(rotary, self.config.chunk_size, device)
-            full = rope.offsets[0].shape[0] == layer.keys.shape[-1]
+            full = rope.dim == layer.keys.shape[-1]
             self._block_ropes[key] = rope if rotary.kernel_layout and full and rope.check() else None
         rope = self._block_ropes[key]
         if rope is not None:

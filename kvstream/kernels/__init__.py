@@ -165,13 +165,6 @@ def per_groups(layer: Any, name: str, compute: Callable[[], Any]) -> Any:
     return answer
 
 
-def _triton_refusal(layer: Any) -> str | None:
-    """Why the Triton kernel, beyond what every kernel needs, cannot read ``layer`` (`triton_decode.rope_refusal`)."""
-    from kvstream.kernels import triton_decode
-
-    return per_groups(layer, "triton", lambda: triton_decode.rope_refusal(layer))
-
-
 def fallback_reason(layer: Any, query: torch.Tensor) -> str | None:
     """Why a decode step of ``layer`` on ``query``'s device is read by the reference tiles, or None when no
     fused kernel was to be expected (nothing packed yet, a device or cache without one)."""
@@ -180,10 +173,7 @@ def fallback_reason(layer: Any, query: torch.Tensor) -> str | None:
     refusal = getattr(layer, "kernel_refusal", None)
     if refusal is None or not getattr(layer, "groups", None):
         return None
-    reason = refusal()
-    if reason is None and query.device.type == "cuda" and triton_available():
-        reason = _triton_refusal(layer)
-    return reason
+    return refusal()
 
 
 def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | TritonDecode | None:
@@ -196,6 +186,6 @@ def decode_kernel_for(layer: Any, query: torch.Tensor) -> PackedDecode | TritonD
         if cpu.extension() is None:
             return None
         return PackedDecode(cpu.decode_attention)
-    if query.device.type == "cuda" and triton_available() and _triton_refusal(layer) is None:
+    if query.device.type == "cuda" and triton_available():
         return TritonDecode()
     return None

@@ -787,13 +787,6 @@ def _high_channels(position: torch.Tensor, units_hi: int) -> torch.Tensor:
     return inverse.scatter_(-1, index, channels)[..., :units_hi].contiguous()
 
 
-def _halves_match(table: torch.Tensor) -> bool:
-    """True when both halves of a RoPE offset table ([D, T]) are the same: the angle of channel c is that of
-    c + D / 2, which lets the kernel turn the query by the block's first position instead of every key."""
-    half = table.shape[0] // 2
-    return bool(torch.equal(table[:half], table[half:]))
-
-
 def _kept(store: dict[int, tuple[weakref.ref, Any]], owner: Any) -> Any:
     """What ``store`` keeps for ``owner`` (None if nothing)."""
     entry = store.get(id(owner))
@@ -810,26 +803,6 @@ def _keep(store: dict[int, tuple[weakref.ref, Any]], owner: Any, value: Any) -> 
 
     store[key] = (weakref.ref(owner, drop), value)
     return value
-
-
-_SYMMETRIC: dict[int, tuple[weakref.ref, bool]] = {}
-"""Whether the halves of a RoPE offset table match, by table."""
-
-
-def rope_refusal(layer: Any) -> str | None:
-    """Why the Triton kernel cannot read ``layer``'s pre-RoPE keys beyond `kernel_refusal`, or None: RoPE tables
-    whose two halves turn at different rates (checked once per table)."""
-    owner = layer.owner
-    if owner.config.key_rope != "pre":
-        return None
-    rope = owner.block_rope(layer)
-    if rope is None:
-        return None
-    cos, sin = rope.offsets
-    match = _kept(_SYMMETRIC, cos)
-    if match is None:
-        match = _keep(_SYMMETRIC, cos, _halves_match(cos) and _halves_match(sin))
-    return None if match else "RoPE whose two halves turn at different rates (the Triton kernel)"
 
 
 @dataclass

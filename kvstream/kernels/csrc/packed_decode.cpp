@@ -257,16 +257,14 @@ void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int6
   const Part& pb = locate(g.ks, sbh, c2, row_b);
   decode(pb, row_b * T, T, kb);
   dequantize_keys(pb, row_b, T, g.key_groups, kb);
-  const float* base_c = g.bcos + (s * B + b) * D;
-  const float* base_s = g.bsin + (s * B + b) * D;
-  const float bca = base_c[c], bsa = base_s[c], bcb = base_c[c2], bsb = base_s[c2];
-  const float *oca = g.ocos + c * T, *osa = g.osin + c * T, *ocb = g.ocos + c2 * T, *osb = g.osin + c2 * T;
+  // channels c and c + D/2 turn alike (BlockRope.check): one angle per pair and token
+  const float bc = g.bcos[(s * B + b) * D + c], bs = g.bsin[(s * B + b) * D + c];
+  const float *oc = g.ocos + c * T, *os = g.osin + c * T;
   for (int64_t t = 0; t < T; ++t) {
     const float xa = ka[t], xb = kb[t];
-    const float cos_a = bca * oca[t] - bsa * osa[t], sin_a = bsa * oca[t] + bca * osa[t];
-    const float cos_b = bcb * ocb[t] - bsb * osb[t], sin_b = bsb * ocb[t] + bcb * osb[t];
-    ka[t] = xa * cos_a - xb * sin_a;
-    kb[t] = xb * cos_b + xa * sin_b;
+    const float cos_t = bc * oc[t] - bs * os[t], sin_t = bs * oc[t] + bc * os[t];
+    ka[t] = xa * cos_t - xb * sin_t;
+    kb[t] = xb * cos_t + xa * sin_t;
   }
 }
 
@@ -433,7 +431,8 @@ std::vector<at::Tensor> restore_blocks(const std::vector<at::Tensor>& group, con
 // groups[i] = {key high codes, scale, zero, key low codes, scale, zero, key slots,
 //              value high codes, scale, zero, value low codes, scale, zero, value slots,
 //              level tables of key high, key low, value high, value low (fp32 [2^bits], empty: uniform),
-//              rope offset cos [D, T], offset sin [D, T], base cos [S, B, D], base sin [S, B, D]} (rope may be absent);
+//              rope offset cos [D/2, T], offset sin [D/2, T], base cos [S, B, D], base sin [S, B, D]} (rope may be
+//              absent; both halves of the channels turn alike);
 // meta[i] = {S, T, start, key bits high, key units high, key bits low, key units low,
 //            value bits high, value units high, value bits low, value units low, value unit size, key groups};
 // visible: [B, L] bool by token index for the packed blocks; exact[j] = {keys, values, visible [B, n]}.
