@@ -332,6 +332,7 @@ def main() -> None:
         help="which sections to measure; the others are kept as they stand in --out",
     )
     args = parser.parse_args()
+    args.revision = short_revision(code_revision())  # the code this process imports, before anything runs
     torch.set_num_threads(args.threads)
     bits_list = [int(b) for b in args.bits.split(",")]
 
@@ -396,9 +397,8 @@ SECTIONS = {
 
 
 def provenance(args) -> str:
-    rev = short_revision(code_revision())
     return (
-        f"_Measured {dt.datetime.now():%Y-%m-%d %H:%M} at revision `{rev}` on {platform.machine()} with "
+        f"_Measured {dt.datetime.now():%Y-%m-%d %H:%M} at revision `{args.revision}` on {platform.machine()} with "
         f"{args.threads} CPU threads, torch {torch.__version__}, model `{args.model}` (fp32 weights), "
         f"Paul Graham essays, chunk size {args.chunk}; the full-precision cache in the same run._"
     )
