@@ -7,7 +7,7 @@ a group of channels and the scale is shared over the group. The outlier units fl
 (batch, head) are stored at the high bit width, the rest at the normal one. Consecutive blocks
 with the same layout are concatenated byte for byte (`SplitStore.concat`), so reading a long
 history costs a few large operations rather than many small ones; nothing is re-quantized.
-Sink tokens live in their own high-precision `SinkStore`, scattered back over a block on read.
+Sink tokens live in their own high-precision `SinkStore`; readers paste their kept copies over a block.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def _select_units(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(s * b * h * n, -1).index_select(0, rows).view(*index.shape, *x.shape[4:])
 
 
+def slot_dtype(units: int) -> torch.dtype:
+    """The narrowest integer type of a slot table: slots run below ``2 * units`` (either part may pad with the
+    dummy unit), so one byte per unit up to 128 units, else two."""
+    return torch.uint8 if 2 * units <= 256 else torch.int16
+
+
 @dataclass
 class SplitStore:
     """One block's keys or values: high-precision units and normal units, both packed.
@@ -53,7 +59,7 @@ class SplitStore:
     high: QuantizedTensor | None
     low: QuantizedTensor | None
     position: torch.Tensor | None
-    """[S, B, H, N] int16: slot of each unit in the concatenation of the high and low parts."""
+    """[S, B, H, N] (`slot_dtype`): slot of each unit in the concatenation of the high and low parts."""
 
     @classmethod
     def build(
@@ -83,7 +89,7 @@ class SplitStore:
         slots = torch.cat([high_index, low_index], dim=-1)
         position = torch.zeros(*slots.shape[:-1], units + 1, dtype=torch.long, device=x.device)
         position.scatter_(-1, slots, torch.arange(slots.shape[-1], device=x.device).expand_as(slots))
-        return cls(high=high, low=low, position=position[..., :units].to(torch.int16))
+        return cls(high=high, low=low, position=position[..., :units].to(slot_dtype(units)))
 
     @property
     def n_high(self) -> int:
@@ -182,14 +188,6 @@ class SinkStore:
             values=quantizer.quantize(values.gather(2, idx), value_bits, -1, value_symmetric),
             slots=slots.masked_fill(~present, -1).to(torch.int16),
         )
-
-    def paste(self, keys: torch.Tensor, values: torch.Tensor, quantizer: Quantizer) -> None:
-        """Overwrite the sink slots of a restored block ([B, H, T, D]) in place; padded slots (-1) write nothing."""
-        rows, order = (self.slots >= 0).nonzero(as_tuple=True)
-        slots = self.slots[rows, order].long()
-        for target, stored in ((keys, self.keys), (values, self.values)):
-            sink = quantizer.dequantize(stored).to(target.dtype)
-            target[rows, :, slots] = sink[rows, :, order]
 
     def select_rows(self, index: torch.Tensor) -> SinkStore:
         """Batch rows ``index`` of the sink copies and their slots, as stored."""

@@ -96,8 +96,8 @@ def paste_tokens(
     rows, order = inside.nonzero(as_tuple=True)
     if rows.numel():
         slots = index[rows, order] - start
-        keys[rows, :, slots] = src_k[rows, :, order]
-        values[rows, :, slots] = src_v[rows, :, order]
+        keys[rows, :, slots] = src_k[rows, :, order].to(keys.dtype)
+        values[rows, :, slots] = src_v[rows, :, order].to(values.dtype)
 
 
 class StreamingLayer(PackedLayer):
@@ -147,8 +147,9 @@ class StreamingLayer(PackedLayer):
         self.offset = self.groups[0].start if self.groups else self.packed_length
 
     def tail_dtype(self, *new: torch.Tensor) -> torch.dtype:
-        """The exact tail's dtype: the model's, or with ``exact_storage: 16bit`` (when anything is quantized)
-        fp16, and bf16 from the first token fp16 cannot hold on (`PackedLayer.update` moves the tail over)."""
+        """The dtype exact tokens are held in (the tail, the sinks' read copies): the model's, or with
+        ``exact_storage: 16bit`` (when anything is quantized) fp16, and bf16 from the first token fp16 cannot
+        hold on (`PackedLayer.update` moves the tail over)."""
         if self.owner.config.exact_storage != "16bit" or self.owner.nothing_quantized():
             return new[0].dtype
         if self.is_initialized and self.keys.dtype == torch.bfloat16:
@@ -284,7 +285,8 @@ class StreamingLayer(PackedLayer):
         return key_store, value_store
 
     def restore_blocks(self, group: BlockGroup, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks ``first:last`` of ``group`` dequantized in fp32, sinks pasted, keys as stored (pre-RoPE or not).
+        """Blocks ``first:last`` of ``group`` dequantized in fp32, keys as stored (pre-RoPE or not); sink slots hold
+        the blocks' clamped codes (`history_tiles` pastes the sinks' copies over them).
 
         ``[batch, heads, tokens, head_dim]`` each; only these blocks are materialised.
         """
@@ -299,22 +301,18 @@ class StreamingLayer(PackedLayer):
         if rotation is not None:  # undone tile by tile, so the history is never un-rotated in full
             k = rotation.unrotate(k) if owner.config.rotation in ("keys", "both") else k
             v = rotation.unrotate(v) if owner.config.rotation in ("values", "both") else v
-        for index, sinks in group.sinks:
-            if first <= index < last:
-                span = slice((index - first) * t, (index - first + 1) * t)
-                sinks.paste(k[:, :, span], v[:, :, span], quantizer)
         return k, v
 
     def history_tiles(self, max_tokens: int, fused: bool = False) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(first token, keys as attention sees them, values)`` in fp32, whole blocks of at most ``max_tokens``.
 
-        ``fused``: restore with the CPU kernel (one pass, no intermediates) when it can read this layer.
+        ``fused``: restore with the CPU kernel (one pass, no intermediates) when it can read this layer. Either way
+        the sinks' kept copies (`sink_tokens`) are pasted over their slots.
         """
         from kvstream.kernels import cpu
 
         fused = fused and self.keys.device.type == "cpu" and self.kernel_ready() and cpu.extension() is not None
-        if fused:
-            sinks = self.sink_tokens()
+        sinks = self.sink_tokens()
         for group in self.groups:
             per_tile = max(1, max_tokens // group.block_len)
             for first in range(0, group.n_blocks, per_tile):
@@ -325,13 +323,13 @@ class StreamingLayer(PackedLayer):
                     rotation = self.value_rotation()
                     if rotation is not None:  # the tile's values back from the rotated basis, sinks pasted after
                         v = rotation.unrotate(v)
-                    if sinks is not None:
-                        paste_tokens(k, v, start, *sinks)
-                    yield start, k, v
                 else:
                     k, v = self.restore_blocks(group, first, last)
                     positions = self.owner.tables_on(k.device)[0][:, start : start + k.shape[-2]]
-                    yield start, self.rotate_keys(k, positions), v
+                    k = self.rotate_keys(k, positions)
+                if sinks is not None:
+                    paste_tokens(k, v, start, *sinks)
+                yield start, k, v
 
     def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Stored keys at ``positions`` ([B, n]) as attention sees them: RoPE re-applied in fp32 if stored pre-RoPE."""
@@ -369,10 +367,11 @@ class StreamingLayer(PackedLayer):
 
     def sink_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Every sink copy of the layer: token index ([B, n], -1 where a row has fewer), keys as attention
-        sees them and values ([B, H, n, D] fp32), or None when the layer holds none.
+        sees them and values ([B, H, n, D]), or None when the layer holds none.
 
         Built once per set of sink copies and kept (a few tokens per row; counted as ``sinks``), so a
-        decode step does not dequantize and rotate them again.
+        decode step does not dequantize and rotate them again; kept in the exact tail's dtype (`tail_dtype`:
+        16 bits under ``exact_storage: 16bit``), and every reader reads this copy.
         """
         state = (sum(len(g.sinks) for g in self.groups), self.offset)
         if self._sink_read is None or self._sink_read[0] != state:
@@ -394,7 +393,9 @@ class StreamingLayer(PackedLayer):
         keys_all = torch.cat(keys, dim=2)
         positions = self.owner.tables_on(keys_all.device)[0].gather(1, index_all.clamp_min(0))
         keys_all = self.rotate_keys(keys_all, positions)
-        return index_all, keys_all.contiguous(), torch.cat(values, dim=2).contiguous()
+        values_all = torch.cat(values, dim=2)
+        held = self.tail_dtype(keys_all, values_all)
+        return index_all, keys_all.to(held).contiguous(), values_all.to(held).contiguous()
 
     def restore_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole history restored at once, in the model dtype (the ``attention: restore`` path)."""
@@ -409,7 +410,7 @@ class StreamingLayer(PackedLayer):
         return sum(g.nbytes() for g in self.groups) + tensor_bytes(*self._sink_copies())
 
     def _sink_copies(self) -> tuple[torch.Tensor, ...]:
-        """The kept fp32 read of the sinks (see `sink_tokens`), if built."""
+        """The kept read of the sinks (see `sink_tokens`), if built."""
         if self._sink_read is None or self._sink_read[1] is None:
             return ()
         return self._sink_read[1]

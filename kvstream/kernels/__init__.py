@@ -42,7 +42,7 @@ class PackedDecode:
         visible, sink_visible = visibility(layer, mask, None if sinks is None else sinks[0])
         exact = []
         if sinks is not None:
-            exact.append([sinks[1], sinks[2], sink_visible])
+            exact.append([sinks[1].float(), sinks[2].float(), sink_visible])
         if tail is not None and tail[0].shape[2]:
             keys, values = tail[0].float().contiguous(), tail[1].float().contiguous()
             if mask is None:

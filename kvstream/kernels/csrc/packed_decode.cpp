@@ -87,7 +87,11 @@ struct Part {
 
 struct Store {
   Part high, low;
-  const int16_t* slot = nullptr;  // [S, B, H, N]: slot in high ++ low; null: everything is in `low`
+  // [S, B, H, N]: slot in high ++ low, uint8 (fewer than 256 units) or int16; both null: everything is in `low`
+  const uint8_t* slot8 = nullptr;
+  const int16_t* slot16 = nullptr;
+  bool split() const { return slot8 != nullptr || slot16 != nullptr; }
+  int64_t slot(int64_t i) const { return slot8 ? slot8[i] : slot16[i]; }
   int64_t units = 0;              // N
   int64_t unit_size = 1;          // U
 };
@@ -161,12 +165,13 @@ inline void decode(const Part& p, int64_t e0, int64_t n, float* out) {
 
 // Part and row (index of the unit's row among all rows of that part) of unit `u` of block row `sbh`.
 inline const Part& locate(const Store& st, int64_t sbh, int64_t u, int64_t& row) {
-  int64_t slot = st.slot ? st.slot[sbh * st.units + u] : u;
-  if (st.slot && slot < st.high.units) {
+  const bool split = st.split();
+  int64_t slot = split ? st.slot(sbh * st.units + u) : u;
+  if (split && slot < st.high.units) {
     row = sbh * st.high.units + slot;
     return st.high;
   }
-  if (st.slot) slot -= st.high.units;
+  if (split) slot -= st.high.units;
   row = sbh * st.low.units + slot;
   return st.low;
 }
@@ -382,16 +387,25 @@ void exact_item(const Exact& e, int64_t b, int64_t h, int64_t H, int64_t R, int6
 
 }  // namespace
 
+void set_slots(Store& st, const at::Tensor& slots) {
+  if (slots.numel() == 0) return;
+  if (slots.scalar_type() == at::kByte) {
+    st.slot8 = slots.data_ptr<uint8_t>();
+  } else {
+    st.slot16 = slots.data_ptr<int16_t>();
+  }
+}
+
 Group make_group(const std::vector<at::Tensor>& t, const std::vector<int64_t>& m, int64_t D) {
   Group g;
   g.S = m[0], g.T = m[1], g.start = m[2];
   g.ks.high = make_part(t[0], t[1], t[2], t[14], m[3], m[4]);
   g.ks.low = make_part(t[3], t[4], t[5], t[15], m[5], m[6]);
-  g.ks.slot = t[6].numel() ? t[6].data_ptr<int16_t>() : nullptr;
+  set_slots(g.ks, t[6]);
   g.ks.units = D;
   g.vs.high = make_part(t[7], t[8], t[9], t[16], m[7], m[8]);
   g.vs.low = make_part(t[10], t[11], t[12], t[17], m[9], m[10]);
-  g.vs.slot = t[13].numel() ? t[13].data_ptr<int16_t>() : nullptr;
+  set_slots(g.vs, t[13]);
   g.vs.unit_size = m[11];
   g.vs.units = D / g.vs.unit_size;
   g.key_groups = m[12];
