@@ -179,11 +179,12 @@ class StreamingLayer(PackedLayer):
         kept = [group for group in self.groups if group.start < start]
         if kept and kept[-1].start + kept[-1].length > start:
             kept[-1] = kept[-1].first_blocks((start - kept[-1].start) // kept[-1].block_len)
+        if sum(len(g.sinks) for g in kept) != sum(len(g.sinks) for g in self.groups):
+            self._sink_read = None  # sinks were taken back with the blocks: their kept read goes too
         self.groups = kept
         self.packed_length = start
         self.owner.stats.restore_layer_state(self.layer_idx, state[0])
         self.owner.budget.forget_from(start)
-        self._sink_read = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """`PackedLayer.crop`; a crop also means decoding has begun (assisted decoding crops after every
