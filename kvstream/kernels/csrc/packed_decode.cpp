@@ -46,33 +46,31 @@ Meta make_meta(const at::Tensor& t) {
 // 8-bit codes; for 3-bit codes, whose bytes straddle codes, [64][2] (two codes of six bits). One table lookup and
 // a fixed-size copy then decode several codes, where shifting and converting code by code does not vectorize.
 struct ByteLevels {
-  std::vector<float> levels;
-  int per_entry = 0;  // codes per entry; 0: no table for this width (the generic bit loop decodes)
+  std::vector<float> levels;  // empty for other widths (the generic bit loop decodes them)
 };
 
 std::shared_ptr<const ByteLevels> byte_levels(int bits, const float* table) {
   auto out = std::make_shared<ByteLevels>();
   if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return out;
   const int entry_bits = bits == 3 ? 6 : 8;
-  out->per_entry = entry_bits / bits;
+  const int per_entry = entry_bits / bits;
   const uint32_t mask = (1u << bits) - 1u;
-  out->levels.resize(static_cast<size_t>(1 << entry_bits) * out->per_entry);
+  out->levels.resize(static_cast<size_t>(1 << entry_bits) * per_entry);
   for (uint32_t e = 0; e < (1u << entry_bits); ++e) {
-    for (int j = 0; j < out->per_entry; ++j) {
+    for (int j = 0; j < per_entry; ++j) {
       const uint32_t code = (e >> (bits * j)) & mask;
-      out->levels[e * out->per_entry + j] = table ? table[code] : static_cast<float>(code);
+      out->levels[e * per_entry + j] = table ? table[code] : static_cast<float>(code);
     }
   }
   return out;
 }
 
-// The byte tables of plain uniform codes, built once per process.
+// The byte tables of plain uniform codes, built once per process: 2 and 3 bits only, since uniform 4- and
+// 8-bit codes decode by a plain conversion that vectorizes.
 const std::shared_ptr<const ByteLevels>& uniform_levels(int bits) {
-  static const std::shared_ptr<const ByteLevels> tables[9] = {
-      nullptr, nullptr, byte_levels(2, nullptr), byte_levels(3, nullptr), byte_levels(4, nullptr),
-      nullptr, nullptr, nullptr, byte_levels(8, nullptr)};
+  static const std::shared_ptr<const ByteLevels> two = byte_levels(2, nullptr), three = byte_levels(3, nullptr);
   static const std::shared_ptr<const ByteLevels> none = std::make_shared<ByteLevels>();
-  return bits >= 0 && bits <= 8 && tables[bits] ? tables[bits] : none;
+  return bits == 2 ? two : bits == 3 ? three : none;
 }
 
 struct Part {
@@ -87,7 +85,7 @@ struct Part {
 
 struct Store {
   Part high, low;
-  // [S, B, H, N]: slot in high ++ low, uint8 (fewer than 256 units) or int16; both null: everything is in `low`
+  // [S, B, H, N]: slot in high ++ low, uint8 (up to 128 units) or int16; both null: everything is in `low`
   const uint8_t* slot8 = nullptr;
   const int16_t* slot16 = nullptr;
   bool split() const { return slot8 != nullptr || slot16 != nullptr; }
