@@ -51,6 +51,9 @@ class CompressionConfig:
     """Symmetric (scale only) instead of asymmetric (scale and zero-point) ranges for keys."""
     value_symmetric: bool = True
     """Values are centred near zero: a scale alone (no zero-point) halves their metadata."""
+    scale_bits: int = 16
+    """Bits of each scale of a 2- to 4-bit slice: 16 (fp16, fp32 where fp16 cannot hold it) or 8 (a logarithmic
+    code, 12 per octave from 2**-14; see `kvstream.quant.scales`). Zero-points and wider slices stay 16-bit."""
     decode_storage: Literal["buffered", "full_precision"] = "buffered"
     """'buffered': decoded tokens wait in a full-precision tail until ``chunk_size`` of them are packed;
     'full_precision': decoded tokens are never quantized."""
@@ -126,6 +129,8 @@ class CompressionConfig:
                     f"outliers are kept at the high width, which must be >= the normal one "
                     f"(--bits NORMAL/HIGH, for example {bits_example(normal)})"
                 )
+        if self.scale_bits not in (8, 16):
+            raise ConfigError(f"scale_bits: {self.scale_bits} is not one of (8, 16)")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size: must be at least 1, got {self.chunk_size}")
         if not 0.0 < self.ema_decay < 1.0:

@@ -19,6 +19,7 @@ from kvstream.config import CONFIG_DIR, CompressionConfig, ConfigError, expand_g
         ({"attention_sink_size": -1}, "attention_sink_size"),
         ({"key_symmetric": "yes"}, "key_symmetric"),
         ({"chunk_size": 2.5}, "chunk_size"),
+        ({"scale_bits": 4}, "scale_bits"),
     ],
 )
 def test_invalid_values_name_the_field(changes, field):

@@ -1,7 +1,7 @@
 """Every packed format the fused CPU kernel declares it reads, against the reference reader.
 
 Formats combine widths (mixed by layer under a bit budget), uniform codes and Lloyd-Max level
-tables, value rotation, key ranges per token group, blocks packed from the tail (shorter than a
+tables, 16-bit or 8-bit scales, value rotation, key ranges per token group, blocks packed from the tail (shorter than a
 chunk, off the chunk grid), a 16-bit exact tail, outlier units, sinks, GQA and left-padded
 batches of lengths that are multiples of nothing; decode steps (history and tail) and the fused
 restore of prefill tiles are both checked.
@@ -33,6 +33,7 @@ formats = st.fixed_dictionaries(
         "exact_storage": st.sampled_from(["model", "16bit"]),
         "key_symmetric": st.booleans(),
         "value_symmetric": st.booleans(),
+        "scale_bits": st.sampled_from([16, 8]),
     }
 )
 
@@ -64,6 +65,7 @@ PRESET_LIKE = dict(
     exact_storage="16bit",
     key_symmetric=False,
     value_symmetric=True,
+    scale_bits=8,
 )
 
 

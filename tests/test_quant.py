@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvstream.quant import UniformQuantizer, pack, packed_nbytes, unpack
-from kvstream.quant.scales import STEP_SLACK
+from kvstream.quant.scales import STEP_SLACK, decode_scale, log_scale_table
 
 BITS = [2, 3, 4, 8]
 
@@ -129,3 +129,70 @@ def test_ci_runs_the_fixed_seed_profile():
     assert "export HYPOTHESIS_PROFILE=ci" in script
     profile = settings.get_profile("ci")
     assert profile.derandomize and profile.database is None
+
+
+def _eight_bit() -> UniformQuantizer:
+    quantizer = UniformQuantizer()
+    quantizer.scale_bits = 8
+    return quantizer
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    bits=st.sampled_from([2, 3, 4]),
+    shape=shapes,
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-3, 10.0),
+)
+@example(bits=4, shape=(2, 40, 9), symmetric=False, seed=0, scale=10.0)  # 4 bits: the clipping bound is tightest
+def test_eight_bit_scales_within_half_step(bits, shape, symmetric, seed, scale):
+    """An 8-bit scale is the ideal step to within 2.9 % (one code is 2**(1/12)); restored values stay within half
+    the stored step (the extreme entry clips by at most levels x 2.9 % of a step); one byte per scale counted."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * scale + (0 if symmetric else scale / 3)).float()
+    quantizer = _eight_bit()
+    q = quantizer.quantize(x, bits, dim=1, symmetric=symmetric)
+    assert q.scale.dtype == torch.uint8
+    step = decode_scale(q.scale)
+    restored = quantizer.dequantize(q)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    round_off = 4 * torch.finfo(torch.float32).eps * (absmax + step)
+    assert torch.all((restored - x).abs() <= step / 2 + round_off)
+    levels = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
+    span = absmax if symmetric else x.amax(dim=1, keepdim=True) - q.zero.float()
+    ideal = span / levels
+    ratio = step / ideal
+    near = (ratio <= 2 ** (1 / 24) + 1e-6) & (ratio >= 2 ** (-1 / 24) - 1e-6)
+    floor = (ideal < 2.0**-14) & (step == 2.0**-14)  # below the table: its first entry
+    assert torch.all((ideal == 0) | near | floor)
+    assert q.nbytes() == packed_nbytes(x.numel(), bits) + q.scale.numel() * (1 if symmetric else 3)
+
+
+def test_eight_bit_scales_only_where_they_hold():
+    """8-bit slices keep 16-bit scales; a tensor with a step above the table keeps them too; a step below the
+    table's first entry takes it (coarser, never clipping)."""
+    x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
+    assert _eight_bit().quantize(x, 8, dim=1).scale.dtype == torch.float16
+    huge = x * 1e4
+    assert _eight_bit().quantize(huge, 2, dim=1).scale.dtype == torch.float16
+    quiet = x * 1e-7
+    q = _eight_bit().quantize(quiet, 2, dim=1, symmetric=True)
+    assert q.scale.dtype == torch.uint8 and int(q.scale.min()) == 0
+    assert float((_eight_bit().dequantize(q) - quiet).abs().max()) <= 2.0**-15
+    assert torch.equal(log_scale_table()[q.scale.long()], decode_scale(q.scale))
+
+
+def test_lloyd_max_spreads_in_eight_bits():
+    """Lloyd-Max spreads as 8-bit codes restore as closely as fp16 ones (within 1 % relative error)."""
+    from kvstream.quant.lloyd_max import LloydMaxQuantizer
+
+    x = torch.randn(4, 128, 64, generator=torch.Generator().manual_seed(1)) * 0.3
+    wide, narrow = LloydMaxQuantizer(), LloydMaxQuantizer()
+    narrow.scale_bits = 8
+    q16, q8 = wide.quantize(x, 2, dim=-1, symmetric=True), narrow.quantize(x, 2, dim=-1, symmetric=True)
+    assert q16.scale.dtype == torch.float16 and q8.scale.dtype == torch.uint8
+    error16 = float(((wide.dequantize(q16) - x) ** 2).mean())
+    error8 = float(((narrow.dequantize(q8) - x) ** 2).mean())
+    assert error8 <= 1.01 * error16
+    assert q8.nbytes() < q16.nbytes()

@@ -128,17 +128,18 @@ def test_triton_partials_of_blocks_only(tiny_model):
     key_token_group=st.sampled_from([0, 4, 8]),
     tail_block=st.sampled_from([0, 4]),
     symmetric=st.booleans(),
+    scale_bits=st.sampled_from([16, 8]),
     seed=st.integers(0, 1000),
 )
 @example(
     bits=2, quantizer="uniform", value_quantizer="lloyd-max", rotation="values", key_token_group=8, tail_block=4,
-    symmetric=True, seed=0,
+    symmetric=True, scale_bits=8, seed=0,
 )  # fmt: skip
 def test_triton_kernel_reads_every_declared_format(
-    tiny_model, bits, quantizer, value_quantizer, rotation, key_token_group, tail_block, symmetric, seed
+    tiny_model, bits, quantizer, value_quantizer, rotation, key_token_group, tail_block, symmetric, scale_bits, seed
 ):
-    """Level tables, key ranges per token group, rotated values and blocks packed from the tail, through the
-    whole decode step (sinks, exact tail) against the reference reader."""
+    """Level tables, 8-bit scales, key ranges per token group, rotated values and blocks packed from the tail,
+    through the whole decode step (sinks, exact tail) against the reference reader."""
     cfg = CompressionConfig(
         chunk_size=16,
         value_quant_groups=8,
@@ -150,6 +151,7 @@ def test_triton_kernel_reads_every_declared_format(
         key_token_group=key_token_group,
         tail_block=tail_block,
         value_symmetric=symmetric,
+        scale_bits=scale_bits,
         outlier_threshold_abs=0.0,
         outlier_threshold_relative=1.5,
     )

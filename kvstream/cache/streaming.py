@@ -471,6 +471,14 @@ class StreamingQuantizedCache(PackedCache):
         value_quantizer = (
             None if config.value_quantizer == "same" else registry.get("quantizers", config.value_quantizer)()
         )
+        for field, built in (("quantizer", quantizer), ("value_quantizer", value_quantizer)):
+            if built is not None and config.scale_bits != 16:
+                if not hasattr(built, "scale_bits"):
+                    raise ConfigError(
+                        f"scale_bits: {config.scale_bits} needs a quantizer that stores 8-bit scales; "
+                        f"{field} {type(built).__name__} does not (use scale_bits: 16)"
+                    )
+                built.scale_bits = config.scale_bits
         if config.sparse_outlier_fraction:
             quantizer = SparseOutliers(quantizer, config.sparse_outlier_fraction)
             value_quantizer = (

@@ -29,6 +29,8 @@ from kvstream.quant.base import QuantizedTensor
 SOURCE = Path(__file__).parent / "csrc" / "packed_decode.cpp"
 KERNEL_BITS = (2, 3, 4, 8)
 META_DTYPES = (torch.float16, torch.float32)
+SCALE_DTYPES = (*META_DTYPES, torch.uint8)
+"""Scales may also be 8-bit logarithmic codes (`kvstream.quant.scales.log_scale_table`); zero-points may not."""
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 log = logging.getLogger(__name__)
 
@@ -126,13 +128,14 @@ def _store_args(store: Any, quantizer: Any) -> tuple[list[torch.Tensor], list[to
 
 def store_supported(store: Any, quantizer: Any) -> bool:
     """True when every part of a `SplitStore` is packed codes of a width the kernel decodes, in a format
-    ``quantizer`` declares (uniform or a level table), with fp16 or fp32 metadata."""
+    ``quantizer`` declares (uniform or a level table), with fp16 or fp32 metadata (scales also 8-bit codes)."""
     parts = [p for p in (store.high, store.low) if p is not None]
     return all(
         p.bits in KERNEL_BITS
         and level_table(quantizer, p) is not None
         and p.scale is not None
-        and all(t is None or t.dtype in META_DTYPES for t in (p.scale, p.zero))
+        and p.scale.dtype in SCALE_DTYPES
+        and (p.zero is None or p.zero.dtype in META_DTYPES)
         for p in parts
     )
 

@@ -118,6 +118,18 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _scale(scale, meta, ok, LOG: tl.constexpr):
+    """Scales of the ranges at ``meta`` in fp32 (0 where not ``ok``): stored fp16 or fp32, or 8-bit logarithmic
+    codes ``c`` standing for ``2 ** (c / 12 - 14)`` (`kvstream.quant.scales.log_scale_table`)."""
+    if LOG:
+        code = tl.load(scale + meta, mask=ok, other=0).to(tl.float32)
+        sc = tl.where(ok, tl.exp2(code / 12.0 - 14.0), 0.0)
+    else:
+        sc = tl.load(scale + meta, mask=ok, other=0.0).to(tl.float32)
+    return sc
+
+
+@triton.jit
 def _zero(zero, meta, ok, s, BITS: tl.constexpr, SYM: tl.constexpr, TABLE: tl.constexpr):
     """Zero-points of the ranges at ``meta``: stored, or minus the middle level times the scale when symmetric
     (0 under a level table, whose levels are centred)."""
@@ -154,6 +166,7 @@ def _key_part(
     WORDS: tl.constexpr,
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
+    LOG: tl.constexpr,
 ):
     """[ROWS, BLOCK_T] keys of one part in block ``s``: channel rows ``row`` of the block ([ROWS]; this part's
     where ``own``, 0 elsewhere), tokens ``t0 ..``; a key row is one channel over the block's ``T`` tokens, with
@@ -168,7 +181,7 @@ def _key_part(
     scale = scale + s * meta_step
     zero = zero + s * meta_step
     if ONE_RANGE:
-        sc = tl.load(scale + row, mask=own, other=0.0).to(tl.float32)
+        sc = _scale(scale, row, own, LOG)
         z = _zero(zero, row, own, sc, BITS, SYM, TABLE)
         keys = tl.reshape(_spread(word, table, sc[:, None], z[:, None], 0, 1, GROUP, BITS, TABLE), (ROWS, BLOCK_T))
     else:
@@ -176,7 +189,7 @@ def _key_part(
         t = t0 + tl.arange(0, BLOCK_T)
         meta = row[:, None] * KG + t[None, :] // (T // KG)
         meta_ok = own[:, None] & (t < T)[None, :]
-        sc = tl.load(scale + meta, mask=meta_ok, other=0.0).to(tl.float32)
+        sc = _scale(scale, meta, meta_ok, LOG)
         keys = levels * sc + _zero(zero, meta, meta_ok, sc, BITS, SYM, TABLE)
     return keys
 
@@ -220,6 +233,7 @@ def _high_scores(
     WORDS: tl.constexpr,
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
+    LOG: tl.constexpr,
 ):
     """``scores`` plus the high-precision key channels' share, read compactly: the block's ``units_hi`` high rows
     as a [KH_PAD, BLOCK_T] tile, ``kinv`` naming each one's channel (-1: a padding row).
@@ -234,7 +248,7 @@ def _high_scores(
     own = channel >= 0
     keys = _key_part(
         kc, ks, kz, kt, kn, codes_step, meta_step, s, bh * units_hi + i, own, t0, T, KG,
-        KH_PAD, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE,
+        KH_PAD, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE, LOG,
     )  # fmt: skip
     take = (rows < R)[:, None] & own[None, :]
     if ROTATE:
@@ -296,6 +310,7 @@ def _low_keys(
     WORDS: tl.constexpr,
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
+    LOG: tl.constexpr,
 ):
     """[ROWS, BLOCK_T] keys of ``channel`` ([ROWS]; rows not ``valid`` pad a half to the tensor cores' 16) from
     the normal-precision part (0 in high channels, whose share `_high_scores` adds)."""
@@ -306,7 +321,7 @@ def _low_keys(
     own = valid & (slot >= units_hi)
     return _key_part(
         kc, ks, kz, kt, kn, codes_step, meta_step, s, bh * units + slot - units_hi, own, t0, T, KG,
-        ROWS, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE,
+        ROWS, BLOCK_T, ONE_RANGE, BITS, GROUP, ALIGNED, WORDS, SYM, TABLE, LOG,
     )  # fmt: skip
 
 
@@ -339,6 +354,7 @@ def _value_part(
     WORDS: tl.constexpr,
     SYM: tl.constexpr,
     TABLE: tl.constexpr,
+    LOG: tl.constexpr,
 ):
     """[BLOCK_T, D] values of one part at tokens ``t`` of block ``s``, batch row and head ``bh`` of ``BH``
     (0 in the other part's channels).
@@ -359,7 +375,7 @@ def _value_part(
     first = row[None, :] * (T * U) + (t * U)[:, None] + (channel - unit * U)[None, :]
     word = _word(codes + s * codes_step, nbytes - s * codes_step, first, ok, BITS, GROUP, ALIGNED, WORDS)
     meta = row[None, :] * T + t[:, None]
-    sc = tl.load(scale + s * meta_step + meta, mask=ok, other=0.0).to(tl.float32)
+    sc = _scale(scale + s * meta_step, meta, ok, LOG)
     z = _zero(zero + s * meta_step, meta, ok, sc, BITS, SYM, TABLE)
     return tl.reshape(_spread(word, table, sc, z, 0, 1, GROUP, BITS, TABLE), (BLOCK_T, D))
 
@@ -444,30 +460,34 @@ def _block_kernel(
     KW_HI: tl.constexpr,
     KS_HI: tl.constexpr,
     KT_HI: tl.constexpr,
+    KL_HI: tl.constexpr,
     KB_LO: tl.constexpr,
     KG_LO: tl.constexpr,
     KA_LO: tl.constexpr,
     KW_LO: tl.constexpr,
     KS_LO: tl.constexpr,
     KT_LO: tl.constexpr,
+    KL_LO: tl.constexpr,
     VB_HI: tl.constexpr,
     VG_HI: tl.constexpr,
     VA_HI: tl.constexpr,
     VW_HI: tl.constexpr,
     VS_HI: tl.constexpr,
     VT_HI: tl.constexpr,
+    VL_HI: tl.constexpr,
     VB_LO: tl.constexpr,
     VG_LO: tl.constexpr,
     VA_LO: tl.constexpr,
     VW_LO: tl.constexpr,
     VS_LO: tl.constexpr,
     VT_LO: tl.constexpr,
+    VL_LO: tl.constexpr,
 ):
     """One program: sub-tiles ``[p * chunks / programs, (p + 1) * chunks / programs)`` of the group's blocks
     (``chunks`` in all, block-major) for batch row and KV head ``bh``; writes its ``(max, sum, acc)`` of the
     ``R`` grouped queries (padded to ``R_PAD`` rows for the tensor cores). Per part of keys and values: codes,
     scales, zero-points, level table, bytes, codes and ranges per block, units; constexprs: bits, codes per
-    window, aligned, read as words, symmetric, table."""
+    window, aligned, read as words, symmetric, table, 8-bit scales."""
     p = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     BH = B * H
@@ -505,11 +525,13 @@ def _block_kernel(
         if K_LO:
             ka = _low_keys(
                 kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kstep_lo, kmeta_lo, kunits_lo, kunits_hi, kslot, s, bh, BH,
-                ca, c_ok, t0, T, KG, D, HALF_PAD, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
+                ca, c_ok, t0, T, KG, D, HALF_PAD, BLOCK_T, ONE_RANGE, K_SPLIT,
+                KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO, KL_LO,
             )  # fmt: skip
             kb = _low_keys(
                 kc_lo, ks_lo, kz_lo, kt_lo, kn_lo, kstep_lo, kmeta_lo, kunits_lo, kunits_hi, kslot, s, bh, BH,
-                cb, c_ok, t0, T, KG, D, HALF_PAD, BLOCK_T, ONE_RANGE, K_SPLIT, KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO,
+                cb, c_ok, t0, T, KG, D, HALF_PAD, BLOCK_T, ONE_RANGE, K_SPLIT,
+                KB_LO, KG_LO, KA_LO, KW_LO, KS_LO, KT_LO, KL_LO,
             )  # fmt: skip
             if ROTATE:
                 ra = ka * oc - kb * os
@@ -534,7 +556,7 @@ def _block_kernel(
                 scores, q_rows, scaling,
                 kc_hi, ks_hi, kz_hi, kt_hi, kn_hi, kstep_hi, kmeta_hi, kunits_hi, kinv, ocos, osin, bcos, bsin,
                 s, b, bh, B, BH, t0, T, KG, R, R_PAD, HALF, BLOCK_T, KH_PAD, ROTATE, ONE_RANGE,
-                KB_HI, KG_HI, KA_HI, KW_HI, KS_HI, KT_HI,
+                KB_HI, KG_HI, KA_HI, KW_HI, KS_HI, KT_HI, KL_HI,
             )  # fmt: skip
         scores = tl.where(seen[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -546,12 +568,12 @@ def _block_kernel(
         if V_HI:
             v += _value_part(
                 vc_hi, vs_hi, vz_hi, vt_hi, vn_hi, vstep_hi, vmeta_hi, vunits_hi, vunits_hi, vslot, s, bh, BH,
-                t, t_ok, T, U, D, BLOCK_T, V_SPLIT, True, VB_HI, VG_HI, VA_HI, VW_HI, VS_HI, VT_HI,
+                t, t_ok, T, U, D, BLOCK_T, V_SPLIT, True, VB_HI, VG_HI, VA_HI, VW_HI, VS_HI, VT_HI, VL_HI,
             )  # fmt: skip
         if V_LO:
             v += _value_part(
                 vc_lo, vs_lo, vz_lo, vt_lo, vn_lo, vstep_lo, vmeta_lo, vunits_lo, vunits_hi, vslot, s, bh, BH,
-                t, t_ok, T, U, D, BLOCK_T, V_SPLIT, False, VB_LO, VG_LO, VA_LO, VW_LO, VS_LO, VT_LO,
+                t, t_ok, T, U, D, BLOCK_T, V_SPLIT, False, VB_LO, VG_LO, VA_LO, VW_LO, VS_LO, VT_LO, VL_LO,
             )  # fmt: skip
         acc = _dot(prob, v, acc * alpha[:, None])
         m_i = m_new
@@ -750,15 +772,15 @@ def _part(
 ) -> tuple[list[Any], dict[str, Any]]:
     """Kernel arguments ``codes, scale, zero, table, bytes, codes per block, ranges per block, units`` and
     constexprs (``{store}B_{part}`` bits, ``G`` codes per window, ``A`` aligned, ``W`` read as 32-bit words,
-    ``S`` symmetric, ``T`` table) of one precision part ``name`` (``"K_HI"`` ...) of ``blocks`` blocks:
-    ``row_len`` codes of a row decide alignment, ``limit`` caps the codes per window. Codes whose groups are
-    whole 4-byte-aligned words are passed as int32 words."""
+    ``S`` symmetric, ``T`` table, ``L`` 8-bit logarithmic scales) of one precision part ``name`` (``"K_HI"``
+    ...) of ``blocks`` blocks: ``row_len`` codes of a row decide alignment, ``limit`` caps the codes per
+    window. Codes whose groups are whole 4-byte-aligned words are passed as int32 words."""
     codes, scale, zero = tensors
     device = codes.device
     store, part = name.split("_")
     if codes.numel() == 0:
         dummy = _Dummies.of(device, torch.float32)
-        flags = {"B": 8, "G": 1, "A": True, "W": False, "S": True, "T": False}
+        flags = {"B": 8, "G": 1, "A": True, "W": False, "S": True, "T": False, "L": False}
         args = [_Dummies.of(device, torch.uint8), dummy, dummy, dummy, 0, 0, 0, 0]
     else:
         block_bytes, block_meta = codes.numel() // blocks, scale.numel() // blocks
@@ -768,6 +790,7 @@ def _part(
         words = aligned and group * bits == 32 and codes.data_ptr() % 4 == 0 and block_bytes % 4 == 0
         words = words and codes.numel() % 4 == 0
         flags = {"B": bits, "G": group, "A": aligned, "W": words, "S": zero.numel() == 0, "T": table.numel() > 0}
+        flags["L"] = scale.dtype == torch.uint8
         level = table.to(device) if table.numel() else _Dummies.of(device, torch.float32)
         stream = codes.view(torch.int32) if words else codes
         step = block_bytes // 4 if words else block_bytes

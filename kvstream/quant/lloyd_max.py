@@ -22,7 +22,7 @@ import torch
 
 from kvstream.quant.base import QuantizedTensor, passthrough
 from kvstream.quant.packing import pack, unpack
-from kvstream.quant.scales import compact
+from kvstream.quant.scales import compact, decode_scale, log_scale_codes
 from kvstream.quant.uniform import UniformQuantizer
 
 MAX_LEVEL_BITS = 4
@@ -92,6 +92,16 @@ class LloydMaxQuantizer:
     def __init__(self) -> None:
         self.uniform = UniformQuantizer()
 
+    @property
+    def scale_bits(self) -> int:
+        """16: fp16 spreads; 8: spreads as 8-bit logarithmic codes (`kvstream.quant.scales`); wider slices
+        (uniform) follow the same setting."""
+        return self.uniform.scale_bits
+
+    @scale_bits.setter
+    def scale_bits(self, bits: int) -> None:
+        self.uniform.scale_bits = bits
+
     def quantize(
         self,
         x: torch.Tensor,
@@ -106,8 +116,9 @@ class LloydMaxQuantizer:
             return self.uniform.quantize(x, bits, dim, symmetric, mask)
         xf = x.float()
         mean, std = slice_moments(xf, dim, symmetric, mask)
-        scale, zero = compact(std), None if symmetric else compact(mean)
-        s, z = scale.float(), torch.zeros_like(mean) if zero is None else zero.float()
+        narrow = log_scale_codes(std) if self.scale_bits == 8 and not self.fitted else None
+        scale, zero = compact(std) if narrow is None else narrow, None if symmetric else compact(mean)
+        s, z = decode_scale(scale), torch.zeros_like(mean) if zero is None else zero.float()
         base = self.level_table(bits).to(x.device)
         extra: dict[str, torch.Tensor] = {}
         if self.fitted:
@@ -163,7 +174,7 @@ class LloydMaxQuantizer:
             levels = q.extra["levels"].float()
             return levels.expand(*q.shape, levels.shape[-1]).gather(-1, codes.unsqueeze(-1)).squeeze(-1).to(q.dtype)
         values = self.level_table(q.bits).to(codes.device)[codes]
-        out = values * q.scale.float()
+        out = values * decode_scale(q.scale)
         if q.zero is not None:
             out += q.zero.float()
         return out.to(q.dtype)

@@ -1,4 +1,5 @@
-"""How per-slice metadata (scales, zero-points, kept values) is stored: fp16 where fp16 holds it, else fp32.
+"""How per-slice metadata (scales, zero-points, kept values) is stored: fp16 where fp16 holds it, else fp32;
+scales of 2- to 4-bit slices optionally as 8-bit logarithmic codes.
 
 fp16 keeps 11 significant bits only between its smallest normal number (6.1e-5) and 65504: a
 quiet head's step below that range would be stored subnormal, with a few significant bits, and a
@@ -6,9 +7,19 @@ large zero-point would overflow. A tensor with any slice that fp16 cannot hold i
 (its bytes counted as such), every other slice keeping the value fp16 gives it, so a slice's
 stored value, and the codes computed against it, never depend on the other slices of its tensor
 (the other rows of a batch among them).
+
+With ``scale_bits: 8`` a 2- to 4-bit slice's step (or spread) is stored as one byte ``c`` standing for
+``2 ** (c / LOG_SCALE_STEPS + LOG_SCALE_FLOOR)`` (`log_scale_table`): the ideal value rounded to the nearest
+code in the log domain (within 2.9 %), codes then computed against the stored step. Rounding down may clip
+the slice's extreme entry by at most ``levels * 2.9 %`` of a step, below half a step up to 4 bits (which is
+why wider slices keep 16-bit scales). A slice whose scale lies below the table's first entry takes it (a step
+of at most 2**-14, coarser than ideal but never clipping); a tensor with any slice above the last entry, or
+with a zero-point beyond fp16's range, is stored as without ``scale_bits``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -16,6 +27,42 @@ FP16 = torch.finfo(torch.float16)
 
 STEP_SLACK = 2.0**-8
 """How much wider than the ideal step (range / levels) a step rounded into fp16 may be."""
+
+
+LOG_SCALE_STEPS = 12
+"""Codes per octave of an 8-bit scale."""
+LOG_SCALE_FLOOR = -14
+"""log2 of the scale of code 0 (fp16's smallest normal number); code 255 stands for about 2**7.25."""
+LOG_SCALE_MAX_BITS = 4
+"""The widest slices that may take 8-bit scales (see the module)."""
+
+
+@functools.cache
+def _log_scale_table(device: torch.device) -> torch.Tensor:
+    exponents = torch.arange(256, dtype=torch.float64) / LOG_SCALE_STEPS + LOG_SCALE_FLOOR
+    return torch.exp2(exponents).float().to(device)
+
+
+def log_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256 values an 8-bit scale code stands for (fp32, on ``device``), as every reader decodes them."""
+    return _log_scale_table(torch.device(device))
+
+
+def log_scale_codes(ideal: torch.Tensor) -> torch.Tensor | None:
+    """8-bit codes of the scales nearest ``ideal`` (fp32, >= 0) in the log domain; a zero (constant slice) takes
+    the code of 1. None when a slice lies above the table (the caller keeps 16-bit scales)."""
+    safe = torch.where(ideal > 0, ideal, torch.ones_like(ideal))
+    code = torch.round((torch.log2(safe) - LOG_SCALE_FLOOR) * LOG_SCALE_STEPS)
+    if bool((code > 255).any()) or not bool(torch.isfinite(code).all()):
+        return None
+    return code.clamp_min(0).to(torch.uint8)
+
+
+def decode_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Stored scales as fp32 values: 8-bit codes through `log_scale_table`, fp16 or fp32 as they are."""
+    if scale.dtype == torch.uint8:
+        return log_scale_table(scale.device)[scale.long()]
+    return scale.float()
 
 
 def normal_fp16(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +93,7 @@ def round_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
 
 
 def step_and_zero(
-    lo: torch.Tensor, hi: torch.Tensor, levels: int, symmetric: bool
+    lo: torch.Tensor, hi: torch.Tensor, levels: int, symmetric: bool, scale_bits: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stored step and zero-point of slices spanning ``[lo, hi]`` with ``levels`` steps (fp32 in).
 
@@ -54,8 +101,13 @@ def step_and_zero(
     within half a stored step (no code is clipped by the rounding). A slice keeps fp16 values
     when they leave its step within `STEP_SLACK` of the ideal one (a constant slice: when its
     zero-point is exact); the tensor is fp16 when every slice does (`settle`). Symmetric slices
-    have no zero-point: the step covers ``max(|lo|, |hi|)``.
+    have no zero-point: the step covers ``max(|lo|, |hi|)``. With ``scale_bits`` 8 the step is an 8-bit code
+    where the module's rule allows it.
     """
+    if scale_bits == 8:
+        narrow = _log_step_and_zero(lo, hi, levels, symmetric)
+        if narrow is not None:
+            return narrow
     ideal = (torch.maximum(lo.abs(), hi.abs()) if symmetric else hi - lo) / levels
     step16, zero16 = _rounded(lo, hi, levels, symmetric, torch.float16)
     constant = ideal == 0
@@ -67,6 +119,21 @@ def step_and_zero(
     # a slice that fp16 does not hold takes the fp32 step and zero-point, computed together
     step32, zero32 = _rounded(lo, hi, levels, symmetric, torch.float32)
     return settle(step16, step32, holds), None if zero16 is None else settle(zero16, zero32, holds)
+
+
+def _log_step_and_zero(
+    lo: torch.Tensor, hi: torch.Tensor, levels: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """8-bit step codes and fp16 zero-points (rounded down), or None when the tensor keeps 16-bit scales."""
+    if symmetric:
+        zero, span = None, torch.maximum(lo.abs(), hi.abs())
+    else:
+        zero = round_toward(lo, torch.float16, up=False)
+        if not bool(torch.isfinite(zero).all()):
+            return None
+        span = hi - zero.float()
+    codes = log_scale_codes(span / levels)
+    return None if codes is None else (codes, zero)
 
 
 def _rounded(

@@ -6,7 +6,7 @@ import torch
 
 from kvstream.quant.base import QuantizedTensor, passthrough
 from kvstream.quant.packing import pack, unpack
-from kvstream.quant.scales import step_and_zero
+from kvstream.quant.scales import LOG_SCALE_MAX_BITS, decode_scale, step_and_zero
 
 
 def masked_range(
@@ -28,6 +28,10 @@ def masked_range(
 class UniformQuantizer:
     """Uniform round-to-nearest with a scale (and zero-point) per slice, fp16 where it holds them; dense packing."""
 
+    scale_bits = 16
+    """16: scales as `kvstream.quant.scales.step_and_zero` stores them; 8: 2- to 4-bit slices' steps as 8-bit
+    logarithmic codes (the cache sets it from ``scale_bits``)."""
+
     def quantize(
         self,
         x: torch.Tensor,
@@ -40,15 +44,16 @@ class UniformQuantizer:
             return passthrough(x)
         xf = x.float()
         lo, hi = masked_range(xf, dim, mask)
+        scale_bits = self.scale_bits if bits <= LOG_SCALE_MAX_BITS else 16
         if symmetric:
             levels = (1 << (bits - 1)) - 1 if bits > 1 else 1
-            scale, _ = step_and_zero(lo, hi, levels, symmetric=True)
-            q = torch.round(xf / scale.float()).clamp(-levels, levels) + levels
+            scale, _ = step_and_zero(lo, hi, levels, True, scale_bits)
+            q = torch.round(xf / decode_scale(scale)).clamp(-levels, levels) + levels
             zero = None
         else:
             levels = (1 << bits) - 1
-            scale, zero = step_and_zero(lo, hi, levels, symmetric=False)
-            q = torch.round((xf - zero.float()) / scale.float()).clamp(0, levels)
+            scale, zero = step_and_zero(lo, hi, levels, False, scale_bits)
+            q = torch.round((xf - zero.float()) / decode_scale(scale)).clamp(0, levels)
         return QuantizedTensor(
             codes=pack(q.to(torch.uint8), bits),
             bits=bits,
@@ -66,7 +71,7 @@ class UniformQuantizer:
         if q.bits == 16:
             return q.codes
         codes = unpack(q.codes, q.bits, q.numel()).view(q.shape).float()
-        scale = q.scale.float()
+        scale = decode_scale(q.scale)
         if q.zero is None:
             levels = (1 << (q.bits - 1)) - 1 if q.bits > 1 else 1
             return torch.addcmul(-levels * scale, codes, scale).to(q.dtype)

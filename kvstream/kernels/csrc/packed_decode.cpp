@@ -23,12 +23,28 @@
 
 namespace {
 
-// Per-slice metadata: fp16, or fp32 where fp16 cannot hold a tensor's values (kvstream.quant.scales).
+// The values of 8-bit scale codes: 2 ** (c / 12 - 14), as kvstream.quant.scales.log_scale_table computes them
+// (in double, rounded once to float).
+const float* log_scales() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int c = 0; c < 256; ++c) t[c] = static_cast<float>(std::exp2(c / 12.0 - 14.0));
+    return t;
+  }();
+  return table.data();
+}
+
+// Per-slice metadata: fp16, or fp32 where fp16 cannot hold a tensor's values, or (scales only) 8-bit
+// logarithmic codes (kvstream.quant.scales).
 struct Meta {
   const at::Half* half = nullptr;
   const float* full = nullptr;
-  explicit operator bool() const { return half != nullptr || full != nullptr; }
-  float operator[](int64_t i) const { return half ? static_cast<float>(half[i]) : full[i]; }
+  const uint8_t* log8 = nullptr;
+  const float* log_table = nullptr;  // `log_scales`, with `log8`
+  explicit operator bool() const { return half != nullptr || full != nullptr || log8 != nullptr; }
+  float operator[](int64_t i) const {
+    return half ? static_cast<float>(half[i]) : log8 ? log_table[log8[i]] : full[i];
+  }
 };
 
 Meta make_meta(const at::Tensor& t) {
@@ -36,6 +52,9 @@ Meta make_meta(const at::Tensor& t) {
   if (!t.defined() || t.numel() == 0) return m;
   if (t.scalar_type() == at::kHalf) {
     m.half = t.data_ptr<at::Half>();
+  } else if (t.scalar_type() == at::kByte) {
+    m.log8 = t.data_ptr<uint8_t>();
+    m.log_table = log_scales();
   } else {
     m.full = t.data_ptr<float>();
   }

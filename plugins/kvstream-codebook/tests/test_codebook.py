@@ -224,3 +224,12 @@ def test_codebook_error_comparable_to_uniform_in_the_cache(tiny_model, make_ids)
         got = _logits(tiny_model, cache, ids[:, 96:], 32)
         errors[name] = (got - ref[:, 96:]).abs().mean().item()
     assert errors["codebook"] < 1.5 * errors["uniform"]
+
+
+def test_eight_bit_scales_refused_by_name(tiny_model):
+    """The codebook quantizer stores no 8-bit scales: asking for them names it and the field, in one line."""
+    from kvstream.config import ConfigError
+
+    cfg = CompressionConfig(quantizer="codebook", chunk_size=32, value_quant_groups=16, scale_bits=8)
+    with pytest.raises(ConfigError, match="scale_bits: 8 .*quantizer CodebookQuantizer"):
+        make_cache(tiny_model, cfg)
