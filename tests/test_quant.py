@@ -169,13 +169,23 @@ def test_eight_bit_scales_within_half_step(bits, shape, symmetric, seed, scale):
     assert q.nbytes() == packed_nbytes(x.numel(), bits) + q.scale.numel() * (1 if symmetric else 3)
 
 
-def test_eight_bit_scales_only_where_they_hold():
-    """8-bit slices keep 16-bit scales; a tensor with a step above the table keeps them too; a step below the
-    table's first entry takes it (coarser, never clipping)."""
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_eight_bit_scales_only_where_they_hold(symmetric):
+    """8-bit slices keep 16-bit scales; a slice whose step lies above the table keeps its 16-bit values, in an
+    fp32 tensor, and the other slices (a batch row of their own here) their 8-bit values and codes; a step below
+    the table's first entry takes it (coarser, never clipping)."""
     x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
     assert _eight_bit().quantize(x, 8, dim=1).scale.dtype == torch.float16
-    huge = x * 1e4
-    assert _eight_bit().quantize(huge, 2, dim=1).scale.dtype == torch.float16
+    alone = _eight_bit().quantize(x[:1], 2, dim=1, symmetric=symmetric)
+    mixed_input = x.clone()
+    mixed_input[1] *= 1e4
+    mixed = _eight_bit().quantize(mixed_input, 2, dim=1, symmetric=symmetric)
+    wide = UniformQuantizer().quantize(mixed_input[1:], 2, dim=1, symmetric=symmetric)
+    assert alone.scale.dtype == torch.uint8 and mixed.scale.dtype == torch.float32
+    assert torch.equal(mixed.scale[:1], decode_scale(alone.scale))
+    assert torch.equal(mixed.scale[1:], wide.scale.float())
+    assert torch.equal(_eight_bit().dequantize(mixed)[:1], _eight_bit().dequantize(alone))
+    assert torch.equal(_eight_bit().dequantize(mixed)[1:], UniformQuantizer().dequantize(wide))
     quiet = x * 1e-7
     q = _eight_bit().quantize(quiet, 2, dim=1, symmetric=True)
     assert q.scale.dtype == torch.uint8 and int(q.scale.min()) == 0

@@ -22,7 +22,7 @@ import torch
 
 from kvstream.quant.base import QuantizedTensor, passthrough
 from kvstream.quant.packing import pack, unpack
-from kvstream.quant.scales import compact, decode_scale, log_scale_codes
+from kvstream.quant.scales import compact, decode_scale, log_scales
 from kvstream.quant.uniform import UniformQuantizer
 
 MAX_LEVEL_BITS = 4
@@ -116,8 +116,8 @@ class LloydMaxQuantizer:
             return self.uniform.quantize(x, bits, dim, symmetric, mask)
         xf = x.float()
         mean, std = slice_moments(xf, dim, symmetric, mask)
-        narrow = log_scale_codes(std) if self.scale_bits == 8 and not self.fitted else None
-        scale, zero = compact(std) if narrow is None else narrow, None if symmetric else compact(mean)
+        scale = log_scales(std, compact(std)) if self.scale_bits == 8 and not self.fitted else compact(std)
+        zero = None if symmetric else compact(mean)
         s, z = decode_scale(scale), torch.zeros_like(mean) if zero is None else zero.float()
         base = self.level_table(bits).to(x.device)
         extra: dict[str, torch.Tensor] = {}

@@ -13,8 +13,9 @@ With ``scale_bits: 8`` a 2- to 4-bit slice's step (or spread) is stored as one b
 code in the log domain (within 2.9 %), codes then computed against the stored step. Rounding down may clip
 the slice's extreme entry by at most ``levels * 2.9 %`` of a step, below half a step up to 4 bits (which is
 why wider slices keep 16-bit scales). A slice whose scale lies below the table's first entry takes it (a step
-of at most 2**-14, coarser than ideal but never clipping); a tensor with any slice above the last entry, or
-with a zero-point beyond fp16's range, is stored as without ``scale_bits``.
+of at most 2**-14, coarser than ideal but never clipping). A slice above the last entry, or with a zero-point
+beyond fp16's range, keeps the values it has without ``scale_bits``, and its tensor is then stored in fp32,
+so here too a slice's values never depend on the other slices of its tensor.
 """
 
 from __future__ import annotations
@@ -48,14 +49,25 @@ def log_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return _log_scale_table(torch.device(device))
 
 
-def log_scale_codes(ideal: torch.Tensor) -> torch.Tensor | None:
-    """8-bit codes of the scales nearest ``ideal`` (fp32, >= 0) in the log domain; a zero (constant slice) takes
-    the code of 1. None when a slice lies above the table (the caller keeps 16-bit scales)."""
+def _log_codes(ideal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (as fp32, from 0) of the scales nearest ``ideal`` (fp32, >= 0) in the log domain, and where they fit the
+    table; a zero (a constant slice) takes the code of 1, a scale below the table its first entry."""
     safe = torch.where(ideal > 0, ideal, torch.ones_like(ideal))
-    code = torch.round((torch.log2(safe) - LOG_SCALE_FLOOR) * LOG_SCALE_STEPS)
-    if bool((code > 255).any()) or not bool(torch.isfinite(code).all()):
-        return None
-    return code.clamp_min(0).to(torch.uint8)
+    code = torch.round((torch.log2(safe) - LOG_SCALE_FLOOR) * LOG_SCALE_STEPS).clamp_min(0)
+    return code, code <= 255
+
+
+def _narrowed(code: torch.Tensor, fits: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """8-bit ``code`` when every slice ``fits``; else fp32: the code's value where it fits, ``wide``'s elsewhere."""
+    if bool(fits.all()):
+        return code.to(torch.uint8)
+    return torch.where(fits, log_scale_table(code.device)[code.clamp_max(255).long()], wide.float())
+
+
+def log_scales(ideal: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """Scales nearest ``ideal`` (fp32, >= 0) as 8-bit codes; when a slice lies above the table, fp32 holding the
+    8-bit value where a slice fits and ``wide``'s (its 16-bit value) where it does not (see the module)."""
+    return _narrowed(*_log_codes(ideal), wide)
 
 
 def decode_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -105,9 +117,7 @@ def step_and_zero(
     where the module's rule allows it.
     """
     if scale_bits == 8:
-        narrow = _log_step_and_zero(lo, hi, levels, symmetric)
-        if narrow is not None:
-            return narrow
+        return _log_step_and_zero(lo, hi, levels, symmetric)
     ideal = (torch.maximum(lo.abs(), hi.abs()) if symmetric else hi - lo) / levels
     step16, zero16 = _rounded(lo, hi, levels, symmetric, torch.float16)
     constant = ideal == 0
@@ -123,17 +133,22 @@ def step_and_zero(
 
 def _log_step_and_zero(
     lo: torch.Tensor, hi: torch.Tensor, levels: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """8-bit step codes and fp16 zero-points (rounded down), or None when the tensor keeps 16-bit scales."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """8-bit step codes and fp16 zero-points (rounded down); a slice that does not fit (a step above the table, a
+    zero-point beyond fp16) takes the 16-bit values, and the tensor is then fp32."""
     if symmetric:
         zero, span = None, torch.maximum(lo.abs(), hi.abs())
     else:
         zero = round_toward(lo, torch.float16, up=False)
-        if not bool(torch.isfinite(zero).all()):
-            return None
         span = hi - zero.float()
-    codes = log_scale_codes(span / levels)
-    return None if codes is None else (codes, zero)
+    code, fits = _log_codes(span / levels)
+    if zero is not None:
+        fits &= torch.isfinite(zero)
+    if bool(fits.all()):
+        return code.to(torch.uint8), zero
+    step16, zero16 = step_and_zero(lo, hi, levels, symmetric)
+    step = _narrowed(code, fits, step16)
+    return step, None if zero is None else torch.where(fits, zero.float(), zero16.float())
 
 
 def _rounded(
