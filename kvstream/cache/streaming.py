@@ -31,6 +31,10 @@ from kvstream.quant.rotation import HeadRotation
 from kvstream.quant.sparse import SparseOutliers
 from kvstream.stats.base import StatsManager
 
+VALUE_PACK_TOKENS = 8
+"""Read values wait exact until this many can be packed at once (``tail_values: packed``): packing and joining a
+few tokens costs a handful of small operations per layer, which a decode step would otherwise pay every time."""
+
 
 @dataclass
 class BlockGroup:
@@ -140,15 +144,16 @@ class StreamingLayer(PackedLayer):
 
     def _pack_tail_values(self) -> None:
         """With ``tail_values: packed``: quantize per token the values of the tail tokens attention has read (all but
-        ``recent_window``), with the outlier units of the runs held (or the statistics' when none is), once the
-        layer has a block's statistics; sink tokens wait exact for their block's high-precision copy."""
+        ``recent_window``), `VALUE_PACK_TOKENS` or more at a time, with the outlier units of the values held (the
+        statistics' when none are), once the layer has a block's statistics; sink tokens wait exact for their
+        block's high-precision copy."""
         owner, cfg = self.owner, self.owner.config
         if cfg.tail_values != "packed" or owner.nothing_quantized() or self.packed_length == 0 or self._record_past:
             return
         held = self.tail_runs.length
         stop = self.keys.shape[-2] - cfg.recent_window
         bits = self.tail_runs.bits if self.tail_runs.runs else self.normal_bits[1]
-        if stop <= held or bits == 16:
+        if stop - held < VALUE_PACK_TOKENS or bits == 16:
             return
         first = self.length - self.keys.shape[-2] + held
         positions, valid = (table[:, first : first + stop - held] for table in owner.tables_on(self.keys.device))
