@@ -148,7 +148,7 @@ class StreamingLayer(PackedLayer):
         statistics' when none are), once the layer has a block's statistics; sink tokens wait exact for their
         block's high-precision copy."""
         owner, cfg = self.owner, self.owner.config
-        if cfg.tail_values != "packed" or owner.nothing_quantized() or self.packed_length == 0 or self._record_past:
+        if cfg.tail_values != "packed" or owner.nothing_quantized() or self.packed_length == 0:
             return
         held = self.tail_runs.length
         stop = self.keys.shape[-2] - cfg.recent_window
