@@ -83,6 +83,11 @@ class CompressionConfig:
     exact_storage: Literal["model", "16bit"] = "model"
     """How the exact tail is held: in the model's dtype, or at 16 bits (fp16, or bf16 for a layer whose values
     fp16 cannot hold); attention still computes in fp32. ``16bit`` applies when anything is quantized."""
+    tail_values: Literal["exact", "packed"] = "exact"
+    """'packed': values are quantized per token group once attention has read them exactly, 8 tokens or more at a
+    time (at the layer's normal value width and outlier units), so only keys wait exact for their block; the block
+    later takes those codes as they are. 'exact': values wait with the keys. Applies when anything is
+    quantized; sink tokens and the ``recent_window`` stay exact."""
     recent_window: int = 0
     """The last tokens kept exact in the full-precision tail (besides the chunk being filled), counted in the bits."""
     sparse_outlier_fraction: float = 0.0

@@ -1,10 +1,10 @@
 """Every packed format the fused CPU kernel declares it reads, against the reference reader.
 
 Formats combine widths (mixed by layer under a bit budget), uniform codes and Lloyd-Max level
-tables, 16-bit or 8-bit scales, value rotation, key ranges per token group, blocks packed from the tail (shorter than a
-chunk, off the chunk grid), a 16-bit exact tail, outlier units, sinks, GQA and left-padded
-batches of lengths that are multiples of nothing; decode steps (history and tail) and the fused
-restore of prefill tiles are both checked.
+tables, 16-bit or 8-bit scales, values packed per token in the tail, value rotation, key ranges per
+token group, blocks packed from the tail (shorter than a chunk, off the chunk grid), a 16-bit exact
+tail, outlier units, sinks, GQA and left-padded batches of lengths that are multiples of nothing;
+decode steps (history and tail) and the fused restore of prefill tiles are both checked.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ formats = st.fixed_dictionaries(
         "key_symmetric": st.booleans(),
         "value_symmetric": st.booleans(),
         "scale_bits": st.sampled_from([16, 8]),
+        "tail_values": st.sampled_from(["exact", "packed"]),
     }
 )
 
@@ -66,6 +67,7 @@ PRESET_LIKE = dict(
     key_symmetric=False,
     value_symmetric=True,
     scale_bits=8,
+    tail_values="packed",
 )
 
 
@@ -89,8 +91,9 @@ def test_cpu_kernel_reads_every_declared_format(tiny_model, fmt, length, pads, s
         assert isinstance(kernel, PackedDecode)
         query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(seed))
         step_mask = decode_mask(mask, layer.length)
-        fused = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, kernel)
-        reference = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
+        tail = layer.tail_values()
+        fused = packed_attention(layer, query, layer.keys, tail, step_mask, 0.25, kernel)
+        reference = packed_attention(layer, query, layer.keys, tail, step_mask, 0.25, reference_history)
         torch.testing.assert_close(fused, reference, atol=3e-5, rtol=1e-4)
         # prefill tiles: the kernel's restore (values rotated back, sinks pasted) against PyTorch's, on the
         # real tokens (pads are never seen, and the kernel's block RoPE does not place them)

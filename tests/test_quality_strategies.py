@@ -191,9 +191,14 @@ BUDGET = CompressionConfig(
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=st.integers(480, 900), answer=st.integers(0, 24), batch=st.sampled_from([1, 2]))
-def test_bit_budget_holds_at_the_end_of_a_generation(wide_model, prompt, answer, batch):
-    cache = make_cache(wide_model, BUDGET)
+@given(
+    prompt=st.integers(480, 900),
+    answer=st.integers(0, 24),
+    batch=st.sampled_from([1, 2]),
+    tail_values=st.sampled_from(["exact", "packed"]),
+)
+def test_bit_budget_holds_at_the_end_of_a_generation(wide_model, prompt, answer, batch, tail_values):
+    cache = make_cache(wide_model, BUDGET.replace(tail_values=tail_values))
     ids = random_ids(prompt, batch=batch)
     chunked_prefill(wide_model, ids, cache, 64)
     _generate(wide_model, cache, ids, answer)

@@ -129,17 +129,20 @@ def test_triton_partials_of_blocks_only(tiny_model):
     tail_block=st.sampled_from([0, 4]),
     symmetric=st.booleans(),
     scale_bits=st.sampled_from([16, 8]),
+    tail_values=st.sampled_from(["exact", "packed"]),
     seed=st.integers(0, 1000),
 )
 @example(
     bits=2, quantizer="uniform", value_quantizer="lloyd-max", rotation="values", key_token_group=8, tail_block=4,
-    symmetric=True, scale_bits=8, seed=0,
+    symmetric=True, scale_bits=8, tail_values="packed", seed=0,
 )  # fmt: skip
 def test_triton_kernel_reads_every_declared_format(
-    tiny_model, bits, quantizer, value_quantizer, rotation, key_token_group, tail_block, symmetric, scale_bits, seed
-):
-    """Level tables, 8-bit scales, key ranges per token group, rotated values and blocks packed from the tail,
-    through the whole decode step (sinks, exact tail) against the reference reader."""
+    tiny_model, bits, quantizer, value_quantizer, rotation, key_token_group, tail_block, symmetric, scale_bits,
+    tail_values, seed,
+):  # fmt: skip
+    """Level tables, 8-bit scales, values packed per token in the tail, key ranges per token group, rotated values
+    and blocks packed from the tail, through the whole decode step (sinks, exact tail) against the reference
+    reader."""
     cfg = CompressionConfig(
         chunk_size=16,
         value_quant_groups=8,
@@ -152,6 +155,7 @@ def test_triton_kernel_reads_every_declared_format(
         tail_block=tail_block,
         value_symmetric=symmetric,
         scale_bits=scale_bits,
+        tail_values=tail_values,
         outlier_threshold_abs=0.0,
         outlier_threshold_relative=1.5,
     )
@@ -159,8 +163,9 @@ def test_triton_kernel_reads_every_declared_format(
     layer = cache.layers[1]
     query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(seed))
     step_mask = decode_mask(mask, layer.length)
-    got = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, TritonDecode())
-    want = packed_attention(layer, query, layer.keys, layer.values, step_mask, 0.25, reference_history)
+    tail = layer.tail_values()
+    got = packed_attention(layer, query, layer.keys, tail, step_mask, 0.25, TritonDecode())
+    want = packed_attention(layer, query, layer.keys, tail, step_mask, 0.25, reference_history)
     torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
 
 

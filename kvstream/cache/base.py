@@ -122,6 +122,11 @@ class PackedLayer(CacheLayerMixin):
         stores them narrower."""
         return new[0].dtype
 
+    def tail_values(self) -> torch.Tensor:
+        """The tail's values as attention reads them (``[batch, heads, tail tokens, head_dim]``): the exact ones
+        here; a subclass that packs some of them early restores those in front."""
+        return self.values
+
     def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append to the exact tail in its dtype (moving the tail to a wider one first if the new tokens need it)."""
         dtype = self.tail_dtype(key_states, value_states)
@@ -149,10 +154,10 @@ class PackedLayer(CacheLayerMixin):
             self.length += n_new
             self.awaiting_read = n_new
             pending_read(self)
-            return self.keys, self.values
+            return self.keys, self.tail_values()
         history = self.restore_history()
         self._append_tail(key_states, value_states)
-        tail_keys, tail_values = self.keys.to(self.dtype), self.values.to(self.dtype)
+        tail_keys, tail_values = self.keys.to(self.dtype), self.tail_values().to(self.dtype)
         if history is None:
             out_keys, out_values = tail_keys, tail_values
         else:
@@ -241,9 +246,14 @@ class PackedLayer(CacheLayerMixin):
 
     @record_past.setter
     def record_past(self, on: bool) -> None:
+        if on:
+            self.check_recording()
         self._record_past = on
         if not on:
             self._checkpoint = None
+
+    def check_recording(self) -> None:
+        """Raise (one line) when this layer cannot keep what `crop` needs to take a block back."""
 
     def activate_past_recording(self) -> None:
         self.record_past = True

@@ -10,7 +10,8 @@ Once every layer is measured, each later block position is planned for all layer
 what the cache holds at that moment (`plan`): every byte already held (blocks, sinks and their
 copies, position and RoPE tables, rotations) plus the new blocks at the chosen widths, plus a
 reserve for the most tokens that can still stand exact at 16 bits (or the model's width) when a
-generation stops (one tail block less a token), must stay within ``bit_budget`` times the elements
+generation stops (one tail block less a token; with ``tail_values: packed`` their keys, their values priced
+as a block at the widest width), must stay within ``bit_budget`` times the elements
 held. A greedy choice starts every layer at the narrowest width and widens the layer whose error
 falls most per added bit while that holds. Blocks are never re-quantized: a plan only sets the
 widths of the blocks it is made for, so bytes spent early are paid back by later blocks.
@@ -143,6 +144,14 @@ class BitBudget:
         exact_bits = 16 if cfg.exact_storage == "16bit" else 8 * owner.layers[0].dtype.itemsize
         remainder = cfg.recent_window + (cfg.tail_block or cfg.chunk_size) - 1
         reserve = remainder * sum(per_token.values()) * (exact_bits - self.budget)
+        if cfg.tail_values == "packed":  # values of the remainder are packed: priced as a block at the widest width
+            reserve = remainder * sum(
+                per_token[i]
+                / 2
+                * (exact_bits + max(self.budget, self.costs[i].bits_at(1, WIDTHS[-1])) - 2 * self.budget)
+                for i in per_token
+                if i in self.costs
+            )
         b, _, _, d = owner.layers[pending[0]].keys.shape if pending else (0, 0, 0, 0)
         rope_rows = 8 * 2 * 4 * b * d if cfg.key_rope == "pre" else 0  # the block's base cos and sin, fp32
         allowance = self.budget * (held_elements + sum(new_elements.values())) - held_bits - reserve - rope_rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstream.quant.base import QuantizedTensor, Quantizer, concat_blocks, tensor_bytes
+from kvstream.quant.base import QuantizedTensor, Quantizer, concat_blocks, join_along, tensor_bytes, token_slice
 
 
 def _unit_index(mask: torch.Tensor, first: bool, width: int) -> torch.Tensor:
@@ -114,6 +114,31 @@ class SplitStore:
             high=None if self.high is None else self.high.blocks(first, last),
             low=None if self.low is None else self.low.blocks(first, last),
             position=None if self.position is None else self.position[first:last],
+        )
+
+    def tokens(self, start: int, stop: int) -> SplitStore:
+        """Tokens ``start:stop`` of a one-block store ([1, B, H, N, T, U]), the same codes packed again."""
+        return SplitStore(
+            high=None if self.high is None else token_slice(self.high, 4, start, stop),
+            low=None if self.low is None else token_slice(self.low, 4, start, stop),
+            position=self.position,
+        )
+
+    @staticmethod
+    def join_tokens(stores: list[SplitStore]) -> SplitStore:
+        """One-block stores of the same units and widths joined along their tokens into one block, the same codes
+        packed together (see `kvstream.quant.base.join_along`)."""
+        first = stores[0]
+        if any(
+            (s.position is None) != (first.position is None)
+            or (s.position is not None and not torch.equal(s.position, first.position))
+            for s in stores
+        ):
+            raise ValueError("stores with different outlier units cannot be joined into one block")
+        return SplitStore(
+            high=None if first.high is None else join_along([s.high for s in stores], 4),
+            low=None if first.low is None else join_along([s.low for s in stores], 4),
+            position=first.position,
         )
 
     def copy(self) -> SplitStore:

@@ -24,11 +24,16 @@ from kvstream.cache.budget import BitBudget
 from kvstream.cache.memory import MemoryLedger
 from kvstream.cache.rope import BlockRope, Rotary, model_rotaries
 from kvstream.cache.store import SinkStore, SplitStore
+from kvstream.cache.value_tail import PackedTailValues
 from kvstream.config import CompressionConfig, ConfigError
 from kvstream.quant.base import Quantizer, tensor_bytes
 from kvstream.quant.rotation import HeadRotation
 from kvstream.quant.sparse import SparseOutliers
 from kvstream.stats.base import StatsManager
+
+VALUE_PACK_TOKENS = 8
+"""Read values wait exact until this many can be packed at once (``tail_values: packed``): packing and joining a
+few tokens costs a handful of small operations per layer, which a decode step would otherwise pay every time."""
 
 
 @dataclass
@@ -112,6 +117,10 @@ class StreamingLayer(PackedLayer):
         self._sink_read: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
         self.normal_bits = (owner.config.key_bits_normal, owner.config.value_bits_normal)
         """Normal key and value widths of this layer's next blocks (a bit budget may change them)."""
+        self.tail_runs = PackedTailValues()
+        """Values of the tail's oldest tokens packed per token (``tail_values: packed``); ``values`` holds the rest."""
+        self._prepacked: tuple[list[SplitStore], torch.Tensor] | None = None
+        """The runs (and their outlier units) `take_tail` handed to the block `_pack` is making."""
 
     @property
     def n_blocks(self) -> int:
@@ -128,8 +137,74 @@ class StreamingLayer(PackedLayer):
         step = self.owner.config.tail_block
         while step and not self.tail_frozen and self.keys.shape[-2] >= step + keep:
             self._pack(*self.take_tail(step))
+        if not self.tail_frozen:
+            self._pack_tail_values()
         if self.window is not None:
             self.free_unreachable()
+
+    def _pack_tail_values(self) -> None:
+        """With ``tail_values: packed``: quantize per token the values of the tail tokens attention has read (all but
+        ``recent_window``), `VALUE_PACK_TOKENS` or more at a time, with the outlier units of the values held (the
+        statistics' when none are), once the layer has a block's statistics; sink tokens wait exact for their
+        block's high-precision copy."""
+        owner, cfg = self.owner, self.owner.config
+        if cfg.tail_values != "packed" or owner.nothing_quantized() or self.packed_length == 0:
+            return
+        held = self.tail_runs.length
+        stop = self.keys.shape[-2] - cfg.recent_window
+        bits = self.tail_runs.bits if self.tail_runs.runs else self.normal_bits[1]
+        if stop - held < VALUE_PACK_TOKENS or bits == 16:
+            return
+        first = self.length - self.keys.shape[-2] + held
+        positions, valid = (table[:, first : first + stop - held] for table in owner.tables_on(self.keys.device))
+        if bool((valid & (positions < cfg.attention_sink_size)).any()):
+            return
+        values = self.values[..., : stop - held, :].to(self.dtype)
+        rotation = self.value_rotation()
+        if rotation is not None:
+            values = rotation.rotate(values)
+        outliers = self.tail_runs.outliers if self.tail_runs.runs else owner.stats.value_outliers(self.layer_idx)
+        self.tail_runs.append(self.build_value_store(values, outliers, bits), outliers)
+        self.values = self.values[..., stop - held :, :].clone()
+
+    def tail_values(self) -> torch.Tensor:
+        """`PackedLayer.tail_values`: the per-token packed values restored (and rotated back), then the exact ones,
+        in the tail's dtype; made for each step's attention (a few tokens) and counted as its working memory."""
+        if not self.tail_runs.runs:
+            return self.values
+        packed = self._restored_runs(self.tail_runs)
+        out = torch.cat([packed.to(self.values.dtype), self.values], dim=-2)
+        self.owner.note_transient(tensor_bytes(packed, out))
+        return out
+
+    def _restored_runs(self, runs: PackedTailValues) -> torch.Tensor:
+        """``runs`` dequantized in fp32 as attention sees values (rotated back where values are rotated)."""
+        packed = runs.restore(self.owner.value_quantizer)
+        rotation = self.value_rotation()
+        return packed if rotation is None else rotation.unrotate(packed)
+
+    def take_tail(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`PackedLayer.take_tail`; values packed per token come back restored (they serve the statistics and the
+        sink copies), their runs kept for `_pack`, which joins their codes into the block as they are."""
+        held = min(n, self.tail_runs.length)
+        if held == 0:
+            return super().take_tail(n)
+        outliers = self.tail_runs.outliers
+        runs = self.tail_runs.take(held)
+        restored = self._restored_runs(PackedTailValues(runs, outliers)).to(self.dtype)
+        self._prepacked = (runs, outliers)
+        keys = self.keys[..., :n, :]
+        values = torch.cat([restored, self.values[..., : n - held, :].to(self.dtype)], dim=-2)
+        self.keys = self.keys[..., n:, :].clone()
+        self.values = self.values[..., n - held :, :].clone()
+        return keys, values
+
+    def check_recording(self) -> None:
+        if self.owner.config.tail_values == "packed":
+            raise NotImplementedError(
+                "tail_values: packed keeps no exact values to take a block back with, which assisted decoding "
+                "needs (past recording); use tail_values: exact"
+            )
 
     def free_unreachable(self) -> None:
         """Free the whole blocks a sliding window no longer reaches: every later query sits at index
@@ -158,6 +233,8 @@ class StreamingLayer(PackedLayer):
         return torch.float16 if fits else torch.bfloat16
 
     def clear_packed(self) -> None:
+        self.tail_runs.clear()
+        self._prepacked = None
         self.groups = []
         self.packed_length = 0
         self.tail_frozen = False
@@ -165,6 +242,7 @@ class StreamingLayer(PackedLayer):
 
     def select_packed_rows(self, index: torch.Tensor) -> None:
         self.groups = [group.select_rows(index) for group in self.groups]
+        self.tail_runs.select_rows(index)
         if self._sink_read is not None and self._sink_read[1] is not None:
             self._sink_read = (self._sink_read[0], tuple(t.index_select(0, index) for t in self._sink_read[1]))
 
@@ -189,9 +267,29 @@ class StreamingLayer(PackedLayer):
     def crop(self, tokens_to_remove: int) -> None:
         """`PackedLayer.crop`; a crop also means decoding has begun (assisted decoding crops after every
         verification, whose appends hold several tokens), so ``decode_storage: full_precision`` packs no more."""
-        super().crop(tokens_to_remove)
+        if self.tail_runs.runs:
+            self._crop_tail(self.crop_length(tokens_to_remove))
+        else:
+            super().crop(tokens_to_remove)
         if self.owner.config.decode_storage == "full_precision":
             self.tail_frozen = True
+
+    def _crop_tail(self, keep: int) -> None:
+        """Cut a tail whose front values are packed per token to end at token ``keep`` (at or after its start: no
+        block can be taken back, past recording being refused)."""
+        if keep == self.length:
+            return
+        kept = keep - (self.length - self.keys.shape[-2])
+        held = self.tail_runs.length
+        self.keys = self.keys[..., :kept, :].clone()
+        if kept <= held:
+            self.tail_runs.keep_first(kept)
+            self.values = self.values[..., :0, :].clone()
+        else:
+            self.values = self.values[..., : kept - held, :].clone()
+        self.length = keep
+        self.pack_tail(0)
+        self.owner.layer_updated(self.layer_idx)
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         owner, cfg = self.owner, self.owner.config
@@ -218,7 +316,17 @@ class StreamingLayer(PackedLayer):
                 rope.short_offsets(t)
             width = owner.budget.width_for(owner, self.layer_idx, start, t)
             self.normal_bits = (width, width)
-        key_store, value_store = self.build_stores(keys, values, counted, self.normal_bits)
+        prepacked, self._prepacked = self._prepacked, None
+        if prepacked is None:
+            key_store, value_store = self.build_stores(keys, values, counted, self.normal_bits)
+        else:  # the runs' codes as they are, the rest of the block's values quantized alike (units and width)
+            runs, outliers = prepacked
+            taken = PackedTailValues(runs, outliers)
+            bits, held = taken.bits, taken.length
+            key_store = self.build_key_store(keys, counted, self.normal_bits[0])
+            if held < t:
+                runs = [*runs, self.build_value_store(values[..., held:, :], outliers, bits)]
+            value_store = SplitStore.join_tokens(runs)
         if cfg.bit_budget and owner.budget.ready:
             stored = key_store.nbytes() + value_store.nbytes()
             owner.budget.record(self.layer_idx, t, self.normal_bits[0], stored, 2 * values.numel())
@@ -260,30 +368,40 @@ class StreamingLayer(PackedLayer):
     ) -> tuple[SplitStore, SplitStore]:
         """One block's key and value stores (keys as stored: pre-RoPE and rotated where configured) at the
         normal widths ``bits`` (keys, values); the statistics name the outlier units."""
+        key_store = self.build_key_store(keys, counted, bits[0])
+        return key_store, self.build_value_store(values, self.owner.stats.value_outliers(self.layer_idx), bits[1])
+
+    def build_key_store(self, keys: torch.Tensor, counted: torch.Tensor, bits: int) -> SplitStore:
+        """A block's keys (as stored) at normal width ``bits``, one range per channel and key token group."""
         owner, cfg = self.owner, self.owner.config
-        key_units, value_units = self.store_layout(keys, values)
+        key_units, _ = self.store_layout(keys, keys)
         *_, groups, span = key_units.shape
-        key_store = SplitStore.build(
+        return SplitStore.build(
             key_units,
             owner.stats.key_outliers(self.layer_idx),
             cfg.key_bits_sink_outlier,
-            bits[0],
+            bits,
             reduce_dim=5,
             symmetric=cfg.key_symmetric,
             quantizer=owner.quantizer,
             mask=counted.reshape(1, counted.shape[0], 1, 1, groups, span),
         )
-        value_store = SplitStore.build(
+
+    def build_value_store(self, values: torch.Tensor, outliers: torch.Tensor, bits: int) -> SplitStore:
+        """Values (as stored: rotated where configured) of any number of tokens at normal width ``bits``, one range
+        per token and channel group, the ``outliers`` units ([B, H, N]) at the high width."""
+        owner, cfg = self.owner, self.owner.config
+        _, value_units = self.store_layout(values, values)
+        return SplitStore.build(
             value_units,
-            owner.stats.value_outliers(self.layer_idx),
+            outliers,
             cfg.value_bits_sink_outlier,
-            bits[1],
+            bits,
             reduce_dim=5,
             symmetric=cfg.value_symmetric,
             quantizer=owner.value_quantizer,
             mask=None,
         )
-        return key_store, value_store
 
     def restore_blocks(self, group: BlockGroup, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks ``first:last`` of ``group`` dequantized in fp32, keys as stored (pre-RoPE or not); sink slots hold
@@ -408,7 +526,7 @@ class StreamingLayer(PackedLayer):
         return keys.to(self.dtype), values.to(self.dtype)
 
     def packed_nbytes(self) -> int:
-        return sum(g.nbytes() for g in self.groups) + tensor_bytes(*self._sink_copies())
+        return sum(g.nbytes() for g in self.groups) + self.tail_runs.nbytes() + tensor_bytes(*self._sink_copies())
 
     def _sink_copies(self) -> tuple[torch.Tensor, ...]:
         """The kept read of the sinks (see `sink_tokens`), if built."""
@@ -428,6 +546,7 @@ class StreamingLayer(PackedLayer):
                 ledger.add_quantized(sinks.values, "sinks")
                 ledger.add("sinks", sinks.slots)
         ledger.add("sinks", *self._sink_copies())
+        self.tail_runs.ledger(ledger)
 
 
 class StreamingQuantizedCache(PackedCache):

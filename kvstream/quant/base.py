@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -156,6 +156,49 @@ class Quantizer(Protocol):
 def passthrough(x: torch.Tensor) -> QuantizedTensor:
     """The 16-bit case: the tensor kept as is (shared by every quantizer)."""
     return QuantizedTensor(codes=x.contiguous(), bits=16, shape=tuple(x.shape), dtype=x.dtype)
+
+
+def token_slice(q: QuantizedTensor, dim: int, start: int, stop: int) -> QuantizedTensor:
+    """Entries ``start:stop`` of dimension ``dim`` (metadata laid out per slice, reduced along another dimension),
+    the same codes packed again."""
+    if q.extra:
+        raise ValueError("a quantized tensor with extras cannot be cut along its entries")
+    codes = unpack(q.codes, q.bits, q.numel()).view(q.shape).narrow(dim, start, stop - start)
+    return QuantizedTensor(
+        codes=pack(codes.contiguous(), q.bits),
+        bits=q.bits,
+        shape=tuple(codes.shape),
+        dtype=q.dtype,
+        scale=None if q.scale is None else q.scale.narrow(dim, start, stop - start).clone(),
+        zero=None if q.zero is None else q.zero.narrow(dim, start, stop - start).clone(),
+    )
+
+
+def join_along(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
+    """Tensors of one width joined along dimension ``dim``, the same codes packed together; metadata of different
+    dtypes is joined as the fp32 values it stands for (`kvstream.quant.scales.decode_scale`)."""
+    from kvstream.quant.scales import decode_scale
+
+    first = parts[0]
+    if any(p.extra or p.bits != first.bits for p in parts):
+        raise ValueError("only tensors of one width and no extras can be joined")
+    codes = torch.cat([unpack(p.codes, p.bits, p.numel()).view(p.shape) for p in parts], dim=dim)
+
+    def joined(tensors: list[torch.Tensor | None], decode: Any) -> torch.Tensor | None:
+        if tensors[0] is None:
+            return None
+        if len({t.dtype for t in tensors}) > 1:
+            tensors = [decode(t) for t in tensors]
+        return torch.cat(tensors, dim=dim)
+
+    return QuantizedTensor(
+        codes=pack(codes, first.bits),
+        bits=first.bits,
+        shape=tuple(codes.shape),
+        dtype=first.dtype,
+        scale=joined([p.scale for p in parts], decode_scale),
+        zero=joined([p.zero for p in parts], lambda t: t.float()),
+    )
 
 
 def concat_blocks(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor | None:
