@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from kvstream import CompressionConfig, make_cache
 from kvstream.cache.streaming import VALUE_PACK_TOKENS
+from kvstream.cache.value_tail import store_bits
 from kvstream.config import ConfigError
 from kvstream.testing import prefilled_cache, random_ids
 
@@ -153,7 +154,7 @@ def test_values_packed_per_token_equal_one_block(tiny_model, prompt, answer, blo
     states[1][..., 5] *= 20  # a loud channel: outlier units
     _exact_updates(cache, states, 16)
     for layer in cache.layers:
-        held = layer.tail_runs.length
+        held = layer.tail_packed.length
         assert layer.values.shape[-2] == layer.keys.shape[-2] - held < keep + VALUE_PACK_TOKENS
         assert layer.keys.shape[-2] < (block or 16) + keep
         rotate = cache.rotation(layer.layer_idx).rotate if rotation == "values" else (lambda x: x)
@@ -173,7 +174,7 @@ def test_values_packed_per_token_equal_one_block(tiny_model, prompt, answer, blo
         assert tail.shape == layer.keys.shape
         if held:
             exact = rotate(states[1][:, :, layer.length - layer.keys.shape[-2] :][:, :, :held])
-            want = layer.build_value_store(exact, layer.tail_runs.outliers, layer.tail_runs.bits)
+            want = layer.build_value_store(exact, layer.tail_packed.outliers, store_bits(layer.tail_packed.store))
             restored = want.restore(cache.value_quantizer).float()[0].permute(0, 1, 3, 2, 4).reshape(exact.shape)
             undo = cache.rotation(layer.layer_idx).unrotate if rotation == "values" else (lambda x: x)
             torch.testing.assert_close(tail[:, :, :held].float(), undo(restored).to(tail.dtype).float())
@@ -203,12 +204,12 @@ def test_values_packed_per_token_crop_and_select_rows(tiny_model):
     _exact_updates(cache, states, 16)
     layer = cache.layers[0]
     before = layer.tail_values().clone()
-    held = layer.tail_runs.length
+    held = layer.tail_packed.length
     assert held == layer.keys.shape[-2] - layer.values.shape[-2] > 3
     cache.select_rows(torch.tensor([1, 0]))
     torch.testing.assert_close(layer.tail_values(), before[[1, 0]], atol=0, rtol=0)
     cache.crop(-3)
-    assert layer.tail_runs.length == held - 3 and layer.keys.shape[-2] == held - 3
+    assert layer.tail_packed.length == held - 3 and layer.keys.shape[-2] == held - 3
     torch.testing.assert_close(layer.tail_values(), before[[1, 0], :, : held - 3], atol=0, rtol=0)
 
 

@@ -107,7 +107,7 @@ class BitBudget:
     ) -> tuple[dict[int, float], dict[int, float]]:
         owner = layer.owner
         elements = 2 * values.numel()
-        key_shape, value_shape = layer.store_layout(keys, values)
+        key_shape, value_shape = layer.key_layout(keys), layer.value_layout(values)
         error, bits = {}, {}
         for width in WIDTHS:
             key_store, value_store = layer.build_stores(keys, values, counted, (width, width))

@@ -24,7 +24,7 @@ from kvstream.cache.budget import BitBudget
 from kvstream.cache.memory import MemoryLedger
 from kvstream.cache.rope import BlockRope, Rotary, model_rotaries
 from kvstream.cache.store import SinkStore, SplitStore
-from kvstream.cache.value_tail import PackedTailValues
+from kvstream.cache.value_tail import PackedTailValues, restore_values, store_bits, store_tokens
 from kvstream.config import CompressionConfig, ConfigError
 from kvstream.quant.base import Quantizer, tensor_bytes
 from kvstream.quant.rotation import HeadRotation
@@ -117,10 +117,10 @@ class StreamingLayer(PackedLayer):
         self._sink_read: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
         self.normal_bits = (owner.config.key_bits_normal, owner.config.value_bits_normal)
         """Normal key and value widths of this layer's next blocks (a bit budget may change them)."""
-        self.tail_runs = PackedTailValues()
+        self.tail_packed = PackedTailValues()
         """Values of the tail's oldest tokens packed per token (``tail_values: packed``); ``values`` holds the rest."""
-        self._prepacked: tuple[list[SplitStore], torch.Tensor] | None = None
-        """The runs (and their outlier units) `take_tail` handed to the block `_pack` is making."""
+        self._prepacked: tuple[SplitStore, torch.Tensor] | None = None
+        """The packed values (and their outlier units) `take_tail` handed to the block `_pack` is making."""
 
     @property
     def n_blocks(self) -> int:
@@ -150,9 +150,9 @@ class StreamingLayer(PackedLayer):
         owner, cfg = self.owner, self.owner.config
         if cfg.tail_values != "packed" or owner.nothing_quantized() or self.packed_length == 0:
             return
-        held = self.tail_runs.length
+        held = self.tail_packed.length
         stop = self.keys.shape[-2] - cfg.recent_window
-        bits = self.tail_runs.bits if self.tail_runs.runs else self.normal_bits[1]
+        bits = self.normal_bits[1] if self.tail_packed.store is None else store_bits(self.tail_packed.store)
         if stop - held < VALUE_PACK_TOKENS or bits == 16:
             return
         first = self.length - self.keys.shape[-2] + held
@@ -163,36 +163,39 @@ class StreamingLayer(PackedLayer):
         rotation = self.value_rotation()
         if rotation is not None:
             values = rotation.rotate(values)
-        outliers = self.tail_runs.outliers if self.tail_runs.runs else owner.stats.value_outliers(self.layer_idx)
-        self.tail_runs.append(self.build_value_store(values, outliers, bits), outliers)
+        outliers = (
+            owner.stats.value_outliers(self.layer_idx) if self.tail_packed.store is None else self.tail_packed.outliers
+        )
+        self.tail_packed.append(self.build_value_store(values, outliers, bits), outliers)
         self.values = self.values[..., stop - held :, :].clone()
 
     def tail_values(self) -> torch.Tensor:
         """`PackedLayer.tail_values`: the per-token packed values restored (and rotated back), then the exact ones,
         in the tail's dtype; made for each step's attention (a few tokens) and counted as its working memory."""
-        if not self.tail_runs.runs:
+        if self.tail_packed.store is None:
             return self.values
-        packed = self._restored_runs(self.tail_runs)
+        packed = self._restored_values(self.tail_packed.store)
         out = torch.cat([packed.to(self.values.dtype), self.values], dim=-2)
         self.owner.note_transient(tensor_bytes(packed, out))
         return out
 
-    def _restored_runs(self, runs: PackedTailValues) -> torch.Tensor:
-        """``runs`` dequantized in fp32 as attention sees values (rotated back where values are rotated)."""
-        packed = runs.restore(self.owner.value_quantizer)
+    def _restored_values(self, store: SplitStore) -> torch.Tensor:
+        """Values packed per token dequantized in fp32 as attention sees them (rotated back where values are
+        rotated)."""
+        packed = restore_values(store, self.owner.value_quantizer)
         rotation = self.value_rotation()
         return packed if rotation is None else rotation.unrotate(packed)
 
     def take_tail(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`PackedLayer.take_tail`; values packed per token come back restored (they serve the statistics and the
-        sink copies), their runs kept for `_pack`, which joins their codes into the block as they are."""
-        held = min(n, self.tail_runs.length)
+        sink copies), their store kept for `_pack`, which joins their codes into the block as they are."""
+        held = min(n, self.tail_packed.length)
         if held == 0:
             return super().take_tail(n)
-        outliers = self.tail_runs.outliers
-        runs = self.tail_runs.take(held)
-        restored = self._restored_runs(PackedTailValues(runs, outliers)).to(self.dtype)
-        self._prepacked = (runs, outliers)
+        outliers = self.tail_packed.outliers
+        store = self.tail_packed.take(held)
+        restored = self._restored_values(store).to(self.dtype)
+        self._prepacked = (store, outliers)
         keys = self.keys[..., :n, :]
         values = torch.cat([restored, self.values[..., : n - held, :].to(self.dtype)], dim=-2)
         self.keys = self.keys[..., n:, :].clone()
@@ -233,7 +236,7 @@ class StreamingLayer(PackedLayer):
         return torch.float16 if fits else torch.bfloat16
 
     def clear_packed(self) -> None:
-        self.tail_runs.clear()
+        self.tail_packed.clear()
         self._prepacked = None
         self.groups = []
         self.packed_length = 0
@@ -242,7 +245,7 @@ class StreamingLayer(PackedLayer):
 
     def select_packed_rows(self, index: torch.Tensor) -> None:
         self.groups = [group.select_rows(index) for group in self.groups]
-        self.tail_runs.select_rows(index)
+        self.tail_packed.select_rows(index)
         if self._sink_read is not None and self._sink_read[1] is not None:
             self._sink_read = (self._sink_read[0], tuple(t.index_select(0, index) for t in self._sink_read[1]))
 
@@ -267,7 +270,7 @@ class StreamingLayer(PackedLayer):
     def crop(self, tokens_to_remove: int) -> None:
         """`PackedLayer.crop`; a crop also means decoding has begun (assisted decoding crops after every
         verification, whose appends hold several tokens), so ``decode_storage: full_precision`` packs no more."""
-        if self.tail_runs.runs:
+        if self.tail_packed.store is not None:
             self._crop_tail(self.crop_length(tokens_to_remove))
         else:
             super().crop(tokens_to_remove)
@@ -280,10 +283,10 @@ class StreamingLayer(PackedLayer):
         if keep == self.length:
             return
         kept = keep - (self.length - self.keys.shape[-2])
-        held = self.tail_runs.length
+        held = self.tail_packed.length
         self.keys = self.keys[..., :kept, :].clone()
         if kept <= held:
-            self.tail_runs.keep_first(kept)
+            self.tail_packed.keep_first(kept)
             self.values = self.values[..., :0, :].clone()
         else:
             self.values = self.values[..., : kept - held, :].clone()
@@ -319,14 +322,13 @@ class StreamingLayer(PackedLayer):
         prepacked, self._prepacked = self._prepacked, None
         if prepacked is None:
             key_store, value_store = self.build_stores(keys, values, counted, self.normal_bits)
-        else:  # the runs' codes as they are, the rest of the block's values quantized alike (units and width)
-            runs, outliers = prepacked
-            taken = PackedTailValues(runs, outliers)
-            bits, held = taken.bits, taken.length
+        else:  # the packed codes as they are, the rest of the block's values quantized alike (units and width)
+            value_store, outliers = prepacked
+            held = store_tokens(value_store)
             key_store = self.build_key_store(keys, counted, self.normal_bits[0])
             if held < t:
-                runs = [*runs, self.build_value_store(values[..., held:, :], outliers, bits)]
-            value_store = SplitStore.join_tokens(runs)
+                rest = self.build_value_store(values[..., held:, :], outliers, store_bits(value_store))
+                value_store = SplitStore.join_tokens([value_store, rest])
         if cfg.bit_budget and owner.budget.ready:
             stored = key_store.nbytes() + value_store.nbytes()
             owner.budget.record(self.layer_idx, t, self.normal_bits[0], stored, 2 * values.numel())
@@ -353,15 +355,20 @@ class StreamingLayer(PackedLayer):
         else:
             self.groups.append(block)
 
-    def store_layout(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block's keys ``[1, B, H, D, T / span, span]`` (one range per channel and token group) and values
-        ``[1, B, H, D / group, T, group]`` (one range per token and channel group), as the stores hold them."""
-        cfg = self.owner.config
+    def key_layout(self, keys: torch.Tensor) -> torch.Tensor:
+        """A block's keys as the store holds them: ``[1, B, H, D, T / span, span]`` (one range per channel and
+        key token group)."""
+        group = self.owner.config.key_token_group
+        b, h, t, d = keys.shape
+        span = group if group and t % group == 0 else t
+        return keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span)
+
+    def value_layout(self, values: torch.Tensor) -> torch.Tensor:
+        """Values as the store holds them: ``[1, B, H, D / group, T, group]`` (one range per token and channel
+        group)."""
+        group = self.owner.config.value_quant_groups
         b, h, t, d = values.shape
-        span = cfg.key_token_group if cfg.key_token_group and t % cfg.key_token_group == 0 else t
-        group = cfg.value_quant_groups
-        key_units = keys.transpose(-1, -2).reshape(1, b, h, d, t // span, span)
-        return key_units, values.reshape(b, h, t, d // group, group).transpose(2, 3)[None]
+        return values.reshape(b, h, t, d // group, group).transpose(2, 3)[None]
 
     def build_stores(
         self, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor, bits: tuple[int, int]
@@ -374,7 +381,7 @@ class StreamingLayer(PackedLayer):
     def build_key_store(self, keys: torch.Tensor, counted: torch.Tensor, bits: int) -> SplitStore:
         """A block's keys (as stored) at normal width ``bits``, one range per channel and key token group."""
         owner, cfg = self.owner, self.owner.config
-        key_units, _ = self.store_layout(keys, keys)
+        key_units = self.key_layout(keys)
         *_, groups, span = key_units.shape
         return SplitStore.build(
             key_units,
@@ -391,7 +398,7 @@ class StreamingLayer(PackedLayer):
         """Values (as stored: rotated where configured) of any number of tokens at normal width ``bits``, one range
         per token and channel group, the ``outliers`` units ([B, H, N]) at the high width."""
         owner, cfg = self.owner, self.owner.config
-        _, value_units = self.store_layout(values, values)
+        value_units = self.value_layout(values)
         return SplitStore.build(
             value_units,
             outliers,
@@ -526,7 +533,7 @@ class StreamingLayer(PackedLayer):
         return keys.to(self.dtype), values.to(self.dtype)
 
     def packed_nbytes(self) -> int:
-        return sum(g.nbytes() for g in self.groups) + self.tail_runs.nbytes() + tensor_bytes(*self._sink_copies())
+        return sum(g.nbytes() for g in self.groups) + self.tail_packed.nbytes() + tensor_bytes(*self._sink_copies())
 
     def _sink_copies(self) -> tuple[torch.Tensor, ...]:
         """The kept read of the sinks (see `sink_tokens`), if built."""
@@ -546,7 +553,7 @@ class StreamingLayer(PackedLayer):
                 ledger.add_quantized(sinks.values, "sinks")
                 ledger.add("sinks", sinks.slots)
         ledger.add("sinks", *self._sink_copies())
-        self.tail_runs.ledger(ledger)
+        self.tail_packed.ledger(ledger)
 
 
 class StreamingQuantizedCache(PackedCache):
