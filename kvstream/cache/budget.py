@@ -95,25 +95,26 @@ class BitBudget:
             lengths.add(tail)
         for length in sorted(lengths, reverse=True):
             part = (t[..., :length, :] for t in (keys, values))
-            error, bits = self._costs_at(layer, *part, counted[:, :length])
-            costs.bits[length] = bits
-            if not costs.error:  # the error of the whole block decides the order of the widths
-                costs.error = error
+            # the error of the whole block decides the order of the widths; shorter lengths are only priced
+            error, costs.bits[length] = self._costs_at(layer, *part, counted[:, :length], errors=not costs.error)
+            costs.error = costs.error or error
         self.costs[layer.layer_idx] = costs
 
     @staticmethod
     def _costs_at(
-        layer: Any, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor
+        layer: Any, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor, errors: bool
     ) -> tuple[dict[int, float], dict[int, float]]:
+        """Per width: the relative squared error (when ``errors``; else none) and the bits per element."""
         owner = layer.owner
         elements = 2 * values.numel()
         key_shape, value_shape = layer.key_layout(keys), layer.value_layout(values)
         error, bits = {}, {}
         for width in WIDTHS:
             key_store, value_store = layer.build_stores(keys, values, counted, (width, width))
-            error[width] = _relative_error(key_store, owner.quantizer, key_shape) + _relative_error(
-                value_store, owner.value_quantizer, value_shape
-            )
+            if errors:
+                error[width] = _relative_error(key_store, owner.quantizer, key_shape) + _relative_error(
+                    value_store, owner.value_quantizer, value_shape
+                )
             bits[width] = 8 * (key_store.nbytes() + value_store.nbytes()) / elements
         return error, bits
 
@@ -157,18 +158,17 @@ class BitBudget:
         allowance = self.budget * (held_elements + sum(new_elements.values())) - held_bits - reserve - rope_rows
 
         widths = {i: WIDTHS[0] for i in new_elements}
-
-        def cost(i: int, width: int) -> float:
-            return self.margin * self.costs[i].bits_at(length, width) * new_elements[i]
-
-        spent = sum(cost(i, w) for i, w in widths.items())
+        cost = {  # layer -> width -> bits its new block costs
+            i: {w: self.margin * self.costs[i].bits_at(length, w) * n for w in WIDTHS} for i, n in new_elements.items()
+        }
+        spent = sum(cost[i][w] for i, w in widths.items())
         while True:
             best, best_gain, best_added = None, 0.0, 0.0
             for i, width in widths.items():
                 if width == WIDTHS[-1]:
                     continue
                 wider = WIDTHS[WIDTHS.index(width) + 1]
-                added = cost(i, wider) - cost(i, width)
+                added = cost[i][wider] - cost[i][width]
                 gain = (self.costs[i].error[width] - self.costs[i].error[wider]) / max(added, 1e-9)
                 if spent + added <= allowance and gain > best_gain:
                     best, best_gain, best_added = i, gain, added

@@ -14,7 +14,7 @@ outlier channels / groups named by the statistics manager are stored at the high
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,13 +47,18 @@ class BlockGroup:
     values: SplitStore
     sinks: list[tuple[int, SinkStore]]
     """(block index inside the group, its sink copies)."""
+    _nbytes: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return self.block_len * self.n_blocks
 
     def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes() + sum(s.nbytes() for _, s in self.sinks)
+        """Bytes the group holds, counted once: a group is replaced, never edited (the budget and the peak ask
+        for every layer's bytes at each step)."""
+        if self._nbytes is None:
+            self._nbytes = self.keys.nbytes() + self.values.nbytes() + sum(s.nbytes() for _, s in self.sinks)
+        return self._nbytes
 
     def absorb(self, other: BlockGroup) -> BlockGroup | None:
         """This group followed by ``other`` as one group when their layouts agree, else None."""
@@ -597,12 +602,12 @@ class StreamingQuantizedCache(PackedCache):
         value_quantizer = (
             None if config.value_quantizer == "same" else registry.get("quantizers", config.value_quantizer)()
         )
-        for field, built in (("quantizer", quantizer), ("value_quantizer", value_quantizer)):
+        for setting, built in (("quantizer", quantizer), ("value_quantizer", value_quantizer)):
             if built is not None and config.scale_bits != 16:
                 if not hasattr(built, "scale_bits"):
                     raise ConfigError(
                         f"scale_bits: {config.scale_bits} needs a quantizer that stores 8-bit scales; "
-                        f"{field} {type(built).__name__} does not (use scale_bits: 16)"
+                        f"{setting} {type(built).__name__} does not (use scale_bits: 16)"
                     )
                 built.scale_bits = config.scale_bits
         if config.sparse_outlier_fraction:
@@ -628,9 +633,9 @@ class StreamingQuantizedCache(PackedCache):
         sits between the stored keys and RoPE), and pre-RoPE keys need a rotary in the kernels' layout that
         the block-wise angle-addition rule reproduces (checked on a probe)."""
         cfg = self.config
-        for field, quantizer in (("quantizer", self.quantizer), ("value_quantizer", self.value_quantizer)):
+        for setting, quantizer in (("quantizer", self.quantizer), ("value_quantizer", self.value_quantizer)):
             if not callable(getattr(quantizer, "level_table", None)):
-                return f"{field} {type(quantizer).__name__} declares no packed format the kernels read"
+                return f"{setting} {type(quantizer).__name__} declares no packed format the kernels read"
         if cfg.rotation in ("keys", "both"):
             return f"rotation: {cfg.rotation} (rotated keys are stored before RoPE)"
         if cfg.key_rope != "pre":

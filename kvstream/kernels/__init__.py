@@ -52,14 +52,10 @@ class PackedDecode:
                 tail_visible = mask[:, 0, -1, column : column + keys.shape[2]].bool().contiguous()
             exact.append([keys, values, tail_visible])
         rotation = layer.value_rotation()
-        if rotation is None:
-            state.merge(*self.attention(layer, q, visible, exact))
-            return
-        # values stored rotated: the blocks' output is rotated back once per head, the exact tokens read apart
-        acc, m, norm = self.attention(layer, q, visible, [])
-        state.merge(rotation.unrotate(acc), m, norm)
-        if exact:
-            state.merge(*self.attention(layer, q, visible, exact, blocks=False))
+        if rotation is not None:  # values stored rotated: the exact ones join them in that basis, one call reads all
+            exact = [[keys, rotation.rotate(values).contiguous(), seen] for keys, values, seen in exact]
+        acc, m, norm = self.attention(layer, q, visible, exact)
+        state.merge(acc if rotation is None else rotation.unrotate(acc), m, norm)  # rotated back once per head
 
 
 class TritonDecode:

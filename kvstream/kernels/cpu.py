@@ -162,14 +162,14 @@ def group_args(layer: Any, groups_: list[Any] | None = None) -> tuple[list[list[
 
 
 def decode_attention(
-    layer: Any, q: torch.Tensor, visible: torch.Tensor, exact: list[list[torch.Tensor]], blocks: bool = True
+    layer: Any, q: torch.Tensor, visible: torch.Tensor, exact: list[list[torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(acc, m, l)`` of grouped queries ``q`` over every packed block of ``layer`` (tokens of ``visible``;
-    none when not ``blocks``) and the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel.
-    The blocks' arguments are gathered once per set of block groups (groups are replaced, never edited)."""
+    """``(acc, m, l)`` of grouped queries ``q`` over every packed block of ``layer`` (tokens of ``visible``) and
+    the ``exact`` fp32 segments ``[keys, values, visible]``, merged in the kernel. The blocks' arguments are
+    gathered once per set of block groups (groups are replaced, never edited)."""
     from kvstream.kernels import per_groups
 
-    groups, meta = per_groups(layer, "cpu arguments", lambda: group_args(layer)) if blocks else ([], [])
+    groups, meta = per_groups(layer, "cpu arguments", lambda: group_args(layer))
     return extension().packed_decode(q, groups, meta, visible, exact)
 
 
