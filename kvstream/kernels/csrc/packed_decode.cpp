@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -229,23 +230,52 @@ struct Exact {
 
 namespace {
 
-// Softmax partial of `T` scores per query row (in place: scores become probabilities); returns via m, l.
+// e^x for x <= 0 (a score minus its row maximum), written branch-free so that the softmax loop vectorizes
+// where the C library's expf does not: 2^n from the exponent bits times a degree-6 polynomial of the rest
+// (relative error about 2e-7; x below -87.3, whose e^x is under float's normal range, gives 0).
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.3f);
+  const float round = 12582912.0f;  // 1.5 * 2^23: adding and taking it away rounds to the nearest integer
+  const float n = (clamped * 1.44269504f + round) - round;
+  const float r = (clamped - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 split in two for an exact product
+  float poly = 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.3f ? 0.0f : poly * scale;
+}
+
+// Softmax partial of `T` scores per query row (in place: scores become probabilities); returns via m, l. The
+// maximum and the sum run in sixteen lanes, so that they vectorize too.
 inline void softmax_rows(float* scores, int64_t R, int64_t T, const bool* vis, float* m_out, float* l_out) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < R; ++r) {
-    float* sc = scores + r * T;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < T; ++t) {
-      if (!vis[t]) sc[t] = -std::numeric_limits<float>::infinity();
-      mx = std::max(mx, sc[t]);
-    }
+    float* __restrict__ sc = scores + r * T;
+    for (int64_t t = 0; t < T; ++t) sc[t] = vis[t] ? sc[t] : -inf;
+    float lanes[16];
+    std::fill(lanes, lanes + 16, -inf);
+    int64_t t = 0;
+    for (; t + 16 <= T; t += 16)
+      for (int j = 0; j < 16; ++j) lanes[j] = std::max(lanes[j], sc[t + j]);
+    float mx = -inf;
+    for (; t < T; ++t) mx = std::max(mx, sc[t]);
+    for (float lane : lanes) mx = std::max(mx, lane);
     float sum = 0.0f;
     if (std::isinf(mx)) {
       std::fill(sc, sc + T, 0.0f);
     } else {
-      for (int64_t t = 0; t < T; ++t) {
-        sc[t] = vis[t] ? std::exp(sc[t] - mx) : 0.0f;
-        sum += sc[t];
-      }
+      for (int64_t t = 0; t < T; ++t) sc[t] = exp_nonpositive(sc[t] - mx);  // -inf (not visible) gives 0
+      std::fill(lanes, lanes + 16, 0.0f);
+      for (t = 0; t + 16 <= T; t += 16)
+        for (int j = 0; j < 16; ++j) lanes[j] += sc[t + j];
+      for (; t < T; ++t) sum += sc[t];
+      for (float lane : lanes) sum += lane;
     }
     m_out[r] = mx;
     l_out[r] = sum;
@@ -264,29 +294,67 @@ struct Scratch {
   }
 };
 
+// The angle of channel pair (c, c + D/2) at each token of block s, batch row b: cos and sin of the block's first
+// position plus the in-block offset, by angle addition (channels c and c + D/2 turn alike: BlockRope.check).
+struct PairAngle {
+  float bc, bs;
+  const float *oc, *os;
+  PairAngle(const Group& g, int64_t s, int64_t b, int64_t B, int64_t D, int64_t c)
+      : bc(g.bcos[(s * B + b) * D + c]), bs(g.bsin[(s * B + b) * D + c]), oc(g.ocos + c * g.T), os(g.osin + c * g.T) {}
+  float cos(int64_t t) const { return bc * oc[t] - bs * os[t]; }
+  float sin(int64_t t) const { return bs * oc[t] + bc * os[t]; }
+};
+
 // Key channel c of block s of one (batch row, head) dequantized into w.ka; with RoPE, channel c + D/2 too
-// (into w.kb) and both rotated at the block's tokens by angle addition from the block's first position.
-void key_pair(const Group& g, int64_t s, int64_t b, int64_t sbh, int64_t B, int64_t D, int64_t c, Scratch& w) {
+// (into w.kb), both still unrotated.
+void key_pair(const Group& g, int64_t sbh, int64_t D, int64_t c, Scratch& w) {
   const int64_t T = g.T;
-  float *ka = w.ka.data(), *kb = w.kb.data();
   int64_t row_a = 0;
   const Part& pa = locate(g.ks, sbh, c, row_a);
-  decode(pa, row_a * T, T, ka);
-  dequantize_keys(pa, row_a, T, g.key_groups, ka);
+  decode(pa, row_a * T, T, w.ka.data());
+  dequantize_keys(pa, row_a, T, g.key_groups, w.ka.data());
   if (g.ocos == nullptr) return;
-  const int64_t c2 = c + D / 2;
   int64_t row_b = 0;
-  const Part& pb = locate(g.ks, sbh, c2, row_b);
-  decode(pb, row_b * T, T, kb);
-  dequantize_keys(pb, row_b, T, g.key_groups, kb);
-  // channels c and c + D/2 turn alike (BlockRope.check): one angle per pair and token
-  const float bc = g.bcos[(s * B + b) * D + c], bs = g.bsin[(s * B + b) * D + c];
-  const float *oc = g.ocos + c * T, *os = g.osin + c * T;
+  const Part& pb = locate(g.ks, sbh, c + D / 2, row_b);
+  decode(pb, row_b * T, T, w.kb.data());
+  dequantize_keys(pb, row_b, T, g.key_groups, w.kb.data());
+}
+
+// Scores of NR query rows (q: channel c of row r at qa[r * D], channel c + D/2 at qc[r * D]) against one
+// dequantized key channel pair rotated at each token, added to sc (row stride T): the rotation is computed
+// once for every row, and the rows stay in registers while the loop runs over tokens.
+template <int NR>
+inline void pair_scores(const float* __restrict__ ka, const float* __restrict__ kb, const PairAngle& angle,
+                        const float* qa, const float* qc, int64_t D, int64_t T, float* __restrict__ sc) {
+  float a[NR], c[NR];
+  for (int r = 0; r < NR; ++r) a[r] = qa[r * D], c[r] = qc[r * D];
   for (int64_t t = 0; t < T; ++t) {
-    const float xa = ka[t], xb = kb[t];
-    const float cos_t = bc * oc[t] - bs * os[t], sin_t = bs * oc[t] + bc * os[t];
-    ka[t] = xa * cos_t - xb * sin_t;
-    kb[t] = xb * cos_t + xa * sin_t;
+    const float cos_t = angle.cos(t), sin_t = angle.sin(t);
+    const float xa = ka[t] * cos_t - kb[t] * sin_t, xb = kb[t] * cos_t + ka[t] * sin_t;
+    for (int r = 0; r < NR; ++r) sc[r * T + t] += a[r] * xa + c[r] * xb;
+  }
+}
+
+// The same for one unrotated key channel (post-RoPE keys): qa[r * D] against ka.
+template <int NR>
+inline void channel_scores(const float* __restrict__ ka, const float* qa, int64_t D, int64_t T,
+                           float* __restrict__ sc) {
+  float a[NR];
+  for (int r = 0; r < NR; ++r) a[r] = qa[r * D];
+  for (int64_t t = 0; t < T; ++t)
+    for (int r = 0; r < NR; ++r) sc[r * T + t] += a[r] * ka[t];
+}
+
+// Rows r0 .. R - 1 taken four at a time (the last take one to three): NR is a compile-time count.
+template <typename F>
+inline void by_rows(int64_t R, F&& f) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= R; r0 += 4) f(r0, std::integral_constant<int, 4>{});
+  switch (R - r0) {
+    case 3: f(r0, std::integral_constant<int, 3>{}); break;
+    case 2: f(r0, std::integral_constant<int, 2>{}); break;
+    case 1: f(r0, std::integral_constant<int, 1>{}); break;
+    default: break;
   }
 }
 
@@ -302,16 +370,17 @@ void block_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, int6
 
   // keys: channel pairs (c, c + D/2), rotated like rotate_half RoPE, dotted with every query row
   for (int64_t c = 0; c < (rotate ? half : D); ++c) {
-    key_pair(g, s, b, sbh, B, D, c, w);
-    for (int64_t r = 0; r < R; ++r) {
-      const float qa = qb[r * D + c];
-      float* sc = scores + r * T;
-      if (!rotate) {
-        for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t];
-        continue;
-      }
-      const float qc = qb[r * D + c + half];
-      for (int64_t t = 0; t < T; ++t) sc[t] += qa * ka[t] + qc * kb[t];
+    key_pair(g, sbh, D, c, w);
+    if (rotate) {
+      const PairAngle angle(g, s, b, B, D, c);
+      by_rows(R, [&](int64_t r0, auto nr) {
+        pair_scores<decltype(nr)::value>(ka, kb, angle, qb + r0 * D + c, qb + r0 * D + c + half, D, T,
+                                         scores + r0 * T);
+      });
+    } else {
+      by_rows(R, [&](int64_t r0, auto nr) {
+        channel_scores<decltype(nr)::value>(ka, qb + r0 * D + c, D, T, scores + r0 * T);
+      });
     }
   }
   softmax_rows(scores, R, T, vis, m_out, l_out);
@@ -356,10 +425,16 @@ void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, in
   const bool rotate = g.ocos != nullptr;
   const float *ka = w.ka.data(), *kb = w.kb.data();
   for (int64_t c = 0; c < (rotate ? half : D); ++c) {
-    key_pair(g, s, b, sbh, B, D, c, w);
-    for (int64_t t = 0; t < T; ++t) k_out[t * D + c] = ka[t];
-    if (rotate) {
-      for (int64_t t = 0; t < T; ++t) k_out[t * D + c + half] = kb[t];
+    key_pair(g, sbh, D, c, w);
+    if (!rotate) {
+      for (int64_t t = 0; t < T; ++t) k_out[t * D + c] = ka[t];
+      continue;
+    }
+    const PairAngle angle(g, s, b, B, D, c);
+    for (int64_t t = 0; t < T; ++t) {
+      const float cos_t = angle.cos(t), sin_t = angle.sin(t);
+      k_out[t * D + c] = ka[t] * cos_t - kb[t] * sin_t;
+      k_out[t * D + c + half] = kb[t] * cos_t + ka[t] * sin_t;
     }
   }
   for (int64_t grp = 0; grp < g.vs.units; ++grp) {
