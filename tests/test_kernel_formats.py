@@ -35,6 +35,7 @@ formats = st.fixed_dictionaries(
         "value_symmetric": st.booleans(),
         "scale_bits": st.sampled_from([16, 8]),
         "tail_values": st.sampled_from(["exact", "packed"]),
+        "value_quant_groups": st.sampled_from([8, 16]),  # 16: whole 32-bit words of 2-bit codes per token
     }
 )
 
@@ -46,7 +47,6 @@ def _config(fmt: dict) -> CompressionConfig:
         **fmt,
         key_token_group=fmt["chunk_size"] // share if share else 0,
         tail_block=fmt["chunk_size"] // tail if tail else 0,
-        value_quant_groups=8,
         outlier_threshold_abs=0.0,
         outlier_threshold_relative=1.5,  # outlier units in most blocks
         max_outlier_fraction=0.25,
@@ -68,6 +68,7 @@ PRESET_LIKE = dict(
     value_symmetric=True,
     scale_bits=8,
     tail_values="packed",
+    value_quant_groups=16,
 )
 
 
