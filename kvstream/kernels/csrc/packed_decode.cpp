@@ -146,6 +146,9 @@ inline int64_t two_bit_words(const uint8_t* b, int64_t n, const float* table, fl
   for (; i + 16 <= n; i += 16) {
     uint32_t word;
     std::memcpy(&word, b + i / 4, sizeof word);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    word = __builtin_bswap32(word);  // the stream is little-endian whatever the machine is
+#endif
     const v16i code = __builtin_convertvector(((v16u{} + word) >> shifts) & 3u, v16i);
     const v16f x = table != nullptr ? __builtin_shuffle(levels, code) : __builtin_convertvector(code, v16f);
     std::memcpy(out + i, &x, sizeof x);
