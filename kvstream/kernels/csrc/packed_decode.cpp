@@ -64,7 +64,8 @@ Meta make_meta(const at::Tensor& t) {
 
 // Every value of one byte of packed codes as the levels its codes stand for: [256][8 / bits] for 2-, 4- and
 // 8-bit codes; for 3-bit codes, whose bytes straddle codes, [64][2] (two codes of six bits). One table lookup and
-// a fixed-size copy then decode several codes, where shifting and converting code by code does not vectorize.
+// a fixed-size copy then decode several codes, where shifting and converting code by code does not vectorize
+// (2-bit codes go sixteen at a time through `two_bit_words` first; the tables take what is left).
 struct ByteLevels {
   std::vector<float> levels;  // empty for other widths (the generic bit loop decodes them)
 };
