@@ -68,6 +68,7 @@ Meta make_meta(const at::Tensor& t) {
 // (2-bit codes go sixteen at a time through `two_bit_words` first; the tables take what is left).
 struct ByteLevels {
   std::vector<float> levels;  // empty for other widths (the generic bit loop decodes them)
+  float lanes[16] = {};       // 2-bit codes: the level of code j % 4 at lane j, the vector `two_bit_words` reads
 };
 
 std::shared_ptr<const ByteLevels> byte_levels(int bits, const float* table) {
@@ -82,6 +83,9 @@ std::shared_ptr<const ByteLevels> byte_levels(int bits, const float* table) {
       const uint32_t code = (e >> (bits * j)) & mask;
       out->levels[e * per_entry + j] = table ? table[code] : static_cast<float>(code);
     }
+  }
+  if (bits == 2) {
+    for (int j = 0; j < 16; ++j) out->lanes[j] = table ? table[j & 3] : static_cast<float>(j & 3);
   }
   return out;
 }
@@ -130,19 +134,17 @@ Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
 }
 
 // The first n - n % 16 of n 2-bit codes (four bytes, sixteen codes at a time) as levels: every code shifted
-// out of the word at once, then converted (uniform) or looked up among the four levels of `table` by a vector
-// shuffle; returns how many were decoded. GCC's vector extensions; other compilers decode none here and the
-// byte tables serve every code.
-inline int64_t two_bit_words(const uint8_t* b, int64_t n, const float* table, float* out) {
+// out of the word at once, then looked up among the four levels (`ByteLevels::lanes`, uniform codes or the
+// quantizer's table) by a vector shuffle; returns how many were decoded. GCC's vector extensions; other
+// compilers decode none here and the byte tables serve every code.
+inline int64_t two_bit_words(const uint8_t* b, int64_t n, const float* lanes, float* out) {
 #if defined(__GNUC__) && !defined(__clang__)
   typedef uint32_t v16u __attribute__((vector_size(64)));
   typedef int32_t v16i __attribute__((vector_size(64)));
   typedef float v16f __attribute__((vector_size(64)));
   const v16u shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  v16f levels = {};
-  if (table != nullptr) {
-    for (int j = 0; j < 16; ++j) levels[j] = table[j & 3];
-  }
+  v16f levels;
+  std::memcpy(&levels, lanes, sizeof levels);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     uint32_t word;
@@ -151,7 +153,7 @@ inline int64_t two_bit_words(const uint8_t* b, int64_t n, const float* table, fl
     word = __builtin_bswap32(word);  // the stream is little-endian whatever the machine is
 #endif
     const v16i code = __builtin_convertvector(((v16u{} + word) >> shifts) & 3u, v16i);
-    const v16f x = table != nullptr ? __builtin_shuffle(levels, code) : __builtin_convertvector(code, v16f);
+    const v16f x = __builtin_shuffle(levels, code);
     std::memcpy(out + i, &x, sizeof x);
   }
   return i;
@@ -189,7 +191,7 @@ inline void decode(const Part& p, int64_t e0, int64_t n, float* out) {
   }
   if (bits == 2 && (e0 & 3) == 0 && (n & 3) == 0) {
     const uint8_t* b = codes + (e0 >> 2);
-    const int64_t vectored = two_bit_words(b, n, p.table, out);
+    const int64_t vectored = two_bit_words(b, n, p.bytes->lanes, out);
     for (int64_t i = vectored / 4; i < n / 4; ++i) std::memcpy(out + 4 * i, levels + 4 * b[i], 4 * sizeof(float));
     return;
   }
@@ -284,31 +286,33 @@ inline float exp_nonpositive(float x) {
   return x < -87.3f ? 0.0f : poly * scale;
 }
 
-// Softmax partial of `T` scores per query row (in place: scores become probabilities); returns via m, l. The
-// maximum and the sum run in sixteen lanes, so that they vectorize too.
+// op over x[0 .. T - 1] from `init`, in sixteen lanes so that the loop vectorizes (op associative and commutative).
+template <typename Op>
+inline float reduce16(const float* x, int64_t T, float init, Op op) {
+  float lanes[16];
+  std::fill(lanes, lanes + 16, init);
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16)
+    for (int j = 0; j < 16; ++j) lanes[j] = op(lanes[j], x[t + j]);
+  float out = init;
+  for (; t < T; ++t) out = op(out, x[t]);
+  for (float lane : lanes) out = op(out, lane);
+  return out;
+}
+
+// Softmax partial of `T` scores per query row (in place: scores become probabilities); returns via m, l.
 inline void softmax_rows(float* scores, int64_t R, int64_t T, const bool* vis, float* m_out, float* l_out) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < R; ++r) {
     float* __restrict__ sc = scores + r * T;
     for (int64_t t = 0; t < T; ++t) sc[t] = vis[t] ? sc[t] : -inf;
-    float lanes[16];
-    std::fill(lanes, lanes + 16, -inf);
-    int64_t t = 0;
-    for (; t + 16 <= T; t += 16)
-      for (int j = 0; j < 16; ++j) lanes[j] = std::max(lanes[j], sc[t + j]);
-    float mx = -inf;
-    for (; t < T; ++t) mx = std::max(mx, sc[t]);
-    for (float lane : lanes) mx = std::max(mx, lane);
+    const float mx = reduce16(sc, T, -inf, [](float a, float b) { return std::max(a, b); });
     float sum = 0.0f;
     if (std::isinf(mx)) {
       std::fill(sc, sc + T, 0.0f);
     } else {
       for (int64_t t = 0; t < T; ++t) sc[t] = exp_nonpositive(sc[t] - mx);  // -inf (not visible) gives 0
-      std::fill(lanes, lanes + 16, 0.0f);
-      for (t = 0; t + 16 <= T; t += 16)
-        for (int j = 0; j < 16; ++j) lanes[j] += sc[t + j];
-      for (; t < T; ++t) sum += sc[t];
-      for (float lane : lanes) sum += lane;
+      sum = reduce16(sc, T, 0.0f, [](float a, float b) { return a + b; });
     }
     m_out[r] = mx;
     l_out[r] = sum;
@@ -334,8 +338,12 @@ struct PairAngle {
   const float *oc, *os;
   PairAngle(const Group& g, int64_t s, int64_t b, int64_t B, int64_t D, int64_t c)
       : bc(g.bcos[(s * B + b) * D + c]), bs(g.bsin[(s * B + b) * D + c]), oc(g.ocos + c * g.T), os(g.osin + c * g.T) {}
-  float cos(int64_t t) const { return bc * oc[t] - bs * os[t]; }
-  float sin(int64_t t) const { return bs * oc[t] + bc * os[t]; }
+  // channels (c, c + D/2) at token t, (ka, kb), turned like rotate_half RoPE into (xa, xb)
+  void turn(int64_t t, float ka, float kb, float& xa, float& xb) const {
+    const float cos_t = bc * oc[t] - bs * os[t], sin_t = bs * oc[t] + bc * os[t];
+    xa = ka * cos_t - kb * sin_t;
+    xb = kb * cos_t + ka * sin_t;
+  }
 };
 
 // Key channel c of block s of one (batch row, head) dequantized into w.ka; with RoPE, channel c + D/2 too
@@ -362,8 +370,8 @@ inline void pair_scores(const float* __restrict__ ka, const float* __restrict__ 
   float a[NR], c[NR];
   for (int r = 0; r < NR; ++r) a[r] = qa[r * D], c[r] = qc[r * D];
   for (int64_t t = 0; t < T; ++t) {
-    const float cos_t = angle.cos(t), sin_t = angle.sin(t);
-    const float xa = ka[t] * cos_t - kb[t] * sin_t, xb = kb[t] * cos_t + ka[t] * sin_t;
+    float xa, xb;
+    angle.turn(t, ka[t], kb[t], xa, xb);
     for (int r = 0; r < NR; ++r) sc[r * T + t] += a[r] * xa + c[r] * xb;
   }
 }
@@ -464,11 +472,7 @@ void restore_item(const Group& g, int64_t s, int64_t b, int64_t h, int64_t B, in
       continue;
     }
     const PairAngle angle(g, s, b, B, D, c);
-    for (int64_t t = 0; t < T; ++t) {
-      const float cos_t = angle.cos(t), sin_t = angle.sin(t);
-      k_out[t * D + c] = ka[t] * cos_t - kb[t] * sin_t;
-      k_out[t * D + c + half] = kb[t] * cos_t + ka[t] * sin_t;
-    }
+    for (int64_t t = 0; t < T; ++t) angle.turn(t, ka[t], kb[t], k_out[t * D + c], k_out[t * D + c + half]);
   }
   for (int64_t grp = 0; grp < g.vs.units; ++grp) {
     int64_t vrow = 0;
