@@ -65,10 +65,10 @@ Meta make_meta(const at::Tensor& t) {
 // Every value of one byte of packed codes as the levels its codes stand for: [256][8 / bits] for 2-, 4- and
 // 8-bit codes; for 3-bit codes, whose bytes straddle codes, [64][2] (two codes of six bits). One table lookup and
 // a fixed-size copy then decode several codes, where shifting and converting code by code does not vectorize
-// (2-bit codes go sixteen at a time through `two_bit_words` first; the tables take what is left).
+// (codes of 2 to 4 bits go sixteen at a time through `word_codes` first; the tables take what is left).
 struct ByteLevels {
   std::vector<float> levels;  // empty for other widths (the generic bit loop decodes them)
-  float lanes[16] = {};       // 2-bit codes: the level of code j % 4 at lane j, the vector `two_bit_words` reads
+  float lanes[16] = {};       // 2- to 4-bit codes: the level of code j % 2**bits at lane j, what `word_codes` reads
 };
 
 std::shared_ptr<const ByteLevels> byte_levels(int bits, const float* table) {
@@ -84,8 +84,8 @@ std::shared_ptr<const ByteLevels> byte_levels(int bits, const float* table) {
       out->levels[e * per_entry + j] = table ? table[code] : static_cast<float>(code);
     }
   }
-  if (bits == 2) {
-    for (int j = 0; j < 16; ++j) out->lanes[j] = table ? table[j & 3] : static_cast<float>(j & 3);
+  if (bits <= 4) {
+    for (uint32_t j = 0; j < 16; ++j) out->lanes[j] = table ? table[j & mask] : static_cast<float>(j & mask);
   }
   return out;
 }
@@ -133,27 +133,37 @@ Part make_part(const at::Tensor& codes, const at::Tensor& scale, const at::Tenso
   return p;
 }
 
-// The first n - n % 16 of n 2-bit codes (four bytes, sixteen codes at a time) as levels: every code shifted
-// out of the word at once, then looked up among the four levels (`ByteLevels::lanes`, uniform codes or the
-// quantizer's table) by a vector shuffle; returns how many were decoded. GCC's vector extensions; other
-// compilers decode none here and the byte tables serve every code.
-inline int64_t two_bit_words(const uint8_t* b, int64_t n, const float* lanes, float* out) {
+// The first n - n % 16 of n codes of BITS (2 to 4) bits whose stream starts at byte b, sixteen codes (2 * BITS
+// bytes) at a time, as levels: each half's eight codes shifted out of one little-endian word together, then
+// looked up among the levels (`ByteLevels::lanes`, uniform codes or the quantizer's table) by a vector
+// shuffle; returns how many were decoded. GCC's vector extensions; other compilers decode none here and the
+// byte tables serve every code.
+template <int BITS>
+inline int64_t word_codes(const uint8_t* b, int64_t n, const float* lanes, float* out) {
 #if defined(__GNUC__) && !defined(__clang__)
   typedef uint32_t v16u __attribute__((vector_size(64)));
   typedef int32_t v16i __attribute__((vector_size(64)));
   typedef float v16f __attribute__((vector_size(64)));
-  const v16u shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  constexpr uint32_t h = BITS == 2 ? 16 : 0;  // 2 bits: one word holds all sixteen codes
+  const v16u shifts = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS, h, h + BITS, h + 2 * BITS,
+                       h + 3 * BITS, h + 4 * BITS, h + 5 * BITS, h + 6 * BITS, h + 7 * BITS};
   v16f levels;
   std::memcpy(&levels, lanes, sizeof levels);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    uint32_t word;
-    std::memcpy(&word, b + i / 4, sizeof word);
+  const auto word = [](const uint8_t* w) {  // four bytes, little-endian whatever the machine is
+    uint32_t x;
+    std::memcpy(&x, w, sizeof x);
 #if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    word = __builtin_bswap32(word);  // the stream is little-endian whatever the machine is
+    x = __builtin_bswap32(x);
 #endif
-    const v16i code = __builtin_convertvector(((v16u{} + word) >> shifts) & 3u, v16i);
-    const v16f x = __builtin_shuffle(levels, code);
+    return x;
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {  // 2 * BITS bytes: the low half's eight codes, then the high half's
+    const uint8_t* w = b + i / 8 * BITS;
+    const uint32_t lo = word(w), hi = BITS == 2 ? lo : word(w + 2 * BITS - 4) >> (8 * (4 - BITS));
+    const v16u halves = {lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi};
+    const v16f x = __builtin_shuffle(levels, __builtin_convertvector((halves >> shifts) & mask, v16i));
     std::memcpy(out + i, &x, sizeof x);
   }
   return i;
@@ -179,25 +189,26 @@ inline void decode(const Part& p, int64_t e0, int64_t n, float* out) {
   }
   if (bits == 4 && (e0 & 1) == 0 && (n & 1) == 0) {
     const uint8_t* b = codes + (e0 >> 1);
-    if (p.table == nullptr) {  // so do the two nibbles of a byte
+    if (p.table == nullptr) {  // uniform: the two nibbles of a byte convert in a loop that vectorizes
       for (int64_t i = 0; i < n / 2; ++i) {
         out[2 * i] = static_cast<float>(b[i] & 15);
         out[2 * i + 1] = static_cast<float>(b[i] >> 4);
       }
     } else {
-      for (int64_t i = 0; i < n / 2; ++i) std::memcpy(out + 2 * i, levels + 2 * b[i], 2 * sizeof(float));
+      const int64_t words = word_codes<4>(b, n, p.bytes->lanes, out);
+      for (int64_t i = words / 2; i < n / 2; ++i) std::memcpy(out + 2 * i, levels + 2 * b[i], 2 * sizeof(float));
     }
     return;
   }
   if (bits == 2 && (e0 & 3) == 0 && (n & 3) == 0) {
     const uint8_t* b = codes + (e0 >> 2);
-    const int64_t vectored = two_bit_words(b, n, p.bytes->lanes, out);
-    for (int64_t i = vectored / 4; i < n / 4; ++i) std::memcpy(out + 4 * i, levels + 4 * b[i], 4 * sizeof(float));
+    const int64_t words = word_codes<2>(b, n, p.bytes->lanes, out);
+    for (int64_t i = words / 4; i < n / 4; ++i) std::memcpy(out + 4 * i, levels + 4 * b[i], 4 * sizeof(float));
     return;
   }
   if (bits == 3 && (e0 & 7) == 0 && (n & 7) == 0) {  // eight codes in three bytes, two codes per lookup
     const uint8_t* b = codes + (e0 >> 3) * 3;
-    for (int64_t i = 0; i < n / 8; ++i) {
+    for (int64_t i = word_codes<3>(b, n, p.bytes->lanes, out) / 8; i < n / 8; ++i) {
       const uint32_t word = b[3 * i] | (static_cast<uint32_t>(b[3 * i + 1]) << 8) |
                             (static_cast<uint32_t>(b[3 * i + 2]) << 16);
       for (int j = 0; j < 4; ++j) std::memcpy(out + 8 * i + 2 * j, levels + 2 * ((word >> (6 * j)) & 63u), 8);
