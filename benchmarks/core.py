@@ -167,19 +167,19 @@ def measure_memory(model, ids, configs: dict[str, CompressionConfig], chunk: int
 END_KINDS = ("codes", "scales", "zero_points", "indices", "sinks", "full_precision_tail", "block_rope", "rotation")
 """Kinds of bytes shown apart in the end-of-generation table; the rest (position tables) under `other`."""
 
-END_TARGETS = {"kvstream 4/8 + tail": 4.35, "preset bits-3.3": 3.3, "preset bits-2.5": 2.5}
+END_TARGETS = {"kvstream 4/8 + tail": 4.35, "preset bits-4.35": 4.35, "preset bits-3.3": 3.3, "preset bits-2.5": 2.5}
 
 
 def end_configs() -> dict[str, CompressionConfig]:
     """The caches whose bits are measured after a generation: plain widths with and without the tail
-    packing, the budget presets (which pack their tail), and 4/8 + tail and the presets with their values packed
-    per token (``tail_values: packed``)."""
+    packing, the budget presets (which pack their tail), and 4/8 + tail and the 2.5- and 3.3-bit presets with their
+    values packed per token (``tail_values: packed``, which ``bits-4.35`` already sets)."""
     tail = dict(tail_block=32, exact_storage="16bit")
     out = {}
     for bits in (4, 3, 2):
         out[f"kvstream {bits}/8"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits)
         out[f"kvstream {bits}/8 + tail"] = CompressionConfig(key_bits_normal=bits, value_bits_normal=bits, **tail)
-    for preset in LONG_PRESETS:
+    for preset in BUDGET_PRESETS:
         out[f"preset {preset}"] = CompressionConfig.from_yaml(preset)
     out["kvstream 4/8 + tail, values packed per token"] = out["kvstream 4/8 + tail"].replace(tail_values="packed")
     for preset in LONG_PRESETS:
@@ -208,12 +208,22 @@ def measure_end_bits(model, ids, configs: dict[str, CompressionConfig], chunk: i
 REFERENCE_PATH = "kvstream 4/8, reference path"
 """kvstream 4/8 with its fused kernels off (KVSTREAM_KERNELS=0): what the kernels buy, measured in the same run."""
 
-SPEED_PRESETS = ("bits-2.5", "bits-3.3", "aggressive-2bit", "kvquant-like", "kivi-like", "conservative-8bit")
+SPEED_PRESETS = (
+    "bits-2.5",
+    "bits-3.3",
+    "bits-4.35",
+    "aggressive-2bit",
+    "kvquant-like",
+    "kivi-like",
+    "conservative-8bit",
+)
 """The quantizing presets of ``configs/`` timed beside kvstream 4/8 (``base`` is 4/8 itself and
-``full-precision`` the 16-bit streaming path); above 8k only the budget presets run, to keep the
+``full-precision`` the 16-bit streaming path); above 8k only bits-2.5 and bits-3.3 run, to keep the
 run within an hour on two cores."""
 
 LONG_PRESETS = ("bits-2.5", "bits-3.3")
+BUDGET_PRESETS = ("bits-4.35", *LONG_PRESETS)
+"""The presets named for a bit budget, whose bits are measured after a generation."""
 
 
 @dataclass
